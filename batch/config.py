@@ -1,0 +1,168 @@
+"""Typed job spec: what to run, on which model, with which defaults, where to write.
+
+A spec is YAML (``configs/*.yaml``) validated by pydantic with ``extra="forbid"``: a misspelt or unknown
+key, a wrong type or a value outside the allowed set fails loudly with the field's dotted name and what
+is allowed. Command-line flags override spec values through :func:`apply_overrides`.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+SCHEDULER_NAMES = ("pndm", "plms", "ddim", "euler", "euler_a", "dpmpp_2m", "lms")
+SchedulerName = Literal["model", "pndm", "plms", "ddim", "euler", "euler_a", "dpmpp_2m", "lms"]
+MAX_SEED = 2**63  # seeds live in [0, 2**63); seed + image index then always fits a uint64
+
+
+class SpecError(ValueError):
+    """A job spec that cannot be used; the message names the field and what is allowed."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class Txt2ImgDefaults(_Strict):
+    """Per-row values used where a manifest row leaves a column missing or null."""
+
+    negative_prompt: str | None = None
+    guidance_scale: float = Field(7.5, gt=0)
+    num_inference_steps: int = Field(50, ge=1, le=1000)
+    height: int = Field(512, ge=8, multiple_of=8)
+    width: int = Field(512, ge=8, multiple_of=8)
+    num_images: int = Field(1, ge=1)
+    scheduler: SchedulerName = "model"
+
+    @field_validator("guidance_scale")
+    @classmethod
+    def _finite(cls, v: float) -> float:
+        if not math.isfinite(v):
+            raise ValueError("must be a finite number")
+        return v
+
+
+class Limits(_Strict):
+    """Bounds a manifest row may not exceed (each violation fails that row only)."""
+
+    max_images_per_row: int = Field(16, ge=1)
+    max_side: int = Field(2048, ge=8)
+    max_prompt_chars: int = Field(10_000, ge=1)
+
+
+class JobSpec(_Strict):
+    """One batch job. See ``configs/`` for annotated examples and README "Job spec" for every field."""
+
+    task: Literal["txt2img"] = "txt2img"
+
+    # Model: the built-in ``tiny`` preset, a local diffusers folder, or a hub id ("org/name").
+    model: str = "tiny"
+    revision: str | None = None
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"  # auto: float16 on cuda, float32 on cpu
+    device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: cuda when the Ray cluster has GPUs
+    variant: str | None = None  # weight file variant, e.g. "fp16" (diffusion_pytorch_model.fp16.safetensors)
+    allow_pickle: bool = False  # load pickled .bin/.ckpt weights; off by default (safetensors only)
+
+    defaults: Txt2ImgDefaults = Field(default_factory=Txt2ImgDefaults)
+    limits: Limits = Field(default_factory=Limits)
+
+    # Inputs and outputs (fsspec URIs: local paths, file://, s3://, gs://, memory://, ...).
+    manifest: str | None = None
+    output: str | None = None
+    storage_options: dict[str, Any] = Field(default_factory=dict)  # passed to fsspec for manifest and output
+
+    # Compute.
+    batch_size: int = Field(4, ge=1)  # images per sampler call
+    actors: int | Literal["auto"] = "auto"  # sampler replicas; auto: one per GPU (cuda), 1 (cpu)
+    gpus_per_actor: float | None = Field(None, ge=0)  # None: 1 on cuda, 0 on cpu
+    cpus_per_actor: float | None = Field(None, gt=0)  # None: chosen so CPU stages always keep a CPU free
+    writer_cpus: float = Field(0.25, gt=0)  # CPU per encode/upload task
+    ray_address: str | None = None  # None: $RAY_ADDRESS, else an embedded local Ray
+
+    # Identity, seeding and verdict.
+    run_id: str | None = None  # default: UTC timestamp + random suffix
+    seed: int = Field(0, ge=0, lt=MAX_SEED)  # run seed: rows without a seed derive theirs from (seed, id)
+    max_failed_fraction: float = Field(0.0, ge=0, le=1)  # exit non-zero above this fraction of failed rows
+    commit_every: int = Field(256, ge=1)  # metadata rows per committed Parquet part
+    progress: bool = True
+
+    @field_validator("actors")
+    @classmethod
+    def _positive_actors(cls, v: int | str) -> int | str:
+        if isinstance(v, int) and v < 1:
+            raise ValueError("must be >= 1 or 'auto'")
+        return v
+
+
+def _format_errors(err: ValidationError, source: str) -> str:
+    lines = [f"invalid job spec ({source}):"]
+    for e in err.errors():
+        field = ".".join(str(p) for p in e["loc"]) or "<root>"
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            msg = f"unknown field; allowed here: {', '.join(sorted(_allowed_at(e['loc'])))}"
+        got = e.get("input")
+        lines.append(f"  {field}: {msg} (got {got!r})" if e["type"] != "extra_forbidden" else f"  {field}: {msg}")
+    return "\n".join(lines)
+
+
+def _allowed_at(loc: tuple) -> list[str]:
+    model: type[BaseModel] = JobSpec
+    for part in loc[:-1]:
+        ann = model.model_fields[str(part)].annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            model = ann
+    return list(model.model_fields)
+
+
+def parse_spec(data: dict[str, Any], source: str = "<dict>") -> JobSpec:
+    """Validate a spec dict; raise :class:`SpecError` naming every bad field."""
+    if not isinstance(data, dict):
+        raise SpecError(f"invalid job spec ({source}): expected a mapping at the top level, got {type(data).__name__}")
+    try:
+        return JobSpec.model_validate(data)
+    except ValidationError as err:
+        raise SpecError(_format_errors(err, source)) from None
+
+
+def load_spec(path: str | Path | None, overrides: dict[str, Any] | None = None) -> JobSpec:
+    """Load a YAML spec (or the defaults when ``path`` is None) and apply dotted-key overrides."""
+    data: dict[str, Any] = {}
+    source = "<defaults>"
+    if path is not None:
+        source = str(path)
+        try:
+            data = yaml.safe_load(Path(path).read_text()) or {}
+        except FileNotFoundError:
+            raise SpecError(f"job spec not found: {path}") from None
+        except yaml.YAMLError as err:
+            raise SpecError(f"job spec {path} is not valid YAML: {err}") from None
+    return parse_spec(apply_overrides(data, overrides or {}), source)
+
+
+def apply_overrides(data: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """Return a copy of ``data`` with ``{"a.b": value}`` overrides set (None values are skipped)."""
+    out = yaml.safe_load(yaml.safe_dump(data)) if data else {}
+    for key, value in overrides.items():
+        if value is None:
+            continue
+        node = out
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise SpecError(f"cannot override {key}: {part} is not a mapping")
+        node[parts[-1]] = value
+    return out
+
+
+def parse_set_option(text: str) -> tuple[str, Any]:
+    """Parse a ``--set key.path=value`` option; the value is read as YAML (numbers, booleans, null)."""
+    if "=" not in text:
+        raise SpecError(f"--set expects key=value, got {text!r}")
+    key, raw = text.split("=", 1)
+    return key.strip(), yaml.safe_load(raw)

@@ -1,0 +1,205 @@
+"""Model loading and the scheduler registry.
+
+A spec's ``model`` is one of:
+
+* ``tiny``: the built-in tiny random-weight model (``batch.tiny``), built in-process, deterministically;
+* a local diffusers folder (has ``model_index.json``), e.g. one written by ``sdbatch make-tiny-model``;
+* a hub id ``org/name`` (optionally ``revision``), resolved through ``huggingface_hub.snapshot_download``,
+  which honours ``HF_HOME``/``HF_HUB_CACHE`` and ``HF_HUB_OFFLINE=1``; the resolved commit is recorded.
+
+Weights load with safetensors only; pickled ``.bin``/``.ckpt`` weights are refused unless the spec sets
+``allow_pickle: true`` (unpickling can run arbitrary code). The prediction type (``epsilon`` for SD1.x,
+``v_prediction`` for SD2.x) is read from the model's scheduler config and kept by every scheduler built
+from it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from batch.tiny import TINY_REVISION, tiny_components
+
+COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+WEIGHT_COMPONENTS = ("unet", "vae", "text_encoder")
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl")
+
+# name -> (diffusers class, config overrides). PLMS is PNDM without the Runge-Kutta warm-up steps.
+SCHEDULERS: dict[str, tuple[str, dict[str, Any]]] = {
+    "pndm": ("PNDMScheduler", {}),
+    "plms": ("PNDMScheduler", {"skip_prk_steps": True}),
+    "ddim": ("DDIMScheduler", {}),
+    "euler": ("EulerDiscreteScheduler", {}),
+    "euler_a": ("EulerAncestralDiscreteScheduler", {}),
+    "dpmpp_2m": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 2}),
+    "lms": ("LMSDiscreteScheduler", {}),
+}
+_NAME_FOR_CLASS = {"PNDMScheduler": "pndm", "DDIMScheduler": "ddim", "EulerDiscreteScheduler": "euler",
+                   "EulerAncestralDiscreteScheduler": "euler_a", "DPMSolverMultistepScheduler": "dpmpp_2m",
+                   "LMSDiscreteScheduler": "lms"}
+
+
+class ModelError(ValueError):
+    """The model cannot be located or loaded as asked."""
+
+
+@dataclass
+class LoadedModel:
+    """Everything the sampler needs, plus the identity recorded in every metadata row."""
+
+    unet: Any
+    vae: Any
+    text_encoder: Any
+    tokenizer: Any
+    scheduler_config: dict[str, Any]  # the model's own scheduler config (with "_class_name")
+    model_id: str
+    revision: str
+    device: torch.device
+    dtype: torch.dtype
+    extras: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @property
+    def prediction_type(self) -> str:
+        return self.scheduler_config.get("prediction_type", "epsilon")
+
+    @property
+    def default_scheduler(self) -> str:
+        """Our name for the model's own scheduler (``pndm`` for SD v1-4, ``ddim``/``euler`` for others)."""
+        cls = self.scheduler_config.get("_class_name", "")
+        if cls not in _NAME_FOR_CLASS:
+            raise ModelError(f"model scheduler {cls!r} has no sdbatch name; choose one of {list(SCHEDULERS)}")
+        return _NAME_FOR_CLASS[cls]
+
+
+def resolve_dtype(name: str, device: str) -> torch.dtype:
+    """``auto`` is float16 on cuda and float32 on cpu (fp16 matmuls are slow or missing on CPUs)."""
+    if name == "auto":
+        return torch.float16 if device.startswith("cuda") else torch.float32
+    return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[name]
+
+
+def make_scheduler(name: str, model_config: dict[str, Any]):
+    """A fresh scheduler (schedulers are stateful) of kind ``name`` built from the model's config."""
+    import diffusers
+
+    if name not in SCHEDULERS:
+        raise ModelError(f"scheduler must be one of {list(SCHEDULERS)}, got {name!r}")
+    cls_name, overrides = SCHEDULERS[name]
+    cls = getattr(diffusers, cls_name)
+    return cls.from_config({**dict(model_config), **overrides})
+
+
+def scheduler_class_name(name: str) -> str:
+    return SCHEDULERS[name][0]
+
+
+def locate(model: str, revision: str | None, allow_pickle: bool, variant: str | None = None) -> tuple[str, Path | None, str]:
+    """Return (kind, local folder, resolved revision) for a spec's ``model``; kind is tiny, local or hub."""
+    if model == "tiny":
+        return "tiny", None, TINY_REVISION
+    path = Path(model).expanduser()
+    if path.exists():
+        if not (path / "model_index.json").is_file():
+            raise ModelError(f"model {model}: folder has no model_index.json (not a diffusers pipeline folder)")
+        check_weight_format(path, allow_pickle)
+        return "local", path, fingerprint(path)
+    if not HUB_ID.match(model):
+        raise ModelError(f"model {model!r}: not 'tiny', not an existing folder, and not a hub id like 'org/name'")
+    from huggingface_hub import snapshot_download
+
+    weights = ["*.safetensors"] + (["*.bin", "*.ckpt"] if allow_pickle else [])
+    patterns = ["model_index.json"] + [f"{c}/*.json" for c in COMPONENTS] + ["tokenizer/*.txt"]
+    patterns += [f"{c}/{w}" for c in WEIGHT_COMPONENTS for w in weights]
+    try:
+        folder = Path(snapshot_download(model, revision=revision, allow_patterns=patterns))
+    except Exception as err:
+        raise ModelError(f"model {model} (revision {revision or 'main'}): cannot resolve from the hub or its "
+                         f"cache ({type(err).__name__}: {err})") from None
+    check_weight_format(folder, allow_pickle)
+    return "hub", folder, folder.name  # snapshot folders are named by the commit hash
+
+
+def check_weight_format(folder: Path, allow_pickle: bool) -> None:
+    """Refuse pickled weights unless allowed: each weighted component must have a .safetensors file."""
+    for comp in WEIGHT_COMPONENTS:
+        d = folder / comp
+        if not d.is_dir():
+            raise ModelError(f"model folder {folder}: missing component folder {comp}/")
+        files = [p.name for p in d.iterdir()]
+        if any(f.endswith(".safetensors") for f in files):
+            continue
+        pickled = [f for f in files if f.endswith(PICKLE_SUFFIXES)]
+        if not pickled:
+            raise ModelError(f"model folder {folder}: {comp}/ has no weights")
+        if not allow_pickle:
+            raise ModelError(
+                f"model folder {folder}: {comp}/ has only pickled weights {pickled}; refusing to unpickle "
+                "(it can run arbitrary code). Convert to safetensors, or set allow_pickle: true if you trust it."
+            )
+
+
+def fingerprint(folder: Path) -> str:
+    """``local-<sha256[:16]>`` over every config/tokenizer file's bytes and each weight file's size and
+    first and last MiB: cheap to compute at actor start, and it changes when a folder's contents do."""
+    h = hashlib.sha256()
+    for p in sorted(folder.rglob("*")):
+        if not p.is_file() or p.name.startswith("."):
+            continue
+        h.update(str(p.relative_to(folder)).encode())
+        if p.suffix in (".json", ".txt"):
+            h.update(p.read_bytes())
+        else:
+            size = p.stat().st_size
+            h.update(str(size).encode())
+            with p.open("rb") as f:
+                h.update(f.read(1 << 20))
+                f.seek(max(0, size - (1 << 20)))
+                h.update(f.read(1 << 20))
+    return "local-" + h.hexdigest()[:16]
+
+
+def load_model(model: str, *, revision: str | None = None, dtype: str = "auto", device: str = "cpu",
+               allow_pickle: bool = False, variant: str | None = None) -> LoadedModel:
+    """Load the txt2img components onto ``device`` in ``dtype`` (eval mode, no grad)."""
+    kind, folder, resolved = locate(model, revision, allow_pickle, variant)
+    torch_dtype = resolve_dtype(dtype, device)
+    if kind == "tiny":
+        comps = tiny_components()
+    else:
+        from diffusers import StableDiffusionPipeline
+
+        pipe = StableDiffusionPipeline.from_pretrained(
+            folder,
+            torch_dtype=torch_dtype,
+            use_safetensors=None if allow_pickle else True,
+            variant=variant,
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+            local_files_only=True,
+        )
+        comps = {c: getattr(pipe, c) for c in COMPONENTS}
+    dev = torch.device(device)
+    for name in WEIGHT_COMPONENTS:
+        module = comps[name]
+        if kind == "tiny" and torch_dtype != torch.float32:  # from_pretrained already applied torch_dtype
+            module = module.to(dtype=torch_dtype)
+        comps[name] = module.to(device=dev).eval().requires_grad_(False)
+    sched_config = dict(comps["scheduler"].config)
+    sched_config["_class_name"] = type(comps["scheduler"]).__name__
+    return LoadedModel(
+        unet=comps["unet"], vae=comps["vae"], text_encoder=comps["text_encoder"], tokenizer=comps["tokenizer"],
+        scheduler_config=json.loads(json.dumps(sched_config, default=str)), model_id=model, revision=resolved,
+        device=dev, dtype=torch_dtype,
+    )

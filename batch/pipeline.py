@@ -1,0 +1,151 @@
+"""The Ray pipeline: the only module that imports Ray.
+
+    planned items (driver) -> blocks -> [sampler actor pool] -> [encode + write tasks] -> driver
+
+1. The driver's plan (validated, seeded, bucket-sorted items) is cut into blocks of whole GPU batches,
+   so a one-file manifest still spreads over every actor and batch composition is deterministic.
+2. GPU stage: ``ActorPoolStrategy(size=actors)`` of :class:`batch.stages.Txt2ImgSampler`, each actor one
+   model replica with ``num_gpus=gpus_per_actor``; it returns raw pixels, never encodes or uploads.
+3. CPU stage: :func:`batch.stages.encode_and_write` tasks encode PNGs and write objects via fsspec.
+4. The driver streams finished blocks back (``iter_batches``) and commits metadata as they arrive.
+
+Resources: actor CPUs are chosen so that at least ``writer_cpus`` stay free for the CPU stage; a pool
+that would take every CPU (the 2-CPU deadlock where encode tasks never schedule) is refused up front.
+Ray is embedded locally (``ray.init()``, no dashboard, token auth off as nothing listens beyond
+loopback) unless ``ray_address``/``RAY_ADDRESS`` names a cluster.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+import pyarrow as pa
+
+from batch.config import JobSpec, SpecError
+
+MAX_BATCHES_PER_BLOCK = 8
+BLOCKS_PER_ACTOR = 4
+
+
+@dataclass(frozen=True)
+class Resources:
+    """Resolved compute settings (what ``auto`` became on this cluster)."""
+
+    device: str
+    actors: int
+    gpus_per_actor: float
+    cpus_per_actor: float
+    threads_per_actor: int
+    cluster_cpus: float
+    cluster_gpus: float
+
+
+def is_local(spec: JobSpec) -> bool:
+    """True when no cluster address is given: Ray runs embedded on this machine."""
+    return not (spec.ray_address or os.environ.get("RAY_ADDRESS"))
+
+
+def init_ray(spec: JobSpec) -> bool:
+    """Connect to a cluster or start an embedded local Ray; return True if this call started it."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    if not is_local(spec):
+        ray.init(address=spec.ray_address or os.environ["RAY_ADDRESS"], logging_level="WARNING")
+    else:
+        os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # loopback-only embedded instance
+        ray.init(include_dashboard=False, logging_level="WARNING")
+    return True
+
+
+def resolve_resources(spec: JobSpec, cluster: dict[str, float], local: bool) -> Resources:
+    """Turn the spec's ``auto`` compute settings into numbers for this cluster (pure)."""
+    cpus, gpus = float(cluster.get("CPU", 0)), float(cluster.get("GPU", 0))
+    device = spec.device if spec.device != "auto" else ("cuda" if gpus > 0 else "cpu")
+    gpa = spec.gpus_per_actor if spec.gpus_per_actor is not None else (1.0 if device == "cuda" else 0.0)
+    if spec.actors == "auto":
+        actors = max(1, int(gpus // gpa)) if device == "cuda" and gpa > 0 else 1
+    else:
+        actors = spec.actors
+    if spec.cpus_per_actor is not None:
+        cpa = spec.cpus_per_actor
+    elif device == "cuda":
+        cpa = 1.0
+    else:  # CPU sampling: give the actors every CPU but what the encode/write stage needs
+        cpa = max(0.1, (cpus - max(spec.writer_cpus, 0.5)) / actors)
+    need = actors * cpa + spec.writer_cpus
+    if local and need > cpus + 1e-9:
+        raise SpecError(
+            f"cpus_per_actor={cpa:g} x actors={actors} + writer_cpus={spec.writer_cpus:g} = {need:g} CPUs, but "
+            f"Ray has {cpus:g}: the actors would hold every CPU and the encode/write tasks would never run. "
+            "Lower actors or cpus_per_actor (fractions are fine)."
+        )
+    if device == "cuda" and local and gpus < actors * gpa:
+        raise SpecError(f"actors={actors} x gpus_per_actor={gpa:g} needs {actors * gpa:g} GPUs; Ray has {gpus:g}")
+    return Resources(device=device, actors=actors, gpus_per_actor=gpa, cpus_per_actor=cpa,
+                     threads_per_actor=max(1, round(cpa)), cluster_cpus=cpus, cluster_gpus=gpus)
+
+
+def cut_blocks(items: pa.Table, batch_size: int, actors: int) -> list[pa.Table]:
+    """Cut items into blocks of whole batches: enough blocks to feed every actor, none too large."""
+    n = items.num_rows
+    if n == 0:
+        return []
+    batches = math.ceil(n / batch_size)
+    per_block = min(MAX_BATCHES_PER_BLOCK, max(1, math.ceil(batches / (actors * BLOCKS_PER_ACTOR))))
+    size = per_block * batch_size
+    return [items.slice(i, size) for i in range(0, n, size)]
+
+
+def run_items(items: pa.Table, spec: JobSpec, res: Resources, upload: bool) -> Iterator[pa.Table]:
+    """Generate and write every item; yield result tables (metadata rows) as blocks finish."""
+    import ray
+    from ray.data import ActorPoolStrategy, DataContext
+
+    from batch.stages import Txt2ImgSampler, encode_and_write
+
+    blocks = cut_blocks(items, spec.batch_size, res.actors)
+    if not blocks:
+        return
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
+    ctx = DataContext.get_current()
+    ctx.enable_progress_bars = False  # the driver shows one bar over images instead
+    ctx.enable_operator_progress_bars = False
+
+    ds = ray.data.from_arrow(blocks)
+    ds = ds.map_batches(
+        Txt2ImgSampler,
+        fn_constructor_kwargs=dict(model=spec.model, revision=spec.revision, dtype=spec.dtype, device=res.device,
+                                   batch_size=spec.batch_size, allow_pickle=spec.allow_pickle, variant=spec.variant,
+                                   num_threads=res.threads_per_actor if res.device == "cpu" else None),
+        batch_size=None,  # one block per call: block boundaries are batch boundaries
+        batch_format="pyarrow",
+        compute=ActorPoolStrategy(size=min(res.actors, len(blocks))),
+        num_gpus=res.gpus_per_actor,
+        num_cpus=res.cpus_per_actor,
+    )
+    ds = ds.map_batches(
+        encode_and_write,
+        fn_kwargs=dict(output=spec.output, storage_options=spec.storage_options, upload=upload),
+        batch_size=None,
+        batch_format="pyarrow",
+        num_cpus=spec.writer_cpus,
+    )
+    yield from ds.iter_batches(batch_size=None, batch_format="pyarrow")
+
+
+def cluster_resources() -> dict[str, Any]:
+    import ray
+
+    return dict(ray.cluster_resources())
+
+
+def shutdown() -> None:
+    import ray
+
+    ray.shutdown()

@@ -1,0 +1,121 @@
+"""Text-to-image sampling: tensors in, tensors out (no Ray, no storage, no files).
+
+One call generates a batch of images that share shape, steps, guidance and scheduler; each image has its
+own seed. The math is that of diffusers' ``StableDiffusionPipeline.__call__`` step for step, so an image
+made here equals the pipeline's output for the same model, parameters and
+``generator=torch.Generator("cpu").manual_seed(seed)``:
+
+1. encode prompts and negative prompts with the CLIP text encoder (padded/truncated to 77 tokens);
+2. draw initial latents per image from its own CPU generator (diffusers' ``randn_tensor`` with a list
+   of generators), scaled by the scheduler's ``init_noise_sigma``;
+3. denoise with classifier-free guidance (Ho & Salimans 2022; the model cards' ``guidance_scale`` is
+   ``w`` of Imagen eq. 2): the unconditional and text branches run as one batched UNet call and are
+   combined as ``eps_u + w * (eps_t - eps_u)``; guidance is skipped when ``w <= 1``, as in diffusers;
+4. decode ``latents / scaling_factor`` with the VAE and quantise ``round(255 * clamp(x/2 + 0.5, 0, 1))``.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from diffusers.utils.torch_utils import randn_tensor
+
+from batch.seeds import generator_for
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Parameters shared by every image of one sampler call."""
+
+    height: int
+    width: int
+    num_inference_steps: int
+    guidance_scale: float
+
+
+@torch.no_grad()
+def encode_text(tokenizer, text_encoder, texts: list[str], device: torch.device) -> torch.Tensor:
+    """CLIP last hidden states for ``texts``, padded/truncated to the tokenizer's max length (77)."""
+    tokens = tokenizer(texts, padding="max_length", max_length=tokenizer.model_max_length,
+                       truncation=True, return_tensors="pt")
+    mask = None
+    if getattr(text_encoder.config, "use_attention_mask", False):
+        mask = tokens.attention_mask.to(device)
+    embeds = text_encoder(tokens.input_ids.to(device), attention_mask=mask)[0]
+    return embeds.to(dtype=text_encoder.dtype, device=device)
+
+
+def initial_latents(seeds: list[int], shape: tuple[int, int, int], device: torch.device,
+                    dtype: torch.dtype) -> tuple[torch.Tensor, list[torch.Generator]]:
+    """Per-image Gaussian latents, each from ``torch.Generator("cpu").manual_seed(seed)``."""
+    generators = [generator_for(s) for s in seeds]
+    return randn_tensor((len(seeds), *shape), generator=generators, device=device, dtype=dtype), generators
+
+
+def _step_kwargs(scheduler, generators: list[torch.Generator]) -> dict:
+    params = set(inspect.signature(scheduler.step).parameters)
+    kwargs = {}
+    if "eta" in params:
+        kwargs["eta"] = 0.0
+    if "generator" in params:  # ancestral samplers draw fresh noise per step from each image's generator
+        kwargs["generator"] = generators if len(generators) > 1 else generators[0]
+    return kwargs
+
+
+@torch.no_grad()
+def denoise(unet, scheduler, latents: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor | None,
+            params: SamplingParams, generators: list[torch.Generator]) -> torch.Tensor:
+    """Run the reverse diffusion; ``uncond`` is None when guidance is off (``guidance_scale <= 1``)."""
+    scheduler.set_timesteps(params.num_inference_steps, device=latents.device)
+    latents = latents * scheduler.init_noise_sigma
+    embeds = torch.cat([uncond, cond]) if uncond is not None else cond
+    step_kwargs = _step_kwargs(scheduler, generators)
+    for t in scheduler.timesteps:
+        model_in = torch.cat([latents] * 2) if uncond is not None else latents
+        model_in = scheduler.scale_model_input(model_in, t)
+        eps = unet(model_in, t, encoder_hidden_states=embeds, return_dict=False)[0]
+        if uncond is not None:
+            eps_u, eps_t = eps.chunk(2)
+            eps = eps_u + params.guidance_scale * (eps_t - eps_u)
+        latents = scheduler.step(eps, t, latents, **step_kwargs, return_dict=False)[0]
+    return latents
+
+
+@torch.no_grad()
+def decode(vae, latents: torch.Tensor) -> np.ndarray:
+    """VAE-decode latents to uint8 images, shape (N, H, W, 3)."""
+    images = vae.decode(latents / vae.config.scaling_factor, return_dict=False)[0]
+    images = (images / 2 + 0.5).clamp(0, 1)
+    images = images.cpu().permute(0, 2, 3, 1).float().numpy()
+    return (images * 255).round().astype(np.uint8)
+
+
+def uses_guidance(unet, guidance_scale: float) -> bool:
+    """Classifier-free guidance runs when ``w > 1`` (and the UNet is not guidance-distilled)."""
+    return guidance_scale > 1 and unet.config.time_cond_proj_dim is None
+
+
+@torch.no_grad()
+def txt2img(model, scheduler, prompts: list[str], negative_prompts: list[str | None], seeds: list[int],
+            params: SamplingParams) -> np.ndarray:
+    """Generate ``len(prompts)`` images (uint8, N x H x W x 3); image ``i`` is seeded by ``seeds[i]``.
+
+    ``model`` is a :class:`batch.models.LoadedModel` (or anything with its unet/vae/text_encoder/
+    tokenizer/device/dtype/vae_scale_factor); ``scheduler`` is a fresh scheduler instance.
+    """
+    if not (len(prompts) == len(negative_prompts) == len(seeds)) or not prompts:
+        raise ValueError("prompts, negative_prompts and seeds must be non-empty and of equal length")
+    f = model.vae_scale_factor
+    if params.height % f or params.width % f:
+        raise ValueError(f"height and width must be multiples of the VAE factor {f}")
+    cond = encode_text(model.tokenizer, model.text_encoder, list(prompts), model.device)
+    uncond = None
+    if uses_guidance(model.unet, params.guidance_scale):
+        uncond = encode_text(model.tokenizer, model.text_encoder, [n or "" for n in negative_prompts], model.device)
+    shape = (model.unet.config.in_channels, params.height // f, params.width // f)
+    latents, generators = initial_latents(seeds, shape, model.device, cond.dtype)
+    latents = denoise(model.unet, scheduler, latents, cond, uncond, params, generators)
+    return decode(model.vae, latents)

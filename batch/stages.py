@@ -1,0 +1,159 @@
+"""The job's stages as plain Python: a stateful sampler class and a CPU encode/write function.
+
+``pipeline`` wires these into Ray; here they take and return ``pyarrow.Table`` batches and know nothing
+of Ray, so they run (and are tested) in-process too. The sampler never encodes or uploads; the writer
+never touches the model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import socket
+import time
+import traceback
+from itertools import groupby
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from batch.manifest import bucket_key
+from batch.models import load_model, make_scheduler, scheduler_class_name
+from batch.sampling import SamplingParams, txt2img
+from batch.storage import encode_png, image_key, open_output
+
+_SAMPLER_INPUTS = ["prompt", "negative_prompt", "seed", "height", "width", "num_inference_steps",
+                   "guidance_scale", "scheduler"]
+
+
+def _set_column(table: pa.Table, name: str, values: list, type_: pa.DataType) -> pa.Table:
+    arr = pa.array(values, type=type_)
+    i = table.schema.get_field_index(name)
+    if i >= 0:
+        return table.set_column(i, pa.field(name, type_), arr)
+    return table.append_column(pa.field(name, type_), arr)
+
+
+def _error_text(err: BaseException) -> str:
+    return f"{type(err).__name__}: {err}".strip()[:2000]
+
+
+class Txt2ImgSampler:
+    """GPU stage: ``__init__`` loads one model replica, ``__call__(batch)`` generates its images.
+
+    A batch is split into sampler calls of at most ``batch_size`` images that share a bucket (shape,
+    steps, guidance, scheduler). A call that raises marks only its own images failed; the rest go on.
+    """
+
+    def __init__(self, model: str, revision: str | None, dtype: str, device: str, batch_size: int,
+                 allow_pickle: bool = False, variant: str | None = None, num_threads: int | None = None):
+        if num_threads:
+            torch.set_num_threads(num_threads)
+        self.batch_size = batch_size
+        self.model = load_model(model, revision=revision, dtype=dtype, device=device,
+                                allow_pickle=allow_pickle, variant=variant)
+        self.worker = f"{socket.gethostname()}:{os.getpid()}"
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        m = self.model
+        rows = batch.select(_SAMPLER_INPUTS).to_pylist()
+        for r in rows:
+            if r["scheduler"] == "model":
+                r["scheduler"] = m.default_scheduler
+        n = len(rows)
+        pixels: list[bytes | None] = [None] * n
+        status, error, t_sample = ["ok"] * n, [None] * n, [0.0] * n
+        sched_cfg: list[str | None] = [None] * n
+
+        # 1. consecutive runs of equal bucket keys (the plan sorted items by bucket), cut to batch_size
+        for key, group in groupby(range(n), key=lambda i: bucket_key(rows[i])):
+            idx = list(group)
+            for start in range(0, len(idx), self.batch_size):
+                chunk = idx[start:start + self.batch_size]
+                # 2. a fresh scheduler per call: schedulers keep per-run state
+                h, w, steps, g, name = key
+                try:
+                    scheduler = make_scheduler(name, m.scheduler_config)
+                    cfg = json.dumps(dict(scheduler.config), sort_keys=True, default=str)
+                    t0 = time.perf_counter()
+                    images = txt2img(m, scheduler, [rows[i]["prompt"] for i in chunk],
+                                     [rows[i]["negative_prompt"] for i in chunk], [rows[i]["seed"] for i in chunk],
+                                     SamplingParams(height=h, width=w, num_inference_steps=steps, guidance_scale=g))
+                    dt = (time.perf_counter() - t0) / len(chunk)
+                except Exception as err:  # failures are data: this call's images fail, the job goes on
+                    traceback.print_exc()
+                    for i in chunk:
+                        status[i], error[i] = "failed", _error_text(err)
+                    continue
+                # 3. raw pixels travel to the CPU stage; encoding happens there, not here
+                for j, i in enumerate(chunk):
+                    pixels[i] = np.ascontiguousarray(images[j]).tobytes()
+                    t_sample[i], sched_cfg[i] = dt, cfg
+
+        out = _set_column(batch, "scheduler", [r["scheduler"] for r in rows], pa.string())
+        for name, values, type_ in (
+            ("_pixels", pixels, pa.binary()),
+            ("status", status, pa.string()),
+            ("error", error, pa.string()),
+            ("model", [m.model_id] * n, pa.string()),
+            ("model_revision", [m.revision] * n, pa.string()),
+            ("prediction_type", [m.prediction_type] * n, pa.string()),
+            ("scheduler_class", [scheduler_class_name(r["scheduler"]) for r in rows], pa.string()),
+            ("scheduler_config", sched_cfg, pa.string()),
+            ("dtype", [str(m.dtype).replace("torch.", "")] * n, pa.string()),
+            ("device", [str(m.device)] * n, pa.string()),
+            ("worker", [self.worker] * n, pa.string()),
+            ("t_sample_s", t_sample, pa.float64()),
+        ):
+            out = _set_column(out, name, values, type_)
+        return out
+
+
+def encode_and_write(batch: pa.Table, output: str, storage_options: dict[str, Any], upload: bool = True) -> pa.Table:
+    """CPU stage: PNG-encode each generated image, hash it and write it under the output prefix.
+
+    With ``upload=False`` (process-local filesystems such as ``memory://``) the PNG bytes are returned in
+    a ``_png`` column for the driver to write instead.
+    """
+    out = open_output(output, storage_options)
+    cols = batch.select(["id", "image_index", "height", "width", "status", "error", "_pixels"]).to_pylist()
+    status = [c["status"] for c in cols]
+    error = [c["error"] for c in cols]
+    uris, shas, sizes, t_write, pngs = [], [], [], [], []
+    for i, c in enumerate(cols):
+        if c["status"] != "ok" or c["_pixels"] is None:
+            uris.append(None), shas.append(None), sizes.append(None), t_write.append(None), pngs.append(None)
+            continue
+        t0 = time.perf_counter()
+        key = image_key(c["id"], c["image_index"])
+        try:
+            arr = np.frombuffer(c["_pixels"], dtype=np.uint8).reshape(c["height"], c["width"], 3)
+            data = encode_png(arr)
+            if upload:
+                out.put(key, data)
+        except Exception as err:  # a storage error fails this image only
+            status[i], error[i] = "failed", _error_text(err)
+            uris.append(None), shas.append(None), sizes.append(None), t_write.append(None), pngs.append(None)
+            continue
+        uris.append(out.uri(key))
+        shas.append(hashlib.sha256(data).hexdigest())
+        sizes.append(len(data))
+        t_write.append(time.perf_counter() - t0)
+        pngs.append(None if upload else data)
+
+    result = batch.drop_columns(["_pixels"])
+    for name, values, type_ in (
+        ("status", status, pa.string()),
+        ("error", error, pa.string()),
+        ("uri", uris, pa.string()),
+        ("sha256", shas, pa.string()),
+        ("file_size", sizes, pa.int64()),
+        ("t_write_s", t_write, pa.float64()),
+    ):
+        result = _set_column(result, name, values, type_)
+    if not upload:
+        result = _set_column(result, "_png", pngs, pa.binary())
+    return result

@@ -1,0 +1,132 @@
+"""Tiny randomly initialised Stable Diffusion models: the offline test double for the real ones.
+
+The architecture is the real one (diffusers' ``UNet2DConditionModel`` and ``AutoencoderKL``, transformers'
+``CLIPTextModel``), only narrower and shallower, so every code path that loads, samples and decodes a
+real checkpoint runs unchanged on it. Weights are drawn from a fixed seed, so the ``tiny`` preset is the
+same model on every machine, and ``save_tiny_model`` writes a standard diffusers folder
+(``model_index.json`` + safetensors) that ``StableDiffusionPipeline.from_pretrained(dir)`` loads.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+TINY_SEED = 0
+TINY_REVISION = "tiny-v1"  # bump when the configs below change: it is recorded in every metadata row
+TINY_SIZE = 64  # default image side for the tiny model (latent 8x8 with the x8 VAE below)
+
+# SD v1-4's scheduler config (scheduler/scheduler_config.json on the hub): PNDM in PLMS mode.
+SD14_SCHEDULER_CONFIG = {
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "num_train_timesteps": 1000,
+    "set_alpha_to_one": False,
+    "skip_prk_steps": True,
+    "steps_offset": 1,
+    "clip_sample": False,
+}
+
+
+def _bytes_to_unicode() -> list[str]:
+    """GPT-2/CLIP byte-level alphabet: every byte maps to a printable unicode character."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return [chr(c) for c in cs]
+
+
+def tiny_tokenizer():
+    """A byte-level CLIP tokenizer with no merges: every byte of a word is one token (514-entry vocab).
+
+    Built in code because no vocabulary can be downloaded here; it tokenises any text, pads and truncates
+    to 77 tokens exactly as CLIP's does, which is all the sampler relies on.
+    """
+    from transformers import CLIPTokenizer
+
+    alphabet = _bytes_to_unicode()
+    vocab = {c: i for i, c in enumerate(alphabet)}
+    vocab.update({c + "</w>": len(alphabet) + i for i, c in enumerate(alphabet)})
+    vocab["<|startoftext|>"] = len(vocab)
+    vocab["<|endoftext|>"] = len(vocab)
+    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77)
+
+
+def tiny_components(prediction_type: str = "epsilon", seed: int = TINY_SEED) -> dict:
+    """Build the tiny txt2img components deterministically (same weights for the same arguments)."""
+    from diffusers import AutoencoderKL, PNDMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    tokenizer = tiny_tokenizer()
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        sample_size=TINY_SIZE // 8,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32,
+        attention_head_dim=8,
+        norm_num_groups=32,
+    )
+    torch.manual_seed(seed + 1)
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=(8, 16, 16, 16),  # 4 blocks: the same x8 downsampling as SD's VAE
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        latent_channels=4,
+        layers_per_block=1,
+        norm_num_groups=8,
+        sample_size=TINY_SIZE,
+    )
+    torch.manual_seed(seed + 2)
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=32,
+            intermediate_size=37,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=77,
+            projection_dim=32,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    )
+    scheduler = PNDMScheduler.from_config({**SD14_SCHEDULER_CONFIG, "prediction_type": prediction_type})
+    for module in (unet, vae, text_encoder):
+        module.eval().requires_grad_(False)
+    return {"unet": unet, "vae": vae, "text_encoder": text_encoder, "tokenizer": tokenizer, "scheduler": scheduler}
+
+
+def save_tiny_model(directory: str | Path, task: str = "txt2img", prediction_type: str = "epsilon") -> Path:
+    """Write the tiny model as a standard diffusers folder (model_index.json + safetensors weights)."""
+    from diffusers import StableDiffusionPipeline
+
+    if task != "txt2img":
+        raise ValueError(f"task: only 'txt2img' tiny models exist so far, got {task!r}")
+    directory = Path(directory)
+    pipe = StableDiffusionPipeline(
+        **tiny_components(prediction_type),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.save_pretrained(directory, safe_serialization=True)
+    (directory / "sdbatch_tiny.json").write_text(
+        json.dumps({"revision": TINY_REVISION, "task": task, "prediction_type": prediction_type}) + "\n"
+    )
+    return directory

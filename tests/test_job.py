@@ -1,0 +1,206 @@
+"""End-to-end runs through Ray on the tiny model: outputs, reproduction with plain diffusers, failures."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import diffusers
+import numpy as np
+import pyarrow as pa
+import pytest
+import torch
+from conftest import write_manifest
+
+from batch.cli import main as cli_main
+from batch.config import SpecError, parse_spec
+from batch.job import RunExistsError, run_job
+from batch.pipeline import cut_blocks, resolve_resources
+from batch.storage import RUN_RECORD, SUCCESS_MARKER, decode_png, open_output, read_metadata
+
+GOOD = [
+    {"id": "a", "prompt": "a red cube", "seed": 11, "num_images": 2, "tag": "x"},
+    {"id": "b/../../escape", "prompt": "a blue sphere", "negative_prompt": "blurry", "tag": "y"},
+    {"id": "c", "prompt": "a green cone", "guidance_scale": 3.0, "scheduler": "euler_a", "tag": None},
+    {"id": "d", "prompt": "a tiny house", "seed": 5, "height": 32, "width": 48, "tag": "z"},
+]
+BAD = [
+    {"id": "e-empty", "prompt": "", "tag": "bad"},
+    {"id": "f-nan", "prompt": "ok", "guidance_scale": float("nan"), "tag": "bad"},
+    {"id": "g-size", "prompt": "ok", "height": 60, "tag": "bad"},
+    {"id": "h-steps", "prompt": "ok", "num_inference_steps": 0, "tag": "bad"},
+    {"id": "dup", "prompt": "one", "tag": "bad"},
+    {"id": "dup", "prompt": "two", "tag": "bad"},
+]
+SCHEMA = pa.schema([("id", pa.string()), ("prompt", pa.string()), ("negative_prompt", pa.string()),
+                    ("seed", pa.int64()), ("num_images", pa.int64()), ("guidance_scale", pa.float64()),
+                    ("scheduler", pa.string()), ("height", pa.int64()), ("width", pa.int64()),
+                    ("num_inference_steps", pa.int64()), ("tag", pa.string())])
+
+
+def spec_for(manifest: str, output: str, **kw):
+    base = {"model": "tiny", "device": "cpu", "dtype": "float32", "manifest": manifest, "output": output,
+            "defaults": {"height": 64, "width": 64, "num_inference_steps": 4}, "batch_size": 3, "actors": 1,
+            "progress": False, "max_failed_fraction": 0.6}
+    base.update(kw)
+    return parse_spec(base)
+
+
+@pytest.fixture(scope="module")
+def mixed_run(tmp_path_factory, ray_session):
+    d = tmp_path_factory.mktemp("mixed")
+    manifest = write_manifest(d / "m.parquet", GOOD + BAD, SCHEMA)
+    summary = run_job(spec_for(manifest, str(d / "out")))
+    return summary, str(d / "out"), read_metadata(str(d / "out"))
+
+
+def test_good_rows_complete_and_bad_rows_fail_with_field(mixed_run):
+    summary, out, meta = mixed_run
+    rows = meta.to_pylist()
+    ok = [r for r in rows if r["status"] == "ok"]
+    failed = {r["id"] + str(r["manifest_row"]): r for r in rows if r["status"] == "failed"}
+    assert sorted((r["id"], r["image_index"]) for r in ok) == [("a", 0), ("a", 1), ("b/../../escape", 0),
+                                                                ("c", 0), ("d", 0)]
+    assert summary.rows_ok == 4 and summary.rows_failed == 6 and summary.images_ok == 5
+    assert failed["e-empty4"]["error"].startswith("prompt:")
+    assert failed["f-nan5"]["error"].startswith("guidance_scale:") and "nan" in failed["f-nan5"]["error"]
+    assert "height: must be a multiple of 8" in failed["g-size6"]["error"]
+    assert failed["h-steps7"]["error"].startswith("num_inference_steps:")
+    assert failed["dup8"]["error"].startswith("id: duplicate") and failed["dup9"]["error"].startswith("id: duplicate")
+    assert all(r["uri"] is None and r["image_index"] is None for r in failed.values())
+    # carried column survives for good and bad rows alike, with its type
+    assert meta.schema.field("tag").type == pa.string()
+    assert {r["id"]: r["tag"] for r in rows}["c"] is None and {r["id"]: r["tag"] for r in ok}["d"] == "z"
+    assert summary.exit_code == 0  # 6 of 10 rows failed: within max_failed_fraction=0.6
+    assert summary.failure_reasons["id: duplicate id"] == 2
+
+
+def test_objects_match_metadata_and_stay_under_prefix(mixed_run):
+    _, out_uri, meta = mixed_run
+    out = open_output(out_uri)
+    for r in meta.to_pylist():
+        if r["status"] != "ok":
+            continue
+        assert r["uri"].startswith(out.fs.unstrip_protocol(out.root) + "/images/")
+        data = out.fs.cat_file(out.fs._strip_protocol(r["uri"]))
+        assert hashlib.sha256(data).hexdigest() == r["sha256"] and len(data) == r["file_size"]
+        assert decode_png(data).shape == (r["height"], r["width"], 3)
+        assert r["seed"] == r["row_seed"] + r["image_index"]
+        assert r["model"] == "tiny" and r["model_revision"] == "tiny-v1" and r["dtype"] == "float32"
+    files = out.list("")
+    assert all(f.startswith(("images/", "metadata/")) or f in (RUN_RECORD, SUCCESS_MARKER) for f in files)
+    record = out.get_json(RUN_RECORD)
+    assert record["status"] == "finished" and record["summary"]["images_ok"] == 5
+    assert record["versions"]["torch"].startswith("2.13") and record["spec"]["model"] == "tiny"
+    assert out.get_json(SUCCESS_MARKER)["run_id"] == record["run_id"]
+
+
+def test_stored_png_equals_plain_diffusers_from_metadata_row_alone(mixed_run, tiny_dir):
+    """Reproduce images with plain diffusers using nothing but each metadata row (tiny == tiny_dir)."""
+    from diffusers import StableDiffusionPipeline
+
+    _, out_uri, meta = mixed_run
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_dir, local_files_only=True)
+    pipe.set_progress_bar_config(disable=True)
+    out = open_output(out_uri)
+    checked = 0
+    for r in meta.to_pylist():
+        if r["status"] != "ok":
+            continue
+        pipe.scheduler = getattr(diffusers, r["scheduler_class"]).from_config(json.loads(r["scheduler_config"]))
+        ref = pipe(r["prompt"], negative_prompt=r["negative_prompt"], height=r["height"], width=r["width"],
+                   num_inference_steps=r["num_inference_steps"], guidance_scale=r["guidance_scale"],
+                   generator=torch.Generator("cpu").manual_seed(r["seed"]), output_type="np").images[0]
+        ref = (ref * 255).round().astype(np.uint8)
+        stored = decode_png(out.fs.cat_file(out.fs._strip_protocol(r["uri"])))
+        assert np.abs(stored.astype(int) - ref).max() <= 1, r["id"]
+        checked += 1
+    assert checked == 5
+
+
+def test_rerun_is_byte_identical_and_memory_filesystem_works(mixed_run, tmp_path, ray_session):
+    _, _, first = mixed_run
+    manifest = write_manifest(tmp_path / "m.parquet", GOOD + BAD, SCHEMA)
+    uri = f"memory://rerun-{tmp_path.name}/out"
+    run_job(spec_for(manifest, uri))
+    second = read_metadata(uri)
+    key = lambda t: {(r["id"], r["image_index"]): r["sha256"] for r in t.to_pylist() if r["status"] == "ok"}  # noqa: E731
+    assert key(first) == key(second) and len(key(second)) == 5
+    out = open_output(uri)
+    assert out.exists(SUCCESS_MARKER) and len(out.list("images")) == 5
+    for r in second.to_pylist():
+        if r["status"] == "ok":
+            assert hashlib.sha256(out.fs.cat_file(out.fs._strip_protocol(r["uri"]))).hexdigest() == r["sha256"]
+
+
+def test_one_file_manifest_spreads_over_two_actors_without_deadlock(tmp_path, ray_session):
+    rows = [{"id": f"r{i}", "prompt": f"prompt number {i}"} for i in range(16)]
+    manifest = write_manifest(tmp_path / "m.parquet", rows)
+    summary = run_job(spec_for(manifest, str(tmp_path / "out"), actors=2, batch_size=2))
+    meta = read_metadata(str(tmp_path / "out"))
+    assert summary.images_ok == 16 and summary.exit_code == 0
+    assert len(set(meta.column("worker").to_pylist())) == 2
+
+
+def test_existing_output_is_refused(mixed_run):
+    _, out, _ = mixed_run
+    with pytest.raises(RunExistsError):
+        run_job(spec_for("unused.parquet", out))
+
+
+def test_default_resources_never_take_every_cpu():
+    spec = parse_spec({"device": "cpu", "actors": 2})
+    res = resolve_resources(spec, {"CPU": 2.0}, local=True)
+    assert res.actors * res.cpus_per_actor + spec.writer_cpus <= 2.0
+    with pytest.raises(SpecError, match="never run"):
+        resolve_resources(parse_spec({"device": "cpu", "actors": 2, "cpus_per_actor": 1}), {"CPU": 2.0}, local=True)
+    gpu = resolve_resources(parse_spec({}), {"CPU": 16.0, "GPU": 4.0}, local=True)
+    assert (gpu.device, gpu.actors, gpu.gpus_per_actor) == ("cuda", 4, 1.0)
+
+
+def test_blocks_are_whole_batches_and_feed_every_actor():
+    items = pa.table({"x": list(range(50))})
+    blocks = cut_blocks(items, batch_size=4, actors=2)
+    assert sum(b.num_rows for b in blocks) == 50 and len(blocks) >= 2
+    assert all(b.num_rows % 4 == 0 for b in blocks[:-1])
+
+
+def test_cli_validate_and_fail_fast(tmp_path, capsys):
+    manifest = write_manifest(tmp_path / "m.parquet", GOOD + BAD, SCHEMA)
+    assert cli_main(["validate", manifest]) == 1
+    out = capsys.readouterr().out
+    assert "row 5 (id 'f-nan'): guidance_scale" in out and '"rows_failed": 6' in out
+    (tmp_path / "not.parquet").write_text("id,prompt\n1,a\n")
+    assert cli_main(["validate", str(tmp_path / "not.parquet")]) == 2
+    assert "not a readable Parquet file" in capsys.readouterr().err
+    write_manifest(tmp_path / "noprompt.parquet", [{"id": "x"}])
+    assert cli_main(["validate", str(tmp_path / "noprompt.parquet")]) == 2
+    assert "lacks required column(s) ['prompt']" in capsys.readouterr().err
+
+
+def test_cli_run_uses_spec_and_flags(tmp_path, ray_session, capsys):
+    manifest = write_manifest(tmp_path / "m.parquet", [{"id": "only", "prompt": "a cat"}])
+    cfg = tmp_path / "job.yaml"
+    cfg.write_text("model: tiny\ndevice: cpu\ndefaults: {height: 64, width: 64, num_inference_steps: 3}\n")
+    code = cli_main(["run", str(cfg), "--manifest", manifest, "--output", str(tmp_path / "out"), "--quiet",
+                     "--set", "defaults.guidance_scale=2.5", "--run-id", "cli-test"])
+    assert code == 0
+    assert "rows: 1 ok, 0 failed" in capsys.readouterr().out
+    row = read_metadata(str(tmp_path / "out")).to_pylist()[0]
+    assert row["guidance_scale"] == 2.5 and row["run_id"] == "cli-test" and row["num_inference_steps"] == 3
+    bad = write_manifest(tmp_path / "bad.parquet", [{"id": "only", "prompt": "a cat"}, {"id": "no", "prompt": ""}])
+    assert cli_main(["run", str(cfg), "--manifest", bad, "--output", str(tmp_path / "o1"), "--quiet"]) == 1
+    assert "rows: 1 ok, 1 failed" in capsys.readouterr().out  # max_failed_fraction defaults to 0
+    cfg.write_text("model: tiny\nbatchsize: 3\n")
+    assert cli_main(["run", str(cfg), "--manifest", manifest, "--output", str(tmp_path / "o2")]) == 2
+    assert "batchsize: unknown field" in capsys.readouterr().err
+
+
+def test_make_tiny_model_cli_writes_a_loadable_folder(tmp_path):
+    from diffusers import StableDiffusionPipeline
+
+    assert cli_main(["make-tiny-model", str(tmp_path / "m"), "--prediction-type", "v_prediction"]) == 0
+    assert (tmp_path / "m" / "model_index.json").is_file()
+    assert list((tmp_path / "m" / "unet").glob("*.safetensors"))
+    pipe = StableDiffusionPipeline.from_pretrained(tmp_path / "m", local_files_only=True)
+    assert pipe.scheduler.config.prediction_type == "v_prediction"
