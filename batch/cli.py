@@ -22,6 +22,7 @@ def _spec_from_args(args: argparse.Namespace):
         "device": getattr(args, "device", None),
         "dtype": getattr(args, "dtype", None),
     }
+    overrides = {k: v for k, v in overrides.items() if v is not None}  # flags not given
     if getattr(args, "quiet", False):
         overrides["progress"] = False
     for text in getattr(args, "set", None) or []:

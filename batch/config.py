@@ -136,20 +136,22 @@ def load_spec(path: str | Path | None, overrides: dict[str, Any] | None = None) 
     if path is not None:
         source = str(path)
         try:
-            data = yaml.safe_load(Path(path).read_text()) or {}
+            data = yaml.safe_load(Path(path).read_text())
         except FileNotFoundError:
             raise SpecError(f"job spec not found: {path}") from None
         except yaml.YAMLError as err:
             raise SpecError(f"job spec {path} is not valid YAML: {err}") from None
+    if data is None:  # an empty file is the all-defaults spec
+        data = {}
+    if not isinstance(data, dict):
+        raise SpecError(f"invalid job spec ({source}): expected a mapping at the top level, got {type(data).__name__}")
     return parse_spec(apply_overrides(data, overrides or {}), source)
 
 
 def apply_overrides(data: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
-    """Return a copy of ``data`` with ``{"a.b": value}`` overrides set (None values are skipped)."""
+    """Return a copy of ``data`` with ``{"a.b": value}`` overrides set (a None value sets null)."""
     out = yaml.safe_load(yaml.safe_dump(data)) if data else {}
     for key, value in overrides.items():
-        if value is None:
-            continue
         node = out
         parts = key.split(".")
         for part in parts[:-1]:

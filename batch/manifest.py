@@ -24,6 +24,7 @@ a bad *row* only fails that row, with ``field: reason`` messages, and every othe
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -209,8 +210,10 @@ def validate_row(raw: dict[str, Any], spec: JobSpec) -> dict[str, Any]:
         out["row_seed"] = derive_row_seed(spec.seed, rid) if isinstance(rid, str) else None
     elif _is_int(seed) and 0 <= seed < MAX_SEED:
         out["seed_source"], out["row_seed"] = "manifest", seed
+    elif isinstance(seed, float) and seed.is_integer() and 0 <= seed < 2**53:  # a float column, exact
+        out["seed_source"], out["row_seed"] = "manifest", int(seed)
     else:
-        problems.append(("seed", f"must be an integer in [0, 2**63), got {seed!r}"))
+        problems.append(("seed", f"must be an integer in [0, 2**63) (whole floats below 2**53 accepted), got {seed!r}"))
         out["seed_source"], out["row_seed"] = "manifest", None
 
     if problems:
@@ -218,9 +221,16 @@ def validate_row(raw: dict[str, Any], spec: JobSpec) -> dict[str, Any]:
     return out
 
 
+_PROBLEM_SPLIT = re.compile(r"; (?=(?:%s): )" % "|".join(TXT2IMG_COLUMNS))
+
+
 def failure_reason(error: str) -> str:
-    """The stable part of an error (values stripped), for counting failures by reason."""
-    return "; ".join(part.split(", got ")[0] for part in error.split("; "))
+    """The stable part of an error (offending values stripped), for counting failures by reason.
+
+    Row errors are ``field: reason, got VALUE`` joined by ``"; "``; parts are split only where a known
+    field name follows, so a value that itself contains ``"; "`` stays inside its part.
+    """
+    return "; ".join(part.split(", got ")[0] for part in _PROBLEM_SPLIT.split(error))
 
 
 def bucket_key(item: dict[str, Any]) -> tuple:

@@ -179,16 +179,19 @@ def load_model(model: str, *, revision: str | None = None, dtype: str = "auto", 
     else:
         from diffusers import StableDiffusionPipeline
 
-        pipe = StableDiffusionPipeline.from_pretrained(
-            folder,
-            torch_dtype=torch_dtype,
-            use_safetensors=None if allow_pickle else True,
-            variant=variant,
-            safety_checker=None,
-            feature_extractor=None,
-            requires_safety_checker=False,
-            local_files_only=True,
-        )
+        try:
+            pipe = StableDiffusionPipeline.from_pretrained(
+                folder,
+                torch_dtype=torch_dtype,
+                use_safetensors=None if allow_pickle else True,
+                variant=variant,
+                safety_checker=None,
+                feature_extractor=None,
+                requires_safety_checker=False,
+                local_files_only=True,
+            )
+        except (OSError, ValueError, EnvironmentError) as err:
+            raise ModelError(f"model {model} ({folder}, variant {variant}): cannot load: {err}") from None
         comps = {c: getattr(pipe, c) for c in COMPONENTS}
     dev = torch.device(device)
     for name in WEIGHT_COMPONENTS:

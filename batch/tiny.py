@@ -62,6 +62,11 @@ def tiny_tokenizer():
 
 def tiny_components(prediction_type: str = "epsilon", seed: int = TINY_SEED) -> dict:
     """Build the tiny txt2img components deterministically (same weights for the same arguments)."""
+    with torch.random.fork_rng(devices=[]):  # leave the caller's global RNG as it was
+        return _build(prediction_type, seed)
+
+
+def _build(prediction_type: str, seed: int) -> dict:
     from diffusers import AutoencoderKL, PNDMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 

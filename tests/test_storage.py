@@ -1,0 +1,212 @@
+"""Output layout (batch.storage): safe object keys, put/get on local and memory filesystems, PNG, conform."""
+
+from __future__ import annotations
+
+import uuid
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from batch.config import parse_spec
+from batch.manifest import ITEM_SCHEMA, plan
+from batch.storage import (
+    IMAGES_DIR,
+    METADATA_SCHEMA,
+    RESERVED_COLUMNS,
+    RESULT_FIELDS,
+    conform,
+    decode_png,
+    encode_png,
+    image_key,
+    open_output,
+    read_metadata,
+)
+
+HOSTILE_IDS = [
+    "../../etc/passwd",
+    "/abs/path",
+    "a/../../b",
+    "%2e%2e%2f",
+    "a\u2215b",
+    "x\x00y",
+    "z" * 2000,
+    "",
+    "caf\u00e9 \u732b \U0001f600",
+    "..",
+    ".",
+    "...",
+    "a\\..\\..\\b",
+    "C:\\Windows\\system32",
+    "file:///etc/passwd",
+    "s3://other-bucket/key",
+    "~/x",
+    "a/b/c",
+    "a b",
+    "a_b",
+    "a-b",
+    "A",
+    "a",
+    "\ud800",  # lone surrogate: not encodable as UTF-8 without surrogatepass
+    "\n\t",
+    "-",
+    "_",
+    "images",
+    "0",
+]
+
+
+@pytest.mark.parametrize("row_id", HOSTILE_IDS, ids=lambda s: repr(s)[:30])
+def test_image_key_stays_under_images(row_id):
+    for k in (0, 3):
+        key = image_key(row_id, k)
+        assert key.startswith(IMAGES_DIR + "/")
+        assert not key.startswith("/")
+        parts = key.split("/")
+        assert ".." not in parts and "." not in parts and "" not in parts
+        assert ".." not in key
+        assert len(parts) == 3  # images/<name>/<k>.png: the id can never add a level
+        assert parts[2] == f"{k}.png"
+        assert "\\" not in key and "\x00" not in key and ":" not in key
+        assert key.isascii()
+        assert len(key) < 120
+
+
+def test_image_keys_distinct_for_distinct_ids():
+    ids = HOSTILE_IDS + ["a/b", "a\\b", "a:b", "a.b", "a b ", "z" * 2001, "z" * 1999]
+    keys = [image_key(i, 0) for i in ids]
+    assert len(set(keys)) == len(set(ids))
+
+
+def test_image_key_distinct_per_image_and_deterministic():
+    assert image_key("row", 0) != image_key("row", 1)
+    assert image_key("row", 2) == image_key("row", 2)
+    assert image_key("row", 0, ext="webp").endswith("/0.webp")
+    assert image_key("my-row_1", 0).startswith("images/my-row_1-")  # readable slug kept
+
+
+def test_output_put_get_local(tmp_path):
+    out = open_output(str(tmp_path / "run"))
+    key = image_key("../../etc/passwd", 0)
+    out.put(key, b"\x89PNG data")
+    assert out.get(key) == b"\x89PNG data"
+    assert out.exists(key)
+    assert (tmp_path / "run" / key).read_bytes() == b"\x89PNG data"
+    # nothing written outside the prefix, and no leftover temp files
+    files = [p for p in tmp_path.rglob("*") if p.is_file()]
+    assert files == [tmp_path / "run" / key]
+    out.put(key, b"second")  # overwrite is whole
+    assert out.get(key) == b"second"
+    assert out.uri(key).endswith("/run/" + key)
+    assert out.list(IMAGES_DIR) == [key]
+    assert out.list("nothing-here") == []
+
+
+def test_output_put_get_memory():
+    root = f"memory://sdbatch-test-{uuid.uuid4().hex}/run"
+    out = open_output(root)
+    try:
+        assert out.is_process_local
+        out.put("images/x/0.png", b"abc")
+        out.put_json("run.json", {"b": 1, "a": [1, 2]})
+        assert out.get("images/x/0.png") == b"abc"
+        assert out.get_json("run.json") == {"a": [1, 2], "b": 1}
+        assert out.uri("images/x/0.png").startswith("memory://")
+        assert sorted(out.list("")) == ["images/x/0.png", "run.json"]
+        # the same URI opened again sees the same objects (one in-process store)
+        assert open_output(root).get("images/x/0.png") == b"abc"
+    finally:
+        out.fs.rm(out.root, recursive=True)
+
+
+def test_local_output_is_not_process_local(tmp_path):
+    assert not open_output(str(tmp_path)).is_process_local
+
+
+@pytest.mark.parametrize("key", ["../x", "a/../../b", "images/../../x", "/etc/passwd", "..", "a/.."])
+def test_output_path_refuses_escaping_keys(tmp_path, key):
+    out = open_output(str(tmp_path / "run"))
+    with pytest.raises(ValueError, match="outside the output prefix"):
+        out.path(key)
+    with pytest.raises(ValueError):
+        out.put(key, b"x")
+    assert not any(tmp_path.rglob("*"))
+
+
+def test_output_path_joins_under_root(tmp_path):
+    out = open_output(str(tmp_path / "run") + "/")
+    assert out.path("images/a/0.png") == out.root.rstrip("/") + "/images/a/0.png"
+
+
+def test_put_parquet_and_read_metadata(tmp_path):
+    out = open_output(str(tmp_path / "run"))
+    assert read_metadata(str(tmp_path / "run")).schema.equals(METADATA_SCHEMA)
+    t1 = conform(pa.table({"id": ["a"], "status": ["ok"]}), pa.schema([]))
+    t2 = conform(pa.table({"id": ["b"], "status": ["failed"]}), pa.schema([]))
+    out.put_parquet("metadata/part-000000.parquet", t1)
+    out.put_parquet("metadata/part-000001.parquet", t2)
+    meta = read_metadata(str(tmp_path / "run"))
+    assert meta.column("id").to_pylist() == ["a", "b"]
+    assert meta.schema.equals(METADATA_SCHEMA)
+
+
+# --- PNG ----------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 3), (64, 64, 3), (8, 24, 3), (37, 5, 3)])
+def test_png_round_trip_exact(shape):
+    rng = np.random.default_rng(sum(shape))
+    pixels = rng.integers(0, 256, size=shape, dtype=np.uint8)
+    data = encode_png(pixels)
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    back = decode_png(data)
+    assert back.dtype == np.uint8 and back.shape == shape
+    assert np.array_equal(back, pixels)
+    assert encode_png(pixels.copy()) == data  # deterministic bytes
+
+
+def test_png_extreme_values_and_non_contiguous():
+    pixels = np.zeros((16, 16, 3), dtype=np.uint8)
+    pixels[::2] = 255
+    pixels[:, :, 1] = np.arange(16, dtype=np.uint8)[None, :] * 17
+    assert np.array_equal(decode_png(encode_png(pixels)), pixels)
+    view = pixels[:, ::-1]  # negative strides
+    assert np.array_equal(decode_png(encode_png(view)), view)
+
+
+# --- conform ------------------------------------------------------------------------------------------------
+
+
+def test_conform_adds_null_columns_and_keeps_carried_last():
+    spec = parse_spec({"defaults": {"height": 64, "width": 64}})
+    table = pa.table({"id": ["a", "b"], "prompt": ["p", "q"],
+                      "tags": pa.array([[1], None], pa.list_(pa.int32())),
+                      "note": pa.array(["x", None])})
+    p = plan(table, spec, RESERVED_COLUMNS)
+    carried = pa.schema([table.schema.field("tags"), table.schema.field("note")])
+    out = conform(p.items, carried)
+    assert out.column_names == METADATA_SCHEMA.names + ["tags", "note"]
+    assert out.schema.equals(pa.schema(list(METADATA_SCHEMA) + list(carried)))
+    for name, _ in RESULT_FIELDS:
+        assert out.column(name).null_count == 2
+    assert out.column("id").to_pylist() == p.items.column("id").to_pylist()
+    assert out.column("seed").to_pylist() == p.items.column("seed").to_pylist()
+    assert out.column("tags").to_pylist() == [[1], None]
+    assert out.column("note").to_pylist() == ["x", None]
+
+
+def test_conform_casts_to_metadata_types_and_drops_private_columns():
+    table = pa.table({"id": ["a"], "seed": pa.array([5], pa.int64()), "image_index": pa.array([0], pa.int64()),
+                      "_pixels": pa.array([b"raw"]), "file_size": pa.array([10], pa.int32())})
+    out = conform(table, pa.schema([]))
+    assert out.schema.field("seed").type == pa.uint64()
+    assert out.schema.field("image_index").type == pa.int32()
+    assert out.schema.field("file_size").type == pa.int64()
+    assert out.column("seed").to_pylist() == [5]
+    assert "_pixels" not in out.column_names
+
+
+def test_metadata_schema_contains_item_schema_and_reserved_names():
+    assert METADATA_SCHEMA.names[: len(ITEM_SCHEMA)] == ITEM_SCHEMA.names
+    assert {"status", "error", "uri", "sha256", "_pixels", "_png"} <= RESERVED_COLUMNS
+    assert len(set(METADATA_SCHEMA.names)) == len(METADATA_SCHEMA.names)
