@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import platform
 import re
@@ -18,7 +19,6 @@ import sys
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from pathlib import Path
 from importlib import metadata as importlib_metadata
 from typing import Any
 
@@ -26,7 +26,7 @@ import pyarrow as pa
 
 from batch import pipeline
 from batch.config import JobSpec, SpecError
-from batch.models import HUB_ID, ModelError, locate
+from batch.models import locate
 from batch.manifest import Plan, failure_reason, plan, read_manifest
 from batch.storage import (
     METADATA_DIR,
@@ -109,6 +109,12 @@ def redact(value: Any, name: str = "") -> Any:
     return value
 
 
+def redact_arg(arg: str) -> str:
+    """``--set storage_options.secret=X`` -> ``--set storage_options.secret=***``."""
+    name, sep, _ = arg.partition("=")
+    return f"{name}=***" if sep and _SECRET.search(name.rsplit(".", 1)[-1]) else arg
+
+
 def _now() -> str:
     return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
 
@@ -155,8 +161,8 @@ def run_job(spec: JobSpec) -> Summary:
     if out.exists(RUN_RECORD) or out.exists(SUCCESS_MARKER) or out.list(METADATA_DIR):
         raise RunExistsError(f"output {spec.output} already holds a run; choose a new output prefix")
 
-    # 2. model preflight (local checks only: a hub id is resolved by the actors), then plan
-    preflight_model(spec)
+    # 2. model preflight (local checks only: the actors resolve a hub id), then plan
+    locate(spec.model, spec.revision, spec.allow_pickle, spec.variant, resolve_hub=False)
     table = read_manifest(spec.manifest, spec.storage_options)
     job_plan: Plan = plan(table, spec, RESERVED_COLUMNS)
     carried = pa.schema([table.schema.field(c) for c in job_plan.carried])
@@ -169,8 +175,7 @@ def run_job(spec: JobSpec) -> Summary:
             "run_id": spec.run_id, "status": "running", "spec": redact(spec.model_dump(mode="json")),
             "resources": res.__dict__, "versions": package_versions(), "host": socket.gethostname(),
             "platform": platform.platform(),
-            "argv": [a.split("=", 1)[0] + "=***" if "=" in a and _SECRET.search(a.split("=", 1)[0]) else a
-                     for a in sys.argv], "started_at": _now(),
+            "argv": [redact_arg(a) for a in sys.argv], "started_at": _now(),
             "rows": job_plan.num_rows, "images_planned": job_plan.items.num_rows,
         }
         out.put_json(RUN_RECORD, record)
@@ -183,7 +188,7 @@ def run_job(spec: JobSpec) -> Summary:
         reasons: Counter = Counter(failure_reason(e) for e in job_plan.failed.column("error").to_pylist())
         failed_rows = set(job_plan.failed.column("manifest_row").to_pylist())
         t_gen = time.perf_counter()
-        with _progress(job_plan.items.num_rows, spec.progress) as bar:
+        with _progress(job_plan.items.num_rows, spec.progress) as bar, _record_failure(out, record):
             for batch in pipeline.run_items(job_plan.items, spec, res, upload=not out.is_process_local):
                 if "_png" in batch.column_names:  # process-local filesystem: the driver writes
                     for uri_key, data in _driver_uploads(batch):
@@ -222,12 +227,15 @@ def run_job(spec: JobSpec) -> Summary:
     return summary
 
 
-def preflight_model(spec: JobSpec) -> None:
-    """Fail before starting Ray when the model is a local folder that cannot load (or is no model)."""
-    if spec.model == "tiny" or Path(spec.model).expanduser().exists():
-        locate(spec.model, spec.revision, spec.allow_pickle, spec.variant)
-    elif not HUB_ID.match(spec.model):
-        raise ModelError(f"model {spec.model!r}: not 'tiny', not an existing folder, and not a hub id 'org/name'")
+@contextlib.contextmanager
+def _record_failure(out: Output, record: dict):
+    """If the job itself dies (not a row), say so in the run record before the error propagates."""
+    try:
+        yield
+    except BaseException as err:
+        out.put_json(RUN_RECORD, {**record, "status": "crashed", "error": f"{type(err).__name__}: {err}",
+                                  "crashed_at": _now()})
+        raise
 
 
 def _driver_uploads(batch: pa.Table):

@@ -104,8 +104,12 @@ def scheduler_class_name(name: str) -> str:
     return SCHEDULERS[name][0]
 
 
-def locate(model: str, revision: str | None, allow_pickle: bool, variant: str | None = None) -> tuple[str, Path | None, str]:
-    """Return (kind, local folder, resolved revision) for a spec's ``model``; kind is tiny, local or hub."""
+def locate(model: str, revision: str | None, allow_pickle: bool, variant: str | None = None,
+           resolve_hub: bool = True) -> tuple[str, Path | None, str | None]:
+    """Return (kind, local folder, resolved revision) for a spec's ``model``; kind is tiny, local or hub.
+
+    With ``resolve_hub=False`` a hub id is only checked for form (no download; folder and revision None).
+    """
     if model == "tiny":
         return "tiny", None, TINY_REVISION
     path = Path(model).expanduser()
@@ -116,13 +120,19 @@ def locate(model: str, revision: str | None, allow_pickle: bool, variant: str | 
         return "local", path, fingerprint(path)
     if not HUB_ID.match(model):
         raise ModelError(f"model {model!r}: not 'tiny', not an existing folder, and not a hub id like 'org/name'")
+    if not resolve_hub:
+        return "hub", None, None
     from huggingface_hub import snapshot_download
 
-    weights = ["*.safetensors"] + (["*.bin", "*.ckpt"] if allow_pickle else [])
+    # Only the components we load, only the weight variant asked for (SD repos also hold root .ckpt files
+    # and both fp32 and fp16 copies of every component).
+    suffixes = ["safetensors"] + (["bin", "ckpt"] if allow_pickle else [])
+    weights = [f"*.{variant}.{x}" if variant else f"*.{x}" for x in suffixes]
     patterns = ["model_index.json"] + [f"{c}/*.json" for c in COMPONENTS] + ["tokenizer/*.txt"]
     patterns += [f"{c}/{w}" for c in WEIGHT_COMPONENTS for w in weights]
+    ignore = None if variant else ["*.fp16.*", "*.non_ema.*", "*.ema.*"]
     try:
-        folder = Path(snapshot_download(model, revision=revision, allow_patterns=patterns))
+        folder = Path(snapshot_download(model, revision=revision, allow_patterns=patterns, ignore_patterns=ignore))
     except Exception as err:
         raise ModelError(f"model {model} (revision {revision or 'main'}): cannot resolve from the hub or its "
                          f"cache ({type(err).__name__}: {err})") from None

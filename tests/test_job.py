@@ -204,3 +204,23 @@ def test_make_tiny_model_cli_writes_a_loadable_folder(tmp_path):
     assert list((tmp_path / "m" / "unet").glob("*.safetensors"))
     pipe = StableDiffusionPipeline.from_pretrained(tmp_path / "m", local_files_only=True)
     assert pipe.scheduler.config.prediction_type == "v_prediction"
+
+
+def test_model_that_cannot_load_marks_the_run_crashed(tmp_path, ray_session, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    manifest = write_manifest(tmp_path / "m.parquet", [{"id": "a", "prompt": "a cat"}])
+    with pytest.raises(Exception, match="creation task|cannot resolve"):
+        run_job(spec_for(manifest, str(tmp_path / "out"), model="org/not-in-cache"))
+    record = open_output(str(tmp_path / "out")).get_json(RUN_RECORD)
+    assert record["status"] == "crashed" and record["error"]
+    assert not open_output(str(tmp_path / "out")).exists(SUCCESS_MARKER)
+
+
+def test_local_model_folder_is_checked_before_ray_starts(tmp_path):
+    manifest = write_manifest(tmp_path / "m.parquet", [{"id": "a", "prompt": "a cat"}])
+    (tmp_path / "notamodel").mkdir()
+    from batch.models import ModelError
+
+    with pytest.raises(ModelError, match="model_index.json"):
+        run_job(spec_for(manifest, str(tmp_path / "out"), model=str(tmp_path / "notamodel")))
+    assert not (tmp_path / "out").exists()
