@@ -26,6 +26,7 @@ from typing import Any, Iterator
 import pyarrow as pa
 
 from batch.config import JobSpec, SpecError
+from batch.stages import assign_batches
 
 MAX_BATCHES_PER_BLOCK = 8
 BLOCKS_PER_ACTOR = 4
@@ -92,14 +93,16 @@ def resolve_resources(spec: JobSpec, cluster: dict[str, float], local: bool) -> 
 
 
 def cut_blocks(items: pa.Table, batch_size: int, actors: int) -> list[pa.Table]:
-    """Cut items into blocks of whole batches: enough blocks to feed every actor, none too large."""
-    n = items.num_rows
-    if n == 0:
+    """Number the GPU batches (``_batch``), then cut blocks of whole batches: enough blocks to feed
+    every actor (``BLOCKS_PER_ACTOR`` each where there is work), none over ``MAX_BATCHES_PER_BLOCK``."""
+    if items.num_rows == 0:
         return []
-    batches = math.ceil(n / batch_size)
-    per_block = min(MAX_BATCHES_PER_BLOCK, max(1, math.ceil(batches / (actors * BLOCKS_PER_ACTOR))))
-    size = per_block * batch_size
-    return [items.slice(i, size) for i in range(0, n, size)]
+    ids = assign_batches(items, batch_size)
+    items = items.append_column("_batch", pa.array(ids, pa.int64()))
+    starts = [i for i in range(len(ids)) if i == 0 or ids[i] != ids[i - 1]]
+    per_block = min(MAX_BATCHES_PER_BLOCK, max(1, math.ceil(len(starts) / (actors * BLOCKS_PER_ACTOR))))
+    bounds = starts[::per_block] + [items.num_rows]
+    return [items.slice(a, b - a) for a, b in zip(bounds, bounds[1:])]
 
 
 def run_items(items: pa.Table, spec: JobSpec, res: Resources, upload: bool) -> Iterator[pa.Table]:
@@ -113,6 +116,7 @@ def run_items(items: pa.Table, spec: JobSpec, res: Resources, upload: bool) -> I
     if not blocks:
         return
     logging.getLogger("ray.data").setLevel(logging.WARNING)
+    logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)  # "bars disabled": we show ours
     ctx = DataContext.get_current()
     ctx.enable_progress_bars = False  # the driver shows one bar over images instead
     ctx.enable_operator_progress_bars = False

@@ -20,13 +20,32 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from batch.manifest import bucket_key
+from batch.manifest import BUCKET_FIELDS, bucket_key
 from batch.models import load_model, make_scheduler, scheduler_class_name
 from batch.sampling import SamplingParams, txt2img
 from batch.storage import encode_png, image_key, open_output
 
 _SAMPLER_INPUTS = ["prompt", "negative_prompt", "seed", "height", "width", "num_inference_steps",
                    "guidance_scale", "scheduler"]
+
+
+def assign_batches(items: pa.Table, batch_size: int) -> list[int]:
+    """GPU batch number of each item: runs of equal bucket key, cut every ``batch_size`` items.
+
+    Computed from the (bucket-sorted) items alone, so which images share a sampler call depends only
+    on the manifest, the spec's defaults and ``batch_size``, never on blocks, actors or timing.
+    """
+    rows = items.select(list(BUCKET_FIELDS)).to_pylist()
+    ids: list[int] = []
+    batch, run_start = -1, 0
+    for i, row in enumerate(rows):
+        new_run = i == 0 or bucket_key(row) != bucket_key(rows[i - 1])
+        if new_run:
+            run_start = i
+        if new_run or (i - run_start) % batch_size == 0:
+            batch += 1
+        ids.append(batch)
+    return ids
 
 
 def _set_column(table: pa.Table, name: str, values: list, type_: pa.DataType) -> pa.Table:
@@ -44,8 +63,9 @@ def _error_text(err: BaseException) -> str:
 class Txt2ImgSampler:
     """GPU stage: ``__init__`` loads one model replica, ``__call__(batch)`` generates its images.
 
-    A batch is split into sampler calls of at most ``batch_size`` images that share a bucket (shape,
-    steps, guidance, scheduler). A call that raises marks only its own images failed; the rest go on.
+    A block is split into sampler calls by its ``_batch`` column (see :func:`assign_batches`; computed
+    here when absent): at most ``batch_size`` images sharing a bucket (shape, steps, guidance,
+    scheduler). A call that raises marks only its own images failed; the rest go on.
     """
 
     def __init__(self, model: str, revision: str | None, dtype: str, device: str, batch_size: int,
@@ -59,6 +79,11 @@ class Txt2ImgSampler:
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         m = self.model
+        if "_batch" in batch.column_names:
+            batch_ids = batch.column("_batch").to_pylist()
+            batch = batch.drop_columns(["_batch"])
+        else:
+            batch_ids = assign_batches(batch, self.batch_size)
         rows = batch.select(_SAMPLER_INPUTS).to_pylist()
         for r in rows:
             if r["scheduler"] == "model":
@@ -68,30 +93,28 @@ class Txt2ImgSampler:
         status, error, t_sample = ["ok"] * n, [None] * n, [0.0] * n
         sched_cfg: list[str | None] = [None] * n
 
-        # 1. consecutive runs of equal bucket keys (the plan sorted items by bucket), cut to batch_size
-        for key, group in groupby(range(n), key=lambda i: bucket_key(rows[i])):
-            idx = list(group)
-            for start in range(0, len(idx), self.batch_size):
-                chunk = idx[start:start + self.batch_size]
-                # 2. a fresh scheduler per call: schedulers keep per-run state
-                h, w, steps, g, name = key
-                try:
-                    scheduler = make_scheduler(name, m.scheduler_config)
-                    cfg = json.dumps(dict(scheduler.config), sort_keys=True, default=str)
-                    t0 = time.perf_counter()
-                    images = txt2img(m, scheduler, [rows[i]["prompt"] for i in chunk],
-                                     [rows[i]["negative_prompt"] for i in chunk], [rows[i]["seed"] for i in chunk],
-                                     SamplingParams(height=h, width=w, num_inference_steps=steps, guidance_scale=g))
-                    dt = (time.perf_counter() - t0) / len(chunk)
-                except Exception as err:  # failures are data: this call's images fail, the job goes on
-                    traceback.print_exc()
-                    for i in chunk:
-                        status[i], error[i] = "failed", _error_text(err)
-                    continue
-                # 3. raw pixels travel to the CPU stage; encoding happens there, not here
-                for j, i in enumerate(chunk):
-                    pixels[i] = np.ascontiguousarray(images[j]).tobytes()
-                    t_sample[i], sched_cfg[i] = dt, cfg
+        # 1. one sampler call per GPU batch (consecutive items with one batch number share a bucket)
+        for _, group in groupby(range(n), key=lambda i: batch_ids[i]):
+            chunk = list(group)
+            # 2. a fresh scheduler per call: schedulers keep per-run state
+            h, w, steps, g, name = bucket_key(rows[chunk[0]])
+            try:
+                scheduler = make_scheduler(name, m.scheduler_config)
+                cfg = json.dumps(dict(scheduler.config), sort_keys=True, default=str)
+                t0 = time.perf_counter()
+                images = txt2img(m, scheduler, [rows[i]["prompt"] for i in chunk],
+                                 [rows[i]["negative_prompt"] for i in chunk], [rows[i]["seed"] for i in chunk],
+                                 SamplingParams(height=h, width=w, num_inference_steps=steps, guidance_scale=g))
+                dt = (time.perf_counter() - t0) / len(chunk)
+            except Exception as err:  # failures are data: this call's images fail, the job goes on
+                traceback.print_exc()
+                for i in chunk:
+                    status[i], error[i] = "failed", _error_text(err)
+                continue
+            # 3. raw pixels travel to the CPU stage; encoding happens there, not here
+            for j, i in enumerate(chunk):
+                pixels[i] = np.ascontiguousarray(images[j]).tobytes()
+                t_sample[i], sched_cfg[i] = dt, cfg
 
         out = _set_column(batch, "scheduler", [r["scheduler"] for r in rows], pa.string())
         for name, values, type_ in (

@@ -158,11 +158,25 @@ def test_default_resources_never_take_every_cpu():
     assert (gpu.device, gpu.actors, gpu.gpus_per_actor) == ("cuda", 4, 1.0)
 
 
-def test_blocks_are_whole_batches_and_feed_every_actor():
-    items = pa.table({"x": list(range(50))})
-    blocks = cut_blocks(items, batch_size=4, actors=2)
-    assert sum(b.num_rows for b in blocks) == 50 and len(blocks) >= 2
-    assert all(b.num_rows % 4 == 0 for b in blocks[:-1])
+def test_gpu_batches_are_whole_homogeneous_and_independent_of_actors():
+    """50 items in two buckets (30 + 20): batches of <= 4 within a bucket, the same for any actor count."""
+    items = pa.table({"x": list(range(50)), "height": [64] * 30 + [128] * 20, "width": [64] * 50,
+                      "num_inference_steps": [4] * 50, "guidance_scale": [7.5] * 50, "scheduler": ["pndm"] * 50})
+    layouts = {}
+    for actors in (1, 2, 5):
+        blocks = cut_blocks(items, batch_size=4, actors=actors)
+        assert len(blocks) >= min(actors, 16) and sum(b.num_rows for b in blocks) == 50
+        rows = [r for b in blocks for r in b.to_pylist()]
+        assert [r["x"] for r in rows] == list(range(50))
+        batches: dict[int, list] = {}
+        for r in rows:
+            batches.setdefault(r["_batch"], []).append(r)
+        assert all(len(b) <= 4 and len({x["height"] for x in b}) == 1 for b in batches.values())
+        assert len(batches) == 8 + 5  # ceil(30/4) + ceil(20/4): no batch straddles the bucket boundary
+        ids_per_block = [set(b.column("_batch").to_pylist()) for b in blocks]
+        assert all(not (a & b) for i, a in enumerate(ids_per_block) for b in ids_per_block[i + 1:])  # whole
+        layouts[actors] = [r["_batch"] for r in rows]
+    assert layouts[1] == layouts[2] == layouts[5]
 
 
 def test_cli_validate_and_fail_fast(tmp_path, capsys):
