@@ -59,6 +59,7 @@ class Summary:
     images_failed: int = 0
     seconds: float = 0.0
     generate_seconds: float = 0.0
+    first_result_seconds: float = 0.0  # from the start of generation to the first finished block (start-up)
     failure_reasons: dict[str, int] = field(default_factory=dict)
     exit_code: int = 0
 
@@ -71,8 +72,9 @@ class Summary:
             f"run {self.run_id} -> {self.output}",
             f"  rows: {self.rows_ok} ok, {self.rows_failed} failed (of {self.rows})",
             f"  images: {self.images_ok} ok, {self.images_failed} failed; "
-            f"{self.images_per_second:.3f} images/s over {self.generate_seconds:.1f}s of generation "
-            f"({self.seconds:.1f}s in all)",
+            f"{self.images_per_second:.3f} images/s over {self.generate_seconds:.1f}s of generation, "
+            f"of which {self.first_result_seconds:.1f}s until the first block (actor start-up); "
+            f"{self.seconds:.1f}s in all",
         ]
         for reason, count in sorted(self.failure_reasons.items(), key=lambda kv: -kv[1])[:20]:
             lines.append(f"  failed x{count}: {reason}")
@@ -187,7 +189,7 @@ def run_job(spec: JobSpec) -> Summary:
         statuses: Counter = Counter()
         reasons: Counter = Counter(failure_reason(e) for e in job_plan.failed.column("error").to_pylist())
         failed_rows = set(job_plan.failed.column("manifest_row").to_pylist())
-        t_gen = time.perf_counter()
+        t_gen, t_first = time.perf_counter(), 0.0
         with _progress(job_plan.items.num_rows, spec.progress) as bar, _record_failure(out, record):
             for batch in pipeline.run_items(job_plan.items, spec, res, upload=not out.is_process_local):
                 if "_png" in batch.column_names:  # process-local filesystem: the driver writes
@@ -202,6 +204,7 @@ def run_job(spec: JobSpec) -> Summary:
                         reasons[failure_reason(err or "unknown")] += 1
                         failed_rows.add(row)
                 bar.update(batch.num_rows)
+                t_first = t_first or time.perf_counter() - t_gen
         gen_seconds = time.perf_counter() - t_gen
         committer.flush()
     finally:
@@ -213,7 +216,7 @@ def run_job(spec: JobSpec) -> Summary:
         run_id=spec.run_id, output=spec.output, rows=job_plan.num_rows,
         rows_failed=len(failed_rows), rows_ok=job_plan.num_rows - len(failed_rows),
         images_ok=statuses["ok"], images_failed=statuses["failed"], seconds=time.perf_counter() - t_start,
-        generate_seconds=gen_seconds, failure_reasons=dict(reasons),
+        generate_seconds=gen_seconds, first_result_seconds=t_first, failure_reasons=dict(reasons),
     )
     frac = summary.rows_failed / summary.rows if summary.rows else 0.0
     summary.exit_code = 0 if frac <= spec.max_failed_fraction else 1

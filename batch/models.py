@@ -18,7 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -63,7 +63,6 @@ class LoadedModel:
     revision: str
     device: torch.device
     dtype: torch.dtype
-    extras: dict[str, Any] = field(default_factory=dict)
 
     @property
     def vae_scale_factor(self) -> int:
