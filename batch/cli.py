@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections import Counter
 
 from batch.config import SpecError, load_spec, parse_set_option
 
@@ -40,7 +39,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    from batch.manifest import failure_reason, plan, read_manifest
+    from batch.manifest import plan, read_manifest
     from batch.storage import RESERVED_COLUMNS
 
     if args.task != "txt2img":
@@ -49,7 +48,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
     p = plan(read_manifest(args.manifest, spec.storage_options), spec, RESERVED_COLUMNS)
     for r in p.failed.select(["manifest_row", "id", "error"]).to_pylist():
         print(f"row {r['manifest_row']} (id {r['id']!r}): {r['error']}")
-    reasons = Counter(failure_reason(e) for e in p.failed.column("error").to_pylist())
+    reasons = p.failure_reasons()
     report = {"rows": p.num_rows, "rows_ok": p.num_ok_rows, "rows_failed": p.failed.num_rows,
               "images": p.items.num_rows, "carried_columns": p.carried, "failure_reasons": dict(reasons)}
     print(json.dumps(report, indent=2))

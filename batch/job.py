@@ -187,7 +187,7 @@ def run_job(spec: JobSpec) -> Summary:
 
         # 4. generate, write, commit as blocks finish
         statuses: Counter = Counter()
-        reasons: Counter = Counter(failure_reason(e) for e in job_plan.failed.column("error").to_pylist())
+        reasons: Counter = job_plan.failure_reasons()
         failed_rows = set(job_plan.failed.column("manifest_row").to_pylist())
         t_gen, t_first = time.perf_counter(), 0.0
         with _progress(job_plan.items.num_rows, spec.progress) as bar, _record_failure(out, record):

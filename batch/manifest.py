@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
@@ -95,6 +96,10 @@ class Plan:
     @property
     def num_ok_rows(self) -> int:
         return self.num_rows - self.failed.num_rows
+
+    def failure_reasons(self) -> Counter:
+        """Failed rows counted by :func:`failure_reason`."""
+        return Counter(failure_reason(e) for e in self.failed.column("error").to_pylist())
 
 
 def read_manifest(uri: str, storage_options: dict[str, Any] | None = None) -> pa.Table:

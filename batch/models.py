@@ -199,7 +199,7 @@ def load_model(model: str, *, revision: str | None = None, dtype: str = "auto", 
                 requires_safety_checker=False,
                 local_files_only=True,
             )
-        except (OSError, ValueError, EnvironmentError) as err:
+        except (OSError, ValueError) as err:
             raise ModelError(f"model {model} ({folder}, variant {variant}): cannot load: {err}") from None
         comps = {c: getattr(pipe, c) for c in COMPONENTS}
     dev = torch.device(device)
