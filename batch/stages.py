@@ -22,7 +22,7 @@ import torch
 
 from batch.manifest import BUCKET_FIELDS, bucket_key
 from batch.models import load_model, make_scheduler, scheduler_class_name
-from batch.sampling import SamplingParams, txt2img
+from batch.sampling import SamplingParams, truncation_warnings, txt2img
 from batch.storage import encode_png, image_key, open_output
 
 _SAMPLER_INPUTS = ["prompt", "negative_prompt", "seed", "height", "width", "num_inference_steps",
@@ -116,6 +116,9 @@ class Txt2ImgSampler:
                 pixels[i] = np.ascontiguousarray(images[j]).tobytes()
                 t_sample[i], sched_cfg[i] = dt, cfg
 
+        # 4. texts longer than the encoder's window are cut (as diffusers does); say so per row
+        warnings = [truncation_warnings(m.tokenizer, {"prompt": r["prompt"], "negative_prompt": r["negative_prompt"]})
+                    for r in rows]
         out = _set_column(batch, "scheduler", [r["scheduler"] for r in rows], pa.string())
         for name, values, type_ in (
             ("_pixels", pixels, pa.binary()),
@@ -130,18 +133,22 @@ class Txt2ImgSampler:
             ("device", [str(m.device)] * n, pa.string()),
             ("worker", [self.worker] * n, pa.string()),
             ("t_sample_s", t_sample, pa.float64()),
+            ("warnings", warnings, pa.string()),
         ):
             out = _set_column(out, name, values, type_)
         return out
 
 
-def encode_and_write(batch: pa.Table, output: str, storage_options: dict[str, Any], upload: bool = True) -> pa.Table:
+def encode_and_write(batch: pa.Table, output: str, storage_options: dict[str, Any], upload: bool = True,
+                     retries: int | None = None) -> pa.Table:
     """CPU stage: PNG-encode each generated image, hash it and write it under the output prefix.
 
-    With ``upload=False`` (process-local filesystems such as ``memory://``) the PNG bytes are returned in
-    a ``_png`` column for the driver to write instead.
+    Each object is written whole before its row leaves this stage, and only the driver commits rows,
+    so no committed row ever points at a partial object. Transient storage errors are retried
+    (``retries`` tries); one that persists fails that image only. With ``upload=False`` (process-local
+    filesystems such as ``memory://``) the PNG bytes are returned in a ``_png`` column for the driver.
     """
-    out = open_output(output, storage_options)
+    out = open_output(output, storage_options, retries=retries) if upload else None
     cols = batch.select(["id", "image_index", "height", "width", "status", "error", "_pixels"]).to_pylist()
     status = [c["status"] for c in cols]
     error = [c["error"] for c in cols]
@@ -161,7 +168,7 @@ def encode_and_write(batch: pa.Table, output: str, storage_options: dict[str, An
             status[i], error[i] = "failed", _error_text(err)
             uris.append(None), shas.append(None), sizes.append(None), t_write.append(None), pngs.append(None)
             continue
-        uris.append(out.uri(key))
+        uris.append(out.uri(key) if upload else None)  # not uploaded: the driver writes it and sets the URI
         shas.append(hashlib.sha256(data).hexdigest())
         sizes.append(len(data))
         t_write.append(time.perf_counter() - t0)
