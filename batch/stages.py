@@ -21,8 +21,10 @@ import pyarrow as pa
 import torch
 
 from batch.manifest import BUCKET_FIELDS, bucket_key
+from batch.config import Optimizations
 from batch.models import load_model, make_scheduler, scheduler_class_name
 from batch.sampling import SamplingParams, truncation_warnings, txt2img
+from batch.speed import apply_optimizations
 from batch.storage import encode_png, image_key, open_output
 
 _SAMPLER_INPUTS = ["prompt", "negative_prompt", "seed", "height", "width", "num_inference_steps",
@@ -69,12 +71,15 @@ class Txt2ImgSampler:
     """
 
     def __init__(self, model: str, revision: str | None, dtype: str, device: str, batch_size: int,
-                 allow_pickle: bool = False, variant: str | None = None, num_threads: int | None = None):
+                 allow_pickle: bool = False, variant: str | None = None, num_threads: int | None = None,
+                 optimizations: dict[str, Any] | None = None):
         if num_threads:
             torch.set_num_threads(num_threads)
         self.batch_size = batch_size
         self.model = load_model(model, revision=revision, dtype=dtype, device=device,
                                 allow_pickle=allow_pickle, variant=variant)
+        self.opts = Optimizations.model_validate(optimizations or {})
+        self.optimized = apply_optimizations(self.model, self.opts)
         self.worker = f"{socket.gethostname()}:{os.getpid()}"
 
     def __call__(self, batch: pa.Table) -> pa.Table:
@@ -92,6 +97,7 @@ class Txt2ImgSampler:
         pixels: list[bytes | None] = [None] * n
         status, error, t_sample = ["ok"] * n, [None] * n, [0.0] * n
         sched_cfg: list[str | None] = [None] * n
+        redecoded: list[bool | None] = [None] * n
 
         # 1. one sampler call per GPU batch (consecutive items with one batch number share a bucket)
         for _, group in groupby(range(n), key=lambda i: batch_ids[i]):
@@ -102,9 +108,11 @@ class Txt2ImgSampler:
                 scheduler = make_scheduler(name, m.scheduler_config)
                 cfg = json.dumps(dict(scheduler.config), sort_keys=True, default=str)
                 t0 = time.perf_counter()
+                rescued: list[bool] = []
                 images = txt2img(m, scheduler, [rows[i]["prompt"] for i in chunk],
                                  [rows[i]["negative_prompt"] for i in chunk], [rows[i]["seed"] for i in chunk],
-                                 SamplingParams(height=h, width=w, num_inference_steps=steps, guidance_scale=g))
+                                 SamplingParams(height=h, width=w, num_inference_steps=steps, guidance_scale=g),
+                                 nan_fallback=self.opts.nan_fallback, rescued=rescued)
                 dt = (time.perf_counter() - t0) / len(chunk)
             except Exception as err:  # failures are data: this call's images fail, the job goes on
                 traceback.print_exc()
@@ -114,7 +122,7 @@ class Txt2ImgSampler:
             # 3. raw pixels travel to the CPU stage; encoding happens there, not here
             for j, i in enumerate(chunk):
                 pixels[i] = np.ascontiguousarray(images[j]).tobytes()
-                t_sample[i], sched_cfg[i] = dt, cfg
+                t_sample[i], sched_cfg[i], redecoded[i] = dt, cfg, rescued[j]
 
         # 4. texts longer than the encoder's window are cut (as diffusers does); say so per row
         warnings = [truncation_warnings(m.tokenizer, {"prompt": r["prompt"], "negative_prompt": r["negative_prompt"]})
@@ -134,6 +142,7 @@ class Txt2ImgSampler:
             ("worker", [self.worker] * n, pa.string()),
             ("t_sample_s", t_sample, pa.float64()),
             ("warnings", warnings, pa.string()),
+            ("vae_redecoded_fp32", redecoded, pa.bool_()),
         ):
             out = _set_column(out, name, values, type_)
         return out
