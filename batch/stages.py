@@ -80,6 +80,7 @@ class Txt2ImgSampler:
                                 allow_pickle=allow_pickle, variant=variant)
         self.opts = Optimizations.model_validate(optimizations or {})
         self.optimized = apply_optimizations(self.model, self.opts)
+        self.optimized_json = json.dumps(self.optimized, sort_keys=True, default=str)
         self.worker = f"{socket.gethostname()}:{os.getpid()}"
 
     def __call__(self, batch: pa.Table) -> pa.Table:
@@ -143,6 +144,7 @@ class Txt2ImgSampler:
             ("t_sample_s", t_sample, pa.float64()),
             ("warnings", warnings, pa.string()),
             ("vae_redecoded_fp32", redecoded, pa.bool_()),
+            ("optimizations", [self.optimized_json] * n, pa.string()),
         ):
             out = _set_column(out, name, values, type_)
         return out
