@@ -175,10 +175,12 @@ def tiled(up_model):
 
 
 def seam_ratio(out: np.ndarray, ref: np.ndarray, seams: list[int]) -> float:
-    """Worst per-column deviation from the untiled result near seams, over the median column deviation."""
-    dev = np.abs(out - ref).mean(axis=(0, 2)) + np.abs(out - ref).mean(axis=(1, 2))  # columns + rows
-    near = [c for s in seams for c in range(max(0, s - 2), min(len(dev), s + 2))]
-    return float(dev[near].max() / np.median(dev))
+    """How much more the tiled image departs from the whole-image result in a band of 8 output pixels
+    (2 low-res pixels) at a seam than along a typical line: the worst band mean over the median line."""
+    diff = np.abs(out - ref)
+    lines = [diff.mean(axis=(0, 2)), diff.mean(axis=(1, 2))]  # per column, per row
+    bands = [line[max(0, s - 2):s + 6].mean() for line in lines for s in seams]
+    return float(max(bands) / np.median(np.concatenate(lines)))
 
 
 def test_tiled_upscale_has_the_right_size_and_no_visible_seam(tiled):
@@ -188,6 +190,6 @@ def test_tiled_upscale_has_the_right_size_and_no_visible_seam(tiled):
     # 2. seams: with blending, no column/row at a tile boundary deviates much more than a typical one...
     hard_seams = [4 * s for s in tile_starts(64, 16, 0)[1:]]
     blend_seams = [4 * s for s in tile_starts(64, 16, 4)[1:]] + [4 * (s + 16) for s in tile_starts(64, 16, 4)[:-1]]
-    assert seam_ratio(tiled["blended"], tiled["untiled"], blend_seams) < 1.6
-    # 3. ...while abutting tiles without overlap show exactly that spike (the check can fail)
-    assert seam_ratio(tiled["hard"], tiled["untiled"], hard_seams) > 1.8
+    assert seam_ratio(tiled["blended"], tiled["untiled"], blend_seams + hard_seams) < 1.45
+    # 3. ...while abutting tiles without overlap show exactly such a band (the check can fail)
+    assert seam_ratio(tiled["hard"], tiled["untiled"], hard_seams) > 1.45
