@@ -57,7 +57,7 @@ def card_preprocess(images: list[np.ndarray]) -> torch.Tensor:
     std = torch.tensor(CLIP_STD).view(3, 1, 1)
     out = []
     for img in images:
-        x = torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1).float() / 255.0  # ToTensor
+        x = torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1).float() / 255.0  # ToTensor
         x = F.interpolate(x[None], size=(CLIP_SIZE, CLIP_SIZE), mode="bicubic", align_corners=False,
                           antialias=False)[0]
         out.append((x - mean) / std)

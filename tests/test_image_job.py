@@ -166,8 +166,8 @@ def test_variation_job_end_to_end_equals_diffusers(variation_run, tiny_variation
     summary, out_uri, meta = variation_run
     rows = {(r["id"], r["image_index"]): r for r in meta.to_pylist()}
     assert summary.rows_ok == 2 and summary.rows_failed == 2 and summary.images_ok == 3
-    assert rows[("missing", None)]["error"].startswith("image_uri: not found")
-    assert rows[("empty", None)]["error"].startswith("image_uri: empty file (0 bytes)")
+    assert rows[("missing", 0)]["error"].startswith("image_uri: not found")
+    assert rows[("empty", 0)]["error"].startswith("image_uri: empty file (0 bytes)")
     pipe = diffusers.StableDiffusionImageVariationPipeline.from_pretrained(tiny_variation_dir, local_files_only=True,
                                                                            safety_checker=None)
     pipe.set_progress_bar_config(disable=True)
@@ -195,7 +195,7 @@ def upscale_run(tmp_path_factory, ray_session, tiny_upscale_dir):
     d = tmp_path_factory.mktemp("up")
     gray16 = (smooth_image(16, 16, 4)[..., 0].astype(np.uint16) * 257)
     rows = [
-        {"id": "small", "image_uri": write_png(d / "s.png", smooth_image(16, 24, 2)), "prompt": "a cat",
+        {"id": "small", "image_uri": write_png(d / "s.png", smooth_image(16, 16, 2)), "prompt": "a cat",
          "negative_prompt": "blurry", "noise_level": 30, "seed": 7},
         {"id": "tiled", "image_uri": write_png(d / "t.png", smooth_image(40, 24, 3)), "prompt": None,
          "negative_prompt": None, "noise_level": None, "seed": None},
@@ -217,7 +217,7 @@ def test_upscale_job_end_to_end(upscale_run, tiny_upscale_dir):
     assert summary.rows_ok == 3 and summary.rows_failed == 1
     assert rows["corrupt"]["status"] == "failed" and "image_uri: not a decodable image" in rows["corrupt"]["error"]
     out = open_output(out_uri)
-    for rid, (h, w) in (("small", (16, 24)), ("tiled", (40, 24)), ("gray16", (16, 16))):
+    for rid, (h, w) in (("small", (16, 16)), ("tiled", (40, 24)), ("gray16", (16, 16))):
         r = rows[rid]
         stored = decode_png(out.fs.cat_file(out.fs._strip_protocol(r["uri"])))
         assert r["status"] == "ok" and (r["input_height"], r["input_width"]) == (h, w)
