@@ -246,6 +246,9 @@ def load_model(model: str, *, revision: str | None = None, dtype: str = "auto", 
         if kind == "tiny" and torch_dtype != torch.float32:  # from_pretrained already applied torch_dtype
             module = module.to(dtype=torch_dtype)
         comps[name] = module.to(device=dev).eval().requires_grad_(False)
+    if task == "upscale" and torch_dtype == torch.float16 and getattr(comps["vae"].config, "force_upcast", False):
+        # the x4 VAE overflows in float16: diffusers' upscale pipeline decodes it in float32 ("upcast_vae")
+        comps["vae"] = comps["vae"].to(dtype=torch.float32)
     sched_config = dict(comps["scheduler"].config)
     sched_config["_class_name"] = type(comps["scheduler"]).__name__
     return LoadedModel(
