@@ -129,13 +129,13 @@ def run_items(items: pa.Table, spec: JobSpec, res: Resources, upload: bool) -> I
         from batch.image_stages import SAMPLER_FOR_TASK, fetch_inputs
 
         sampler = SAMPLER_FOR_TASK[spec.task]
-        ds = ds.map_batches(
-            fetch_inputs,
-            fn_kwargs=dict(storage_options=spec.storage_options, max_pixels=spec.limits.max_input_pixels),
-            batch_size=None,
-            batch_format="pyarrow",
-            num_cpus=spec.writer_cpus,
-        )
+        fetch_kwargs = dict(storage_options=spec.storage_options, max_pixels=spec.limits.max_input_pixels)
+        if any(str(u).startswith("memory://") for u in items.column("image_uri").to_pylist()):
+            # memory:// exists only in this process: fetch here (still before, and outside, the actors)
+            ds = ray.data.from_arrow([fetch_inputs(b, **fetch_kwargs) for b in blocks])
+        else:
+            ds = ds.map_batches(fetch_inputs, fn_kwargs=fetch_kwargs, batch_size=None, batch_format="pyarrow",
+                                num_cpus=spec.writer_cpus)
     ds = ds.map_batches(
         sampler,
         fn_constructor_kwargs=dict(model=spec.model, revision=spec.revision, dtype=spec.dtype, device=res.device,

@@ -4,9 +4,11 @@ planning, tiny presets, the fetch stage and the samplers' pass-through of failed
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 
 import diffusers
+import fsspec
 import numpy as np
 import pyarrow as pa
 import pytest
@@ -146,8 +148,12 @@ def base_spec(task, model, manifest, output, defaults, **kw):
 def variation_run(tmp_path_factory, ray_session, tiny_variation_dir):
     d = tmp_path_factory.mktemp("var")
     rgba = np.dstack([smooth_image(40, 48, 1), np.full((40, 48), 128, np.uint8)])
+    buf = io.BytesIO()
+    Image.fromarray(smooth_image(48, 32, 0)).save(buf, format="PNG")
+    mem_uri = f"memory://sdbatch-var-{d.name}/a.png"  # process-local: fetched in the driver, not in Ray tasks
+    fsspec.filesystem("memory").pipe(mem_uri, buf.getvalue())
     rows = [
-        {"id": "rgb", "image_uri": write_png(d / "a.png", smooth_image(48, 32, 0)), "num_images": 2, "seed": 10},
+        {"id": "rgb", "image_uri": mem_uri, "num_images": 2, "seed": 10},
         {"id": "rgba", "image_uri": write_png(d / "b.png", rgba, "RGBA"), "num_images": None, "seed": None},
         {"id": "missing", "image_uri": str(d / "nope.png"), "num_images": None, "seed": None},
         {"id": "empty", "image_uri": str(d / "empty.png"), "num_images": None, "seed": None},
@@ -175,7 +181,7 @@ def test_variation_job_end_to_end_equals_diffusers(variation_run, tiny_variation
     for key in (("rgb", 0), ("rgb", 1), ("rgba", 0)):
         r = rows[key]
         assert r["status"] == "ok" and r["task"] == "variation" and r["preprocessing"] == "card"
-        data = open(r["image_uri"], "rb").read()
+        data = fsspec.open(r["image_uri"], "rb").open().read()
         assert r["input_sha256"] == hashlib.sha256(data).hexdigest()
         assert r["input_mode"] == ("RGBA" if key[0] == "rgba" else "RGB")
         # reproduce from the metadata row alone: fetch its input, card-preprocess, run plain diffusers
