@@ -58,7 +58,8 @@ def cmd_make_tiny_model(args: argparse.Namespace) -> int:
     from batch.tiny import save_tiny_model
 
     path = save_tiny_model(args.directory, task=args.task, prediction_type=args.prediction_type)
-    print(f"wrote tiny {args.task} model ({args.prediction_type}) to {path}")
+    kind = f" ({args.prediction_type})" if args.task == "txt2img" else ""
+    print(f"wrote tiny {args.task} model{kind} to {path}")
     return 0
 
 

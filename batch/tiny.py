@@ -121,7 +121,9 @@ def save_tiny_model(directory: str | Path, task: str = "txt2img", prediction_typ
     """Write the tiny model of ``task`` as a standard diffusers folder (model_index.json + safetensors).
 
     ``txt2img`` loads with ``StableDiffusionPipeline``, ``variation`` with
-    ``StableDiffusionImageVariationPipeline`` and ``upscale`` with ``StableDiffusionUpscalePipeline``.
+    ``StableDiffusionImageVariationPipeline`` and ``upscale`` with ``StableDiffusionUpscalePipeline``
+    (``prediction_type`` applies to txt2img; the upscaler is v-prediction and the variation model epsilon,
+    as the real ones).
     """
     from diffusers import StableDiffusionPipeline
 
@@ -139,7 +141,8 @@ def save_tiny_model(directory: str | Path, task: str = "txt2img", prediction_typ
         pipe = tiny_pipeline(task)
     pipe.save_pretrained(directory, safe_serialization=True)
     (directory / "sdbatch_tiny.json").write_text(
-        json.dumps({"revision": TINY_REVISION, "task": task, "prediction_type": prediction_type}) + "\n"
+        json.dumps({"revision": TINY_REVISION, "task": task,
+                    "prediction_type": pipe.scheduler.config.prediction_type}) + "\n"
     )
     return directory
 
