@@ -8,7 +8,7 @@ export RAY_AUTH_MODE ?= disabled
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install demo test clean
+.PHONY: install demo demo-images test clean
 
 install: $(STAMP)
 
@@ -25,6 +25,16 @@ demo: install
 	$(BIN)/python examples/make_demo_manifest.py $(DEMO)/prompts.parquet
 	$(BIN)/sdbatch run configs/demo.yaml --manifest $(DEMO)/prompts.parquet \
 		--output $(DEMO)/run-$$(date -u +%Y%m%dT%H%M%S)
+	$(MAKE) demo-images
+
+# The image tasks (variations, x4 upscaling) on their tiny presets, with generated input images.
+demo-images: install
+	mkdir -p $(DEMO)
+	for task in variation upscale; do \
+		$(BIN)/python examples/make_image_manifest.py $(DEMO)/$$task-inputs --task $$task && \
+		$(BIN)/sdbatch run configs/demo-$$task.yaml --manifest $(DEMO)/$$task-inputs/$$task.parquet \
+			--output $(DEMO)/$$task-run-$$(date -u +%Y%m%dT%H%M%S) || exit 1; \
+	done
 
 test: install
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)

@@ -20,6 +20,7 @@ def _spec_from_args(args: argparse.Namespace):
         "actors": getattr(args, "actors", None),
         "device": getattr(args, "device", None),
         "dtype": getattr(args, "dtype", None),
+        "task": getattr(args, "task", None) if getattr(args, "command", None) == "validate" else None,
     }
     overrides = {k: v for k, v in overrides.items() if v is not None}  # flags not given
     if getattr(args, "quiet", False):
@@ -119,9 +120,8 @@ def cmd_validate(args: argparse.Namespace) -> int:
     from batch.manifest import plan, read_manifest
     from batch.storage import RESERVED_COLUMNS
 
-    if args.task != "txt2img":
-        raise SpecError(f"--task must be 'txt2img', got {args.task!r}")
-    spec = _spec_from_args(args)
+    spec = _spec_from_args(args)  # --task, when given, overrides the config's task
+    spec = spec.model_copy(update={"manifest": args.manifest})  # relative image URIs resolve against it
     p = plan(read_manifest(args.manifest, spec.storage_options), spec, RESERVED_COLUMNS)
     for r in p.failed.select(["manifest_row", "id", "error"]).to_pylist():
         print(f"row {r['manifest_row']} (id {r['id']!r}): {r['error']}")
@@ -136,7 +136,8 @@ def cmd_make_tiny_model(args: argparse.Namespace) -> int:
     from batch.tiny import save_tiny_model
 
     path = save_tiny_model(args.directory, task=args.task, prediction_type=args.prediction_type)
-    print(f"wrote tiny {args.task} model ({args.prediction_type}) to {path}")
+    kind = f" ({args.prediction_type})" if args.task == "txt2img" else ""
+    print(f"wrote tiny {args.task} model{kind} to {path}")
     return 0
 
 
@@ -191,14 +192,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     val = sub.add_parser("validate", help="check a manifest (schema and every row); loads no model")
     val.add_argument("manifest", help="Parquet manifest URI")
-    val.add_argument("--task", default="txt2img")
+    val.add_argument("--task", choices=["txt2img", "variation", "upscale"],
+                     help="manifest kind (default: the config's task, else txt2img)")
     val.add_argument("--config", help="job spec whose defaults and limits apply")
     val.add_argument("--set", action="append", metavar="KEY=VALUE")
     val.set_defaults(func=cmd_validate)
 
     tiny = sub.add_parser("make-tiny-model", help="write a tiny random-weight diffusers model folder")
     tiny.add_argument("directory")
-    tiny.add_argument("--task", default="txt2img", choices=["txt2img"])
+    tiny.add_argument("--task", default="txt2img", choices=["txt2img", "variation", "upscale"],
+                      help="which pipeline layout: txt2img, variation (image variations) or upscale (x4)")
     tiny.add_argument("--prediction-type", default="epsilon", choices=["epsilon", "v_prediction"])
     tiny.set_defaults(func=cmd_make_tiny_model)
     return parser

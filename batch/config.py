@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 SCHEDULER_NAMES = ("pndm", "plms", "ddim", "euler", "euler_a", "dpmpp_2m", "lms")
 SchedulerName = Literal["model", "pndm", "plms", "ddim", "euler", "euler_a", "dpmpp_2m", "lms"]
@@ -46,12 +46,79 @@ class Txt2ImgDefaults(_Strict):
         return v
 
 
+class VariationDefaults(_Strict):
+    """Per-row defaults of an image-variation job (``task: variation``).
+
+    ``preprocessing`` picks how an input image becomes the CLIP image encoder's 224x224 input: ``card``
+    (the model card's recipe: float tensor, resize to 224x224 bicubic *without* antialiasing via
+    ``torch.nn.functional.interpolate``, CLIP mean/std) or ``pipeline`` (the model's own
+    ``CLIPImageProcessor``: PIL bicubic resize of the short side, centre crop, same mean/std).
+    """
+
+    guidance_scale: float = Field(3.0, gt=0)
+    num_inference_steps: int = Field(50, ge=1, le=1000)
+    height: int = Field(512, ge=8, multiple_of=8)
+    width: int = Field(512, ge=8, multiple_of=8)
+    num_images: int = Field(1, ge=1)
+    scheduler: SchedulerName = "model"
+    preprocessing: Literal["card", "pipeline"] = "card"
+
+    @field_validator("guidance_scale")
+    @classmethod
+    def _finite(cls, v: float) -> float:
+        if not math.isfinite(v):
+            raise ValueError("must be a finite number")
+        return v
+
+
+class UpscaleDefaults(_Strict):
+    """Per-row defaults of an x4 upscaling job (``task: upscale``).
+
+    Inputs larger than ``tile_size`` (low-res pixels; the x4 upscaler was trained on 128 px crops) are
+    upscaled tile by tile: tiles of ``tile_size`` overlap by ``tile_overlap`` pixels and are blended with
+    linear ramps across the overlap (see ``batch.image_sampling``); memory is bounded by ``batch_size``
+    tiles whatever the input size.
+    """
+
+    negative_prompt: str | None = None
+    noise_level: int = Field(20, ge=0, le=350)
+    guidance_scale: float = Field(9.0, gt=0)
+    num_inference_steps: int = Field(75, ge=1, le=1000)
+    num_images: int = Field(1, ge=1)
+    scheduler: SchedulerName = "model"
+    tile_size: int = Field(128, ge=16, multiple_of=8)
+    tile_overlap: int = Field(32, ge=0)
+
+    @model_validator(mode="after")
+    def _overlap_below_tile(self) -> "UpscaleDefaults":
+        if self.tile_overlap >= self.tile_size:
+            raise ValueError(f"tile_overlap ({self.tile_overlap}) must be smaller than tile_size ({self.tile_size})")
+        return self
+
+    @field_validator("guidance_scale")
+    @classmethod
+    def _finite(cls, v: float) -> float:
+        if not math.isfinite(v):
+            raise ValueError("must be a finite number")
+        return v
+
+
+DEFAULTS_FOR_TASK: dict[str, type[_Strict]] = {
+    "txt2img": Txt2ImgDefaults,
+    "variation": VariationDefaults,
+    "upscale": UpscaleDefaults,
+}
+
+
 class Limits(_Strict):
     """Bounds a manifest row may not exceed (each violation fails that row only)."""
 
     max_images_per_row: int = Field(16, ge=1)
     max_side: int = Field(2048, ge=8)
     max_prompt_chars: int = Field(10_000, ge=1)
+    # Input images (variation, upscale): more pixels than this fails the row before decoding
+    # (decompression-bomb guard); 16 Mpx = 4096 x 4096.
+    max_input_pixels: int = Field(16_777_216, ge=1)
 
 
 class Optimizations(_Strict):
@@ -69,7 +136,7 @@ class Optimizations(_Strict):
 class JobSpec(_Strict):
     """One batch job. See ``configs/`` for annotated examples and README "Job spec" for every field."""
 
-    task: Literal["txt2img"] = "txt2img"
+    task: Literal["txt2img", "variation", "upscale"] = "txt2img"
 
     # Model: the built-in ``tiny`` preset, a local diffusers folder, or a hub id ("org/name").
     model: str = "tiny"
@@ -79,7 +146,9 @@ class JobSpec(_Strict):
     variant: str | None = None  # weight file variant, e.g. "fp16" (diffusion_pytorch_model.fp16.safetensors)
     allow_pickle: bool = False  # load pickled .bin/.ckpt weights; off by default (safetensors only)
 
-    defaults: Txt2ImgDefaults = Field(default_factory=Txt2ImgDefaults)
+    # The defaults class follows ``task`` (``DEFAULTS_FOR_TASK``); fields of another task are refused.
+    defaults: Txt2ImgDefaults | VariationDefaults | UpscaleDefaults = Field(default_factory=Txt2ImgDefaults,
+                                                                            validate_default=True)
     limits: Limits = Field(default_factory=Limits)
     optimizations: Optimizations = Field(default_factory=Optimizations)
 
@@ -107,6 +176,15 @@ class JobSpec(_Strict):
     storage_retries: int = Field(6, ge=1)  # tries per storage operation on transient errors (backoff)
     progress: bool = True
 
+    @field_validator("defaults", mode="wrap")
+    @classmethod
+    def _defaults_for_task(cls, v: Any, handler: Any, info: Any) -> Any:
+        """Validate ``defaults`` against the class of the spec's ``task`` (errors keep dotted fields)."""
+        kind = DEFAULTS_FOR_TASK.get(info.data.get("task", "txt2img"), Txt2ImgDefaults)
+        if isinstance(v, BaseModel):
+            v = v.model_dump(exclude_unset=True) if not isinstance(v, kind) else v
+        return v if isinstance(v, kind) else kind.model_validate(v if v is not None else {})
+
     @field_validator("actors")
     @classmethod
     def _positive_actors(cls, v: int | str) -> int | str:
@@ -115,22 +193,24 @@ class JobSpec(_Strict):
         return v
 
 
-def _format_errors(err: ValidationError, source: str) -> str:
+def _format_errors(err: ValidationError, source: str, task: str = "txt2img") -> str:
     lines = [f"invalid job spec ({source}):"]
     for e in err.errors():
         field = ".".join(str(p) for p in e["loc"]) or "<root>"
         msg = e["msg"]
         if e["type"] == "extra_forbidden":
-            msg = f"unknown field; allowed here: {', '.join(sorted(_allowed_at(e['loc'])))}"
+            msg = f"unknown field; allowed here: {', '.join(sorted(_allowed_at(e['loc'], task)))}"
         got = e.get("input")
         lines.append(f"  {field}: {msg} (got {got!r})" if e["type"] != "extra_forbidden" else f"  {field}: {msg}")
     return "\n".join(lines)
 
 
-def _allowed_at(loc: tuple) -> list[str]:
+def _allowed_at(loc: tuple, task: str = "txt2img") -> list[str]:
     model: type[BaseModel] = JobSpec
     for part in loc[:-1]:
         ann = model.model_fields[str(part)].annotation
+        if model is JobSpec and part == "defaults":
+            ann = DEFAULTS_FOR_TASK.get(task, Txt2ImgDefaults)
         if isinstance(ann, type) and issubclass(ann, BaseModel):
             model = ann
     return list(model.model_fields)
@@ -143,7 +223,8 @@ def parse_spec(data: dict[str, Any], source: str = "<dict>") -> JobSpec:
     try:
         return JobSpec.model_validate(data)
     except ValidationError as err:
-        raise SpecError(_format_errors(err, source)) from None
+        task = data.get("task") if data.get("task") in DEFAULTS_FOR_TASK else "txt2img"
+        raise SpecError(_format_errors(err, source, task)) from None
 
 
 def load_spec(path: str | Path | None, overrides: dict[str, Any] | None = None) -> JobSpec:

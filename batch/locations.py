@@ -35,13 +35,13 @@ def _split(uri: str) -> tuple[str, str]:
     return ("file" if protocol in LOCAL_PROTOCOLS else protocol), path
 
 
-def manifest_folder(manifest_uri: str) -> str:
+def manifest_folder(manifest_uri: str, storage_options: dict | None = None) -> str:
     """The folder holding a manifest file (a folder manifest is its own folder)."""
     protocol, path = _split(manifest_uri)
     if protocol == "file":
         real = os.path.realpath(path)
         return real if os.path.isdir(real) else os.path.dirname(real)
-    fs, root = fsspec.core.url_to_fs(manifest_uri)
+    fs, root = fsspec.core.url_to_fs(manifest_uri, **(storage_options or {}))
     folder = root if fs.isdir(root) else posixpath.dirname(root.rstrip("/"))
     return f"{protocol}://{folder}"
 
@@ -75,13 +75,20 @@ def is_under(location: str, prefix: str) -> bool:
     return lpath == ppath or lpath.startswith(ppath + "/")
 
 
-def allowed_prefixes(spec_prefixes: list[str], manifest_uri: str | None) -> list[str]:
+def allowed_prefixes(spec_prefixes: list[str], manifest_uri: str | None,
+                     storage_options: dict | None = None) -> list[str]:
     """The normalised allowed prefixes: the spec's list, else the manifest's folder."""
     if spec_prefixes:
         return [normalise(p) if _split(p)[0] != "file" else os.path.realpath(_split(p)[1]) for p in spec_prefixes]
     if manifest_uri is None:
         return []
-    return [manifest_folder(manifest_uri)]
+    return [manifest_folder(manifest_uri, storage_options)]
+
+
+def input_rules(spec) -> tuple[list[str], str | None]:
+    """(allowed prefixes, base folder for relative paths) of a job spec (``spec.manifest`` may be None)."""
+    base = manifest_folder(spec.manifest, spec.storage_options) if spec.manifest else None
+    return allowed_prefixes(spec.allowed_input_prefixes, spec.manifest, spec.storage_options), base
 
 
 def check_input_uri(uri: str, allowed: list[str], base: str | None = None) -> str:

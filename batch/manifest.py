@@ -261,7 +261,7 @@ def validate_row(raw: dict[str, Any], spec: JobSpec) -> dict[str, Any]:
     return out
 
 
-_PROBLEM_SPLIT = re.compile(r"; (?=(?:%s): )" % "|".join(TXT2IMG_COLUMNS))
+_PROBLEM_SPLIT = re.compile(r"; (?=(?:%s): )" % "|".join(TXT2IMG_COLUMNS + ("image_uri", "noise_level")))
 
 
 def failure_reason(error: str) -> str:
@@ -284,7 +284,13 @@ def plan(table: pa.Table, spec: JobSpec, reserved: set[str]) -> Plan:
     1. check columns (fail fast), 2. find duplicate ids (every occurrence fails: neither is trusted),
     3. validate each row, 4. expand ``num_images`` into items with seeds ``row_seed + k``,
     5. sort items by bucket (stable), so equal-parameter images are batched together.
+
+    Image tasks (``spec.task`` variation/upscale) are planned by :func:`batch.image_manifest.plan_images`.
     """
+    if spec.task != "txt2img":
+        from batch.image_manifest import plan_images
+
+        return plan_images(table, spec, reserved)
     carried = check_columns(table, reserved)
     rows = table.select([c for c in TXT2IMG_COLUMNS if c in table.column_names]).to_pylist()
 

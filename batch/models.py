@@ -24,10 +24,14 @@ from typing import Any
 
 import torch
 
-from batch.tiny import TINY_REVISION, tiny_components
+from batch.tiny import TINY_REVISION, tiny_components, tiny_upscale_components, tiny_variation_components
 
 COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 WEIGHT_COMPONENTS = ("unet", "vae", "text_encoder")
+# Components of the image tasks (variation: image encoder + CLIP image processor; upscale: low-res schedule).
+IMAGE_TASK_COMPONENTS = ("image_encoder", "feature_extractor", "low_res_scheduler")
+TASK_WEIGHT_COMPONENTS = {"txt2img": WEIGHT_COMPONENTS, "variation": ("unet", "vae", "image_encoder"),
+                          "upscale": ("unet", "vae", "text_encoder")}
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl")
 
@@ -63,6 +67,12 @@ class LoadedModel:
     revision: str
     device: torch.device
     dtype: torch.dtype
+    # Image tasks (None for txt2img): see load_model(task=...).
+    task: str = "txt2img"
+    image_encoder: Any = None  # variation: CLIPVisionModelWithProjection
+    feature_extractor: Any = None  # variation: CLIPImageProcessor (the "pipeline" preprocessing)
+    low_res_scheduler: Any = None  # upscale: DDPM schedule that noises the low-res input
+    max_noise_level: int | None = None  # upscale: largest accepted noise_level (350 for the x4 model)
 
     @property
     def vae_scale_factor(self) -> int:
@@ -127,8 +137,8 @@ def locate(model: str, revision: str | None, allow_pickle: bool, variant: str | 
     # and both fp32 and fp16 copies of every component).
     suffixes = ["safetensors"] + (["bin", "ckpt"] if allow_pickle else [])
     weights = [f"*.{variant}.{x}" if variant else f"*.{x}" for x in suffixes]
-    patterns = ["model_index.json"] + [f"{c}/*.json" for c in COMPONENTS] + ["tokenizer/*.txt"]
-    patterns += [f"{c}/{w}" for c in WEIGHT_COMPONENTS for w in weights]
+    patterns = ["model_index.json"] + [f"{c}/*.json" for c in COMPONENTS + IMAGE_TASK_COMPONENTS] + ["tokenizer/*.txt"]
+    patterns += [f"{c}/{w}" for c in WEIGHT_COMPONENTS + ("image_encoder",) for w in weights]
     ignore = None if variant else ["*.fp16.*", "*.non_ema.*", "*.ema.*"]
     try:
         folder = Path(snapshot_download(model, revision=revision, allow_patterns=patterns, ignore_patterns=ignore))
@@ -140,8 +150,18 @@ def locate(model: str, revision: str | None, allow_pickle: bool, variant: str | 
 
 
 def check_weight_format(folder: Path, allow_pickle: bool) -> None:
-    """Refuse pickled weights unless allowed: each weighted component must have a .safetensors file."""
-    for comp in WEIGHT_COMPONENTS:
+    """Refuse pickled weights unless allowed: each weighted component must have a .safetensors file.
+
+    The weighted components are those of the folder's task: ``image_encoder`` replaces ``text_encoder``
+    when ``model_index.json`` lists one (image variation models have no text encoder)."""
+    components = WEIGHT_COMPONENTS
+    try:
+        index = json.loads((folder / "model_index.json").read_text())
+        if isinstance(index, dict) and index.get("image_encoder") and not index.get("text_encoder"):
+            components = TASK_WEIGHT_COMPONENTS["variation"]
+    except (OSError, ValueError):
+        pass
+    for comp in components:
         d = folder / comp
         if not d.is_dir():
             raise ModelError(f"model folder {folder}: missing component folder {comp}/")
@@ -179,39 +199,63 @@ def fingerprint(folder: Path) -> str:
 
 
 def load_model(model: str, *, revision: str | None = None, dtype: str = "auto", device: str = "cpu",
-               allow_pickle: bool = False, variant: str | None = None) -> LoadedModel:
-    """Load the txt2img components onto ``device`` in ``dtype`` (eval mode, no grad)."""
+               allow_pickle: bool = False, variant: str | None = None, task: str = "txt2img") -> LoadedModel:
+    """Load the components of ``task`` onto ``device`` in ``dtype`` (eval mode, no grad).
+
+    ``txt2img``: unet, vae, text_encoder, tokenizer (``StableDiffusionPipeline``); ``variation``: unet,
+    vae, image_encoder, feature_extractor (``StableDiffusionImageVariationPipeline``); ``upscale``: unet,
+    vae, text_encoder, tokenizer, low_res_scheduler, max_noise_level (``StableDiffusionUpscalePipeline``).
+    ``model: tiny`` is the tiny preset of ``task``.
+    """
+    if task not in TASK_WEIGHT_COMPONENTS:
+        raise ModelError(f"task must be one of {list(TASK_WEIGHT_COMPONENTS)}, got {task!r}")
     kind, folder, resolved = locate(model, revision, allow_pickle, variant)
     torch_dtype = resolve_dtype(dtype, device)
+    weighted = TASK_WEIGHT_COMPONENTS[task]
     if kind == "tiny":
-        comps = tiny_components()
+        comps = {"txt2img": tiny_components, "variation": tiny_variation_components,
+                 "upscale": tiny_upscale_components}[task]()
     else:
-        from diffusers import StableDiffusionPipeline
+        import diffusers
 
+        cls_name, extra = {
+            "txt2img": ("StableDiffusionPipeline", dict(feature_extractor=None, requires_safety_checker=False)),
+            "variation": ("StableDiffusionImageVariationPipeline", dict(requires_safety_checker=False)),
+            "upscale": ("StableDiffusionUpscalePipeline", dict(feature_extractor=None, watermarker=None)),
+        }[task]
         try:
-            pipe = StableDiffusionPipeline.from_pretrained(
+            pipe = getattr(diffusers, cls_name).from_pretrained(
                 folder,
                 torch_dtype=torch_dtype,
                 use_safetensors=None if allow_pickle else True,
                 variant=variant,
                 safety_checker=None,
-                feature_extractor=None,
-                requires_safety_checker=False,
                 local_files_only=True,
+                **extra,
             )
-        except (OSError, ValueError) as err:
-            raise ModelError(f"model {model} ({folder}, variant {variant}): cannot load: {err}") from None
-        comps = {c: getattr(pipe, c) for c in COMPONENTS}
+        except (OSError, ValueError, TypeError) as err:
+            raise ModelError(f"model {model} ({folder}, variant {variant}): cannot load as {cls_name}: {err}") from None
+        comps = {c: getattr(pipe, c, None) for c in COMPONENTS + IMAGE_TASK_COMPONENTS}
+        comps["max_noise_level"] = getattr(pipe.config, "max_noise_level", None) if task == "upscale" else None
+        missing = [c for c in weighted if comps.get(c) is None]
+        if missing:
+            raise ModelError(f"model {model} ({folder}): no {missing} component(s) for task {task}")
     dev = torch.device(device)
-    for name in WEIGHT_COMPONENTS:
+    for name in weighted:
         module = comps[name]
         if kind == "tiny" and torch_dtype != torch.float32:  # from_pretrained already applied torch_dtype
             module = module.to(dtype=torch_dtype)
         comps[name] = module.to(device=dev).eval().requires_grad_(False)
+    if task == "upscale" and torch_dtype == torch.float16 and getattr(comps["vae"].config, "force_upcast", False):
+        # the x4 VAE overflows in float16: diffusers' upscale pipeline decodes it in float32 ("upcast_vae")
+        comps["vae"] = comps["vae"].to(dtype=torch.float32)
     sched_config = dict(comps["scheduler"].config)
     sched_config["_class_name"] = type(comps["scheduler"]).__name__
     return LoadedModel(
-        unet=comps["unet"], vae=comps["vae"], text_encoder=comps["text_encoder"], tokenizer=comps["tokenizer"],
+        unet=comps["unet"], vae=comps["vae"], text_encoder=comps.get("text_encoder"),
+        tokenizer=comps.get("tokenizer"),
         scheduler_config=json.loads(json.dumps(sched_config, default=str)), model_id=model, revision=resolved,
-        device=dev, dtype=torch_dtype,
+        device=dev, dtype=torch_dtype, task=task, image_encoder=comps.get("image_encoder"),
+        feature_extractor=comps.get("feature_extractor"), low_res_scheduler=comps.get("low_res_scheduler"),
+        max_noise_level=comps.get("max_noise_level"),
     )

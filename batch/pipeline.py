@@ -6,6 +6,8 @@
    so a one-file manifest still spreads over every actor and batch composition is deterministic.
 2. GPU stage: ``ActorPoolStrategy(size=actors)`` of :class:`batch.stages.Txt2ImgSampler`, each actor one
    model replica with ``num_gpus=gpus_per_actor``; it returns raw pixels, never encodes or uploads.
+   Image tasks (variation, upscale) first fetch their input images in a CPU stage
+   (:func:`batch.image_stages.fetch_inputs`), then sample with ``VariationSampler``/``UpscaleSampler``.
 3. CPU stage: :func:`batch.stages.encode_and_write` tasks encode PNGs and write objects via fsspec.
 4. The driver streams finished blocks back (``iter_batches``) and commits metadata as they arrive.
 
@@ -26,6 +28,7 @@ from typing import Any, Iterator
 import pyarrow as pa
 
 from batch.config import JobSpec, SpecError
+from batch.locations import input_rules
 from batch.stages import assign_batches
 
 MAX_BATCHES_PER_BLOCK = 8
@@ -123,8 +126,21 @@ def run_items(items: pa.Table, spec: JobSpec, res: Resources, upload: bool) -> I
     ctx.enable_operator_progress_bars = False
 
     ds = ray.data.from_arrow(blocks)
+    sampler = Txt2ImgSampler
+    if spec.task != "txt2img":  # image tasks: fetch inputs in a CPU stage first, never inside the actors
+        from batch.image_stages import SAMPLER_FOR_TASK, fetch_inputs
+
+        sampler = SAMPLER_FOR_TASK[spec.task]
+        fetch_kwargs = dict(storage_options=spec.storage_options, max_pixels=spec.limits.max_input_pixels,
+                            allowed=input_rules(spec)[0])
+        if any(str(u).startswith("memory://") for u in items.column("image_uri").to_pylist()):
+            # memory:// exists only in this process: fetch here (still before, and outside, the actors)
+            ds = ray.data.from_arrow([fetch_inputs(b, **fetch_kwargs) for b in blocks])
+        else:
+            ds = ds.map_batches(fetch_inputs, fn_kwargs=fetch_kwargs, batch_size=None, batch_format="pyarrow",
+                                num_cpus=spec.writer_cpus)
     ds = ds.map_batches(
-        Txt2ImgSampler,
+        sampler,
         fn_constructor_kwargs=dict(model=spec.model, revision=spec.revision, dtype=spec.dtype, device=res.device,
                                    batch_size=spec.batch_size, allow_pickle=spec.allow_pickle, variant=spec.variant,
                                    num_threads=res.threads_per_actor if res.device == "cpu" else None,

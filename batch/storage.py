@@ -39,6 +39,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
+from batch.image_manifest import IMAGE_ITEM_FIELDS, INPUT_FIELDS
 from batch.manifest import ITEM_SCHEMA
 
 log = logging.getLogger(__name__)
@@ -71,8 +72,9 @@ RESULT_FIELDS = [
     ("run_id", pa.string()),
     ("attempt", pa.string()),  # the driver attempt that committed the row; the latest attempt wins
 ]
-METADATA_SCHEMA = pa.schema(list(ITEM_SCHEMA) + [pa.field(n, t) for n, t in RESULT_FIELDS])
-RESERVED_COLUMNS = set(METADATA_SCHEMA.names) | {"_pixels", "_png"}
+METADATA_SCHEMA = pa.schema(list(ITEM_SCHEMA) + [pa.field(n, t) for n, t in RESULT_FIELDS]
+                            + [pa.field(n, t) for n, t in IMAGE_ITEM_FIELDS + INPUT_FIELDS])  # image tasks; null for txt2img
+RESERVED_COLUMNS = set(METADATA_SCHEMA.names) | {"_pixels", "_png", "_input"}
 
 _SLUG = re.compile(r"[^A-Za-z0-9_-]+")
 

@@ -118,20 +118,143 @@ def _build(prediction_type: str, seed: int) -> dict:
 
 
 def save_tiny_model(directory: str | Path, task: str = "txt2img", prediction_type: str = "epsilon") -> Path:
-    """Write the tiny model as a standard diffusers folder (model_index.json + safetensors weights)."""
+    """Write the tiny model of ``task`` as a standard diffusers folder (model_index.json + safetensors).
+
+    ``txt2img`` loads with ``StableDiffusionPipeline``, ``variation`` with
+    ``StableDiffusionImageVariationPipeline`` and ``upscale`` with ``StableDiffusionUpscalePipeline``
+    (``prediction_type`` applies to txt2img; the upscaler is v-prediction and the variation model epsilon,
+    as the real ones).
+    """
     from diffusers import StableDiffusionPipeline
 
-    if task != "txt2img":
-        raise ValueError(f"task: only 'txt2img' tiny models exist so far, got {task!r}")
+    if task not in TINY_TASKS:
+        raise ValueError(f"task: must be one of {list(TINY_TASKS)}, got {task!r}")
     directory = Path(directory)
-    pipe = StableDiffusionPipeline(
-        **tiny_components(prediction_type),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
+    if task == "txt2img":
+        pipe = StableDiffusionPipeline(
+            **tiny_components(prediction_type),
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+        )
+    else:
+        pipe = tiny_pipeline(task)
     pipe.save_pretrained(directory, safe_serialization=True)
     (directory / "sdbatch_tiny.json").write_text(
-        json.dumps({"revision": TINY_REVISION, "task": task, "prediction_type": prediction_type}) + "\n"
+        json.dumps({"revision": TINY_REVISION, "task": task,
+                    "prediction_type": pipe.scheduler.config.prediction_type}) + "\n"
     )
     return directory
+
+
+# --- image tasks -------------------------------------------------------------------------------------
+
+TINY_TASKS = ("txt2img", "variation", "upscale")
+TINY_UPSCALE_SIZE = 32  # default low-res input side for the tiny upscaler (output 128)
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+# stabilityai/stable-diffusion-x4-upscaler: DDIM with v-prediction; the low-res image is noised with DDPM.
+X4_SCHEDULER_CONFIG = {
+    "beta_start": 0.0001,
+    "beta_end": 0.02,
+    "beta_schedule": "scaled_linear",
+    "num_train_timesteps": 1000,
+    "set_alpha_to_one": False,
+    "steps_offset": 1,
+    "clip_sample": False,
+    "prediction_type": "v_prediction",
+}
+X4_LOW_RES_SCHEDULER_CONFIG = {
+    "beta_start": 0.0001,
+    "beta_end": 0.02,
+    "beta_schedule": "scaled_linear",
+    "num_train_timesteps": 1000,
+    "clip_sample": False,
+    "variance_type": "fixed_small",
+}
+X4_MAX_NOISE_LEVEL = 350
+X4_VAE_SCALING = 0.08333
+
+
+def tiny_variation_components(seed: int = TINY_SEED) -> dict:
+    """Tiny ``StableDiffusionImageVariationPipeline`` components (lambdalabs/sd-image-variations layout):
+    the txt2img UNet and x8 VAE, a CLIP vision encoder whose ``projection_dim`` equals the UNet's
+    ``cross_attention_dim`` (its image embedding is the UNet's one-token context), and a
+    ``CLIPImageProcessor`` configured like the real model's (224 px, bicubic, CLIP mean/std)."""
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    with torch.random.fork_rng(devices=[]):
+        base = _build("epsilon", seed)
+        torch.manual_seed(seed + 3)
+        image_encoder = CLIPVisionModelWithProjection(
+            CLIPVisionConfig(hidden_size=32, intermediate_size=37, projection_dim=base["unet"].config.cross_attention_dim,
+                             num_hidden_layers=2, num_attention_heads=4, image_size=224, patch_size=32)
+        ).eval().requires_grad_(False)
+    feature_extractor = CLIPImageProcessor(
+        do_resize=True, size={"shortest_edge": 224}, resample=3, do_center_crop=True,
+        crop_size={"height": 224, "width": 224}, do_rescale=True, do_normalize=True,
+        image_mean=list(CLIP_MEAN), image_std=list(CLIP_STD), do_convert_rgb=True,
+    )
+    return {"unet": base["unet"], "vae": base["vae"], "image_encoder": image_encoder,
+            "feature_extractor": feature_extractor, "scheduler": base["scheduler"]}
+
+
+def tiny_upscale_components(seed: int = TINY_SEED) -> dict:
+    """Tiny ``StableDiffusionUpscalePipeline`` components (stabilityai x4-upscaler layout): a UNet taking
+    7 channels (4 latent + 3 noised low-res RGB) with a class embedding for the noise level, a 3-block
+    VAE (x4: latents are the low-res size, the decoded image four times larger), the tiny text encoder,
+    DDIM v-prediction and the low-res DDPM schedule, ``max_noise_level`` 350."""
+    from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, UNet2DConditionModel
+
+    with torch.random.fork_rng(devices=[]):
+        base = _build("epsilon", seed)
+        torch.manual_seed(seed + 4)
+        unet = UNet2DConditionModel(
+            sample_size=TINY_UPSCALE_SIZE,
+            in_channels=7,
+            out_channels=4,
+            block_out_channels=(32, 64),
+            layers_per_block=1,
+            # as the real x4 UNet: no attention at full latent resolution (= the low-res input size)
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+            cross_attention_dim=32,
+            attention_head_dim=8,
+            norm_num_groups=32,
+            num_class_embeds=1000,  # as the real x4 UNet: the noise level is the class label
+        )
+        torch.manual_seed(seed + 5)
+        vae = AutoencoderKL(
+            in_channels=3,
+            out_channels=3,
+            block_out_channels=(8, 16, 16),  # 3 blocks: x4 between latents and pixels
+            down_block_types=("DownEncoderBlock2D",) * 3,
+            up_block_types=("UpDecoderBlock2D",) * 3,
+            latent_channels=4,
+            layers_per_block=1,
+            norm_num_groups=8,
+            sample_size=TINY_UPSCALE_SIZE * 4,
+            scaling_factor=X4_VAE_SCALING,
+        )
+    for module in (unet, vae):
+        module.eval().requires_grad_(False)
+    return {"unet": unet, "vae": vae, "text_encoder": base["text_encoder"], "tokenizer": base["tokenizer"],
+            "scheduler": DDIMScheduler.from_config(X4_SCHEDULER_CONFIG),
+            "low_res_scheduler": DDPMScheduler.from_config(X4_LOW_RES_SCHEDULER_CONFIG),
+            "max_noise_level": X4_MAX_NOISE_LEVEL}
+
+
+def tiny_pipeline(task: str):
+    """The tiny diffusers pipeline object of an image task (what ``save_tiny_model`` writes)."""
+    if task == "variation":
+        from diffusers import StableDiffusionImageVariationPipeline
+
+        return StableDiffusionImageVariationPipeline(**tiny_variation_components(), safety_checker=None,
+                                                     requires_safety_checker=False)
+    if task == "upscale":
+        from diffusers import StableDiffusionUpscalePipeline
+
+        return StableDiffusionUpscalePipeline(**tiny_upscale_components(), safety_checker=None,
+                                              feature_extractor=None, watermarker=None)
+    raise ValueError(f"task: must be 'variation' or 'upscale', got {task!r}")

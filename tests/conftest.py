@@ -43,3 +43,29 @@ def write_manifest(path, rows: list[dict], schema: pa.Schema | None = None):
     """Write rows as a Parquet manifest and return its path as a string."""
     pq.write_table(pa.Table.from_pylist(rows, schema=schema), path)
     return str(path)
+
+
+@pytest.fixture(scope="session")
+def tiny_variation_dir(tmp_path_factory):
+    """The tiny image-variation model (StableDiffusionImageVariationPipeline layout)."""
+    from batch.tiny import save_tiny_model
+
+    return save_tiny_model(tmp_path_factory.mktemp("tiny-var") / "model", task="variation")
+
+
+@pytest.fixture(scope="session")
+def tiny_upscale_dir(tmp_path_factory):
+    """The tiny x4 upscaler (StableDiffusionUpscalePipeline layout)."""
+    from batch.tiny import save_tiny_model
+
+    return save_tiny_model(tmp_path_factory.mktemp("tiny-up") / "model", task="upscale")
+
+
+def smooth_image(h: int, w: int, seed: int = 0):
+    """A smooth, colourful uint8 test image (sums of low-frequency sinusoids)."""
+    import numpy as np
+
+    y, x = np.mgrid[0:h, 0:w] / max(h, w)
+    r = np.random.default_rng(seed).uniform(1, 6, size=3)
+    chans = [127 + 100 * np.sin(x * r[0] + y), 127 + 100 * np.cos(y * r[1] + x), 127 + 100 * np.sin((x + y) * r[2])]
+    return np.stack(chans, -1).round().astype(np.uint8)

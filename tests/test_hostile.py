@@ -128,3 +128,27 @@ def test_listed_remote_prefixes_and_dot_segments(layout):
                 "s3://bucket/imagesX/a.png", "s3://other/images/a.png", "gs://bucket/images/a.png", ""):
         with pytest.raises(InputLocationError):
             check_input_uri(uri, allowed)
+
+
+def test_image_uris_outside_allowed_locations_fail_their_rows_at_planning(layout):
+    from batch.manifest import plan
+    from batch.storage import RESERVED_COLUMNS
+
+    manifest = str(layout / "data" / "m.parquet")
+    table = pa.Table.from_pylist([
+        {"id": "inside", "image_uri": "imgs/a.png"},
+        {"id": "abs-outside", "image_uri": str(layout / "secret.txt")},
+        {"id": "dotdot", "image_uri": "imgs/../../secret.txt"},
+        {"id": "symlink", "image_uri": "imgs/link.png"},
+        {"id": "remote", "image_uri": "s3://someone-elses-bucket/x.png"},
+        {"id": "metadata-service", "image_uri": "http://169.254.169.254/latest/meta-data"},
+    ])
+    p = plan(table, parse_spec({"task": "variation", "manifest": manifest}), RESERVED_COLUMNS)
+    assert p.items.column("image_uri").to_pylist() == [str(layout / "data" / "imgs" / "a.png")]  # resolved
+    errors = dict(zip(p.failed.column("id").to_pylist(), p.failed.column("error").to_pylist()))
+    assert set(errors) == {"abs-outside", "dotdot", "symlink", "remote", "metadata-service"}
+    assert all(e.startswith("image_uri: ") and "outside the allowed input locations" in e for e in errors.values())
+    listed = plan(table, parse_spec({"task": "variation", "manifest": manifest,
+                                     "allowed_input_prefixes": [str(layout), "s3://someone-elses-bucket/"]}),
+                  RESERVED_COLUMNS)
+    assert sorted(listed.items.column("id").to_pylist()) == ["abs-outside", "dotdot", "inside", "remote", "symlink"]

@@ -1,0 +1,220 @@
+"""Manifests of the image tasks (``variation``, ``upscale``): columns, per-row validation and planning.
+
+A variation manifest has one row per input image (no prompt):
+
+=======================  ========  ====================================================================
+column                   required  meaning (missing or null takes the spec's ``defaults``)
+=======================  ========  ====================================================================
+``id``                   yes       unique non-empty string naming the row
+``image_uri``            yes       fsspec URI of the input image (path, ``s3://``, ``gs://``, ``memory://``)
+``seed``                 no        integer in [0, 2**63); null derives one (see ``seeds``)
+``guidance_scale``       no        finite number > 0 (default 3)
+``num_inference_steps``  no        integer in [1, 1000] (default 50)
+``height``, ``width``    no        output size: multiples of 8, at most ``limits.max_side`` (default 512)
+``num_images``           no        integer in [1, ``limits.max_images_per_row``]
+``scheduler``            no        one of ``config.SCHEDULER_NAMES`` or ``model``
+=======================  ========  ====================================================================
+
+An upscale manifest has ``id``, ``image_uri`` and optionally ``prompt`` (null: ""), ``negative_prompt``,
+``noise_level`` (integer in [0, 350], default 20), ``guidance_scale`` (default 9),
+``num_inference_steps`` (default 75), ``seed``, ``num_images``, ``scheduler``; the output is four times
+the input, so there is no ``height``/``width`` column (the items' ``height``/``width`` are filled in by
+the sampler once the input has been read).
+
+Planning reuses the text-to-image machinery (seeds, duplicate ids, carried columns, bucket sort): items
+have ``ITEM_SCHEMA`` plus :data:`IMAGE_ITEM_FIELDS`. Whether an image can be read is only known in the
+fetch stage; a bad image fails its row there, with its reason, and the job goes on.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import pyarrow as pa
+
+from batch.config import MAX_SEED, SCHEDULER_NAMES, JobSpec
+from batch.locations import InputLocationError, check_input_uri, input_rules
+from batch.manifest import ITEM_SCHEMA, ManifestError, Plan, RowError, _is_int, _is_number, _with_carried, check_id
+from batch.seeds import derive_row_seed, image_seed
+
+TASK_COLUMNS = {
+    "variation": ("id", "image_uri", "seed", "guidance_scale", "num_inference_steps", "height", "width",
+                  "num_images", "scheduler"),
+    "upscale": ("id", "image_uri", "prompt", "negative_prompt", "noise_level", "seed", "guidance_scale",
+                "num_inference_steps", "num_images", "scheduler"),
+}
+TASK_REQUIRED = {"variation": ("id", "image_uri"), "upscale": ("id", "image_uri")}
+MAX_URI_CHARS = 4096
+
+# Item columns added for the image tasks (null for txt2img); also metadata columns (see storage).
+IMAGE_ITEM_FIELDS = [
+    ("task", pa.string()),
+    ("image_uri", pa.string()),  # the input URI
+    ("noise_level", pa.int32()),  # upscale
+    ("preprocessing", pa.string()),  # variation: "card" or "pipeline"
+    ("tile_size", pa.int32()),  # upscale
+    ("tile_overlap", pa.int32()),  # upscale
+]
+# Facts about the input image, recorded by the fetch stage.
+INPUT_FIELDS = [
+    ("input_sha256", pa.string()),
+    ("input_width", pa.int32()),
+    ("input_height", pa.int32()),
+    ("input_mode", pa.string()),  # Pillow mode of the file before normalisation (RGBA, I;16, CMYK, ...)
+]
+IMAGE_ITEM_SCHEMA = pa.schema(list(ITEM_SCHEMA) + [pa.field(n, t) for n, t in IMAGE_ITEM_FIELDS])
+
+
+def check_image_columns(table: pa.Table, task: str, reserved: set[str]) -> list[str]:
+    """Check an image manifest's columns; return the carried (extra) ones."""
+    names = table.column_names
+    missing = [c for c in TASK_REQUIRED[task] if c not in names]
+    if missing:
+        raise ManifestError(f"{task} manifest lacks required column(s) {missing}; it has {names}. "
+                            f"{task} columns: {list(TASK_COLUMNS[task])}")
+    if len(set(names)) != len(names):
+        raise ManifestError(f"manifest has repeated column names: {names}")
+    carried = [c for c in names if c not in TASK_COLUMNS[task]]
+    clash = sorted(set(carried) & reserved)
+    if clash:
+        raise ManifestError(f"manifest column(s) {clash} would overwrite metadata columns of the same name; rename them")
+    return carried
+
+
+def validate_image_row(raw: dict[str, Any], spec: JobSpec,
+                       rules: tuple[list[str], str | None] | None = None) -> dict[str, Any]:
+    """Effective parameters of one variation/upscale row, or :class:`RowError` listing every bad field.
+
+    ``rules``: (allowed prefixes, manifest folder) from :func:`batch.locations.input_rules`; when given, an
+    ``image_uri`` outside the allowed locations fails the row, and a good one becomes its resolved location.
+    """
+    task, d, lim = spec.task, spec.defaults, spec.limits
+    problems: list[tuple[str, str]] = []
+    out: dict[str, Any] = {"task": task}
+
+    def take(field: str) -> Any:
+        v = raw.get(field)
+        return getattr(d, field) if v is None else v
+
+    # 1. identity and input
+    rid = raw.get("id")
+    id_problem = check_id(rid)
+    if id_problem:
+        problems.append(("id", id_problem))
+    out["id"] = rid
+    uri = raw.get("image_uri")
+    if not isinstance(uri, str) or not uri.strip():
+        problems.append(("image_uri", f"missing or empty, got {uri!r}"))
+    elif len(uri) > MAX_URI_CHARS or "\x00" in uri:
+        problems.append(("image_uri", f"longer than {MAX_URI_CHARS} characters or contains a NUL byte, got {uri[:80]!r}"))
+    elif rules is not None:  # allowed input locations; the item then carries the resolved location
+        try:
+            uri = check_input_uri(uri, *rules)
+        except InputLocationError as err:
+            problems.append(("image_uri", str(err)))
+    out["image_uri"] = uri
+
+    # 2. text (upscale only)
+    if task == "upscale":
+        for field in ("prompt", "negative_prompt"):
+            v = raw.get(field) if field == "prompt" else take(field)
+            if v is not None and not isinstance(v, str):
+                problems.append((field, f"must be a string or null, got {type(v).__name__}"))
+            elif v is not None and len(v) > lim.max_prompt_chars:
+                problems.append((field, f"longer than limits.max_prompt_chars={lim.max_prompt_chars}, got {len(v)}"))
+            out[field] = "" if field == "prompt" and v is None else v
+        out["tile_size"], out["tile_overlap"] = d.tile_size, d.tile_overlap
+    else:
+        out["prompt"], out["negative_prompt"], out["preprocessing"] = None, None, d.preprocessing
+
+    # 3. numbers
+    g = take("guidance_scale")
+    if not _is_number(g) or not math.isfinite(g) or g <= 0:
+        problems.append(("guidance_scale", f"must be a finite number > 0, got {g!r}"))
+    out["guidance_scale"] = float(g) if _is_number(g) else None
+    ranges = [("num_inference_steps", 1, 1000), ("num_images", 1, lim.max_images_per_row)]
+    ranges += [("height", 8, lim.max_side), ("width", 8, lim.max_side)] if task == "variation" else [("noise_level", 0, 350)]
+    for field, lo, hi in ranges:
+        v = take(field)
+        if not _is_int(v):
+            if isinstance(v, float) and math.isfinite(v) and v.is_integer():
+                v = int(v)
+            else:
+                problems.append((field, f"must be an integer, got {v!r}"))
+                out[field] = None
+                continue
+        if not lo <= v <= hi:
+            problems.append((field, f"must be in [{lo}, {hi}], got {v}"))
+        elif field in ("height", "width") and v % 8:
+            problems.append((field, f"must be a multiple of 8, got {v}"))
+        out[field] = v
+    if task == "upscale":
+        out["height"] = out["width"] = None  # 4x the input: known once the image is read
+
+    sched = take("scheduler")
+    if sched not in ("model",) + SCHEDULER_NAMES:
+        problems.append(("scheduler", f"must be one of {['model', *SCHEDULER_NAMES]}, got {sched!r}"))
+    out["scheduler"] = sched
+
+    # 4. seed (as for txt2img)
+    seed = raw.get("seed")
+    if seed is None:
+        out["seed_source"] = "derived"
+        out["row_seed"] = derive_row_seed(spec.seed, rid) if isinstance(rid, str) else None
+    elif _is_int(seed) and 0 <= seed < MAX_SEED:
+        out["seed_source"], out["row_seed"] = "manifest", seed
+    elif isinstance(seed, float) and seed.is_integer() and 0 <= seed < 2**53:
+        out["seed_source"], out["row_seed"] = "manifest", int(seed)
+    else:
+        problems.append(("seed", f"must be an integer in [0, 2**63) (whole floats below 2**53 accepted), got {seed!r}"))
+        out["seed_source"], out["row_seed"] = "manifest", None
+
+    if problems:
+        raise RowError(problems)
+    return out
+
+
+def plan_images(table: pa.Table, spec: JobSpec, reserved: set[str]) -> Plan:
+    """:func:`batch.manifest.plan` for the image tasks (same steps: columns, duplicate ids, rows, items
+    with seeds ``row_seed + k``, stable bucket sort)."""
+    from batch.manifest import bucket_key
+
+    task = spec.task
+    if task not in TASK_COLUMNS:
+        raise ManifestError(f"task {task!r} has no image manifest")
+    carried = check_image_columns(table, task, reserved)
+    rows = table.select([c for c in TASK_COLUMNS[task] if c in table.column_names]).to_pylist()
+    positions: dict[Any, list[int]] = {}
+    for i, r in enumerate(rows):
+        if isinstance(r.get("id"), str):
+            positions.setdefault(r["id"], []).append(i)
+
+    items, item_rows, failed, failed_rows = [], [], [], []
+    # planning in isolation (no manifest URI, no listed prefixes) cannot judge locations; a job always can,
+    # and its fetch stage checks every read again
+    rules = input_rules(spec) if spec.manifest or spec.allowed_input_prefixes else None
+    for i, raw in enumerate(rows):
+        try:
+            eff = validate_image_row(raw, spec, rules)
+            dup = positions.get(raw["id"], [])
+            if len(dup) > 1:
+                raise RowError([("id", f"duplicate id, got {raw['id']!r} at manifest rows {dup[:10]}")])
+        except RowError as err:
+            rid = raw.get("id")
+            failed.append({"id": rid if isinstance(rid, str) else None, "manifest_row": i, "error": str(err),
+                           "task": task, "image_uri": raw.get("image_uri") if isinstance(raw.get("image_uri"), str) else None})
+            failed_rows.append(i)
+            continue
+        for k in range(eff["num_images"]):
+            items.append({**eff, "manifest_row": i, "image_index": k, "seed": image_seed(eff["row_seed"], k)})
+            item_rows.append(i)
+
+    order = sorted(range(len(items)), key=lambda j: (bucket_key(items[j]), j))
+    items = [items[j] for j in order]
+    item_rows = [item_rows[j] for j in order]
+    extra = table.select(carried)
+    item_table = _with_carried(pa.Table.from_pylist(items, schema=IMAGE_ITEM_SCHEMA), extra, item_rows)
+    failed_schema = IMAGE_ITEM_SCHEMA.append(pa.field("error", pa.string()))
+    failed_table = _with_carried(pa.Table.from_pylist(failed, schema=failed_schema), extra, failed_rows)
+    return Plan(items=item_table, failed=failed_table, carried=carried, num_rows=len(rows))

@@ -1,0 +1,128 @@
+"""Input images for the image tasks: read one URI through fsspec, guard, decode and normalise to RGB.
+
+:func:`fetch_image` is the single place where sdbatch reads an input image (every read goes through it,
+so location checks belong here). It returns an (H, W, 3) uint8 RGB array and facts about the input:
+
+1. read the object's bytes with fsspec (any URI: local path, ``file://``, ``s3://``, ``gs://``,
+   ``memory://``); a missing object or a zero-byte file is an :class:`ImageError`;
+2. hash the bytes (``input_sha256``) and parse only the header; more than ``max_pixels`` pixels
+   (the spec's ``limits.max_input_pixels``, a decompression-bomb guard) is refused *before* decoding;
+3. decode fully (a truncated or corrupt file fails here), then apply the EXIF orientation tag;
+4. normalise the colour mode:
+
+   * transparency (RGBA, LA, PA, palette with a transparent index) is composited over **white**
+     (alpha-weighted: ``rgb * a + 255 * (1 - a)``), the usual convention for photos with cut-outs;
+   * 16-bit (``I;16*``) and 32-bit integer grayscale are scaled from 0..65535 to 0..255
+     (``round(v / 257)``); float (``F``) images are clipped to 0..255;
+   * grayscale, bilevel, palette, CMYK (PIL's conversion, no ICC colour management), YCbCr, LAB and
+     HSV are converted to RGB with Pillow.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import warnings
+from typing import Any
+
+import numpy as np
+
+
+class ImageError(ValueError):
+    """An input image that cannot be used; the message is the row's failure reason."""
+
+
+def fetch_image(uri: str, storage_options: dict[str, Any] | None = None,
+                max_pixels: int = 16_777_216, allowed: list[str] | None = None) -> tuple[np.ndarray, dict[str, Any]]:
+    """Read, check and decode the image at ``uri``; return ``(rgb uint8 HxWx3, info)``.
+
+    ``info`` has ``input_sha256`` (of the stored bytes), ``input_width``/``input_height`` (after EXIF
+    rotation, i.e. of the returned array), ``input_mode`` (Pillow's mode of the file) and ``input_format``.
+    Raises :class:`ImageError` with a short reason for a missing, empty, corrupt or oversized image, or
+    (``allowed`` given: see :mod:`batch.locations`) one outside the allowed input locations.
+    """
+    data = _read(uri, storage_options or {}, allowed)
+    if not data:
+        raise ImageError(f"empty file (0 bytes), got {uri!r}")
+    info: dict[str, Any] = {"input_sha256": hashlib.sha256(data).hexdigest()}
+    img = _decode(data, uri, max_pixels)
+    info["input_mode"], info["input_format"] = img.mode, img.format
+    rgb = _to_rgb(img)
+    info["input_height"], info["input_width"] = int(rgb.shape[0]), int(rgb.shape[1])
+    return rgb, info
+
+
+def _read(uri: str, storage_options: dict[str, Any], allowed: list[str] | None = None) -> bytes:
+    import fsspec
+
+    from batch.locations import InputLocationError, check_input_uri
+
+    if not isinstance(uri, str) or not uri:
+        raise ImageError(f"must be a non-empty URI string, got {uri!r}")
+    if allowed is not None:  # checked again where the bytes are read (the plan checked it too)
+        try:
+            uri = check_input_uri(uri, allowed)
+        except InputLocationError as err:
+            raise ImageError(str(err)) from None
+    try:
+        fs, path = fsspec.core.url_to_fs(uri, **storage_options)
+    except Exception as err:  # unknown protocol, missing driver, bad options
+        raise ImageError(f"cannot open ({type(err).__name__}: {err}), got {uri!r}") from None
+    try:
+        if fs.isdir(path):
+            raise ImageError(f"is a directory, not an image, got {uri!r}")
+        return fs.cat_file(path)
+    except ImageError:
+        raise
+    except FileNotFoundError:
+        raise ImageError(f"not found, got {uri!r}") from None
+    except Exception as err:
+        raise ImageError(f"cannot read ({type(err).__name__}: {err}), got {uri!r}") from None
+
+
+def _decode(data: bytes, uri: str, max_pixels: int):
+    from PIL import Image, ImageOps, UnidentifiedImageError
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))  # parses the header only
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+        raise ImageError(f"over the pixel limit ({err}), got {uri!r}") from None
+    except UnidentifiedImageError:
+        raise ImageError(f"not a decodable image (unknown or corrupt header), got {uri!r}") from None
+    except Exception as err:
+        raise ImageError(f"not a decodable image ({type(err).__name__}: {err}), got {uri!r}") from None
+    w, h = img.size
+    if w * h > max_pixels:
+        raise ImageError(f"{w}x{h} = {w * h} pixels is over limits.max_input_pixels={max_pixels}, got {uri!r}")
+    if w < 1 or h < 1:
+        raise ImageError(f"has no pixels ({w}x{h}), got {uri!r}")
+    try:
+        img.load()
+        fmt = img.format
+        img = ImageOps.exif_transpose(img)  # rotates/flips per the EXIF Orientation tag, drops the tag
+        img.format = fmt
+    except Exception as err:  # truncated file, bad compressed stream
+        raise ImageError(f"corrupt image data ({type(err).__name__}: {err}), got {uri!r}") from None
+    return img
+
+
+def _to_rgb(img) -> np.ndarray:
+    """Normalise a decoded Pillow image of any mode to (H, W, 3) uint8 RGB (rules in the module docstring)."""
+    mode = img.mode
+    if mode == "P" and "transparency" in img.info:
+        img, mode = img.convert("RGBA"), "RGBA"
+    if mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = np.asarray(img.convert("RGBA"), dtype=np.float32)
+        a = rgba[..., 3:4] / 255.0
+        out = rgba[..., :3] * a + 255.0 * (1.0 - a)  # composite over white
+        return np.clip(np.round(out), 0, 255).astype(np.uint8)
+    if mode.startswith("I;16") or mode == "I":
+        arr = np.asarray(img).astype(np.float64)
+        gray = np.clip(np.round(arr / 257.0), 0, 255).astype(np.uint8)
+        return np.repeat(gray[..., None], 3, axis=2)
+    if mode == "F":
+        gray = np.clip(np.round(np.asarray(img, dtype=np.float64)), 0, 255).astype(np.uint8)
+        return np.repeat(gray[..., None], 3, axis=2)
+    return np.ascontiguousarray(np.asarray(img.convert("RGB"), dtype=np.uint8))
