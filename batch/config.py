@@ -90,6 +90,17 @@ class JobSpec(_Strict):
     commit_every: int = Field(256, ge=1)  # metadata rows per committed Parquet part
     progress: bool = True
 
+    # Output format (img2dataset conventions; see batch/writers.py). JPEG and lossy WebP change pixels,
+    # which shifts FID: keep png (or lossless webp) for evaluation runs.
+    output_format: Literal["files", "webdataset", "parquet"] = "files"
+    image_format: Literal["png", "webp", "jpeg"] = "png"
+    webp_lossless: bool = True
+    jpeg_quality: int = Field(95, ge=1, le=100)  # also the quality of lossy webp
+
+    # Safety checker (runs only when the model folder has safety_checker/ + feature_extractor/):
+    # flag = keep the image and set metadata nsfw; blackout = zero its pixels (diffusers); drop = fail the row.
+    safety_policy: Literal["flag", "blackout", "drop"] = "flag"
+
     @field_validator("actors")
     @classmethod
     def _positive_actors(cls, v: int | str) -> int | str:

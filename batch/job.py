@@ -37,6 +37,7 @@ from batch.storage import (
     conform,
     open_output,
 )
+from batch.writers import write_puts
 
 VERSIONED_PACKAGES = ("sdbatch", "torch", "diffusers", "transformers", "ray", "pyarrow", "fsspec", "safetensors",
                       "pillow", "numpy")
@@ -192,10 +193,10 @@ def run_job(spec: JobSpec) -> Summary:
         t_gen, t_first = time.perf_counter(), 0.0
         with _progress(job_plan.items.num_rows, spec.progress) as bar, _record_failure(out, record):
             for batch in pipeline.run_items(job_plan.items, spec, res, upload=not out.is_process_local):
-                if "_png" in batch.column_names:  # process-local filesystem: the driver writes
-                    for uri_key, data in _driver_uploads(batch):
-                        out.put(uri_key, data)
-                    batch = batch.drop_columns(["_png"])
+                if "_puts" in batch.column_names:  # process-local filesystem: the driver writes
+                    for puts in batch.column("_puts").to_pylist():
+                        write_puts(out, puts)
+                    batch = batch.drop_columns(["_puts"])
                 committer.add(batch)
                 for st, err, row in zip(batch.column("status").to_pylist(), batch.column("error").to_pylist(),
                                         batch.column("manifest_row").to_pylist()):
@@ -240,11 +241,3 @@ def _record_failure(out: Output, record: dict):
                                   "crashed_at": _now()})
         raise
 
-
-def _driver_uploads(batch: pa.Table):
-    from batch.storage import image_key
-
-    for rid, k, data in zip(batch.column("id").to_pylist(), batch.column("image_index").to_pylist(),
-                            batch.column("_png").to_pylist()):
-        if data is not None:
-            yield image_key(rid, k), data

@@ -135,7 +135,9 @@ def run_items(items: pa.Table, spec: JobSpec, res: Resources, upload: bool) -> I
     )
     ds = ds.map_batches(
         encode_and_write,
-        fn_kwargs=dict(output=spec.output, storage_options=spec.storage_options, upload=upload),
+        fn_kwargs=dict(output=spec.output, storage_options=spec.storage_options, upload=upload,
+                       output_format=spec.output_format, image_format=spec.image_format,
+                       webp_lossless=spec.webp_lossless, jpeg_quality=spec.jpeg_quality),
         batch_size=None,
         batch_format="pyarrow",
         num_cpus=spec.writer_cpus,

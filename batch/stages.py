@@ -7,7 +7,6 @@ never touches the model.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import socket
@@ -23,7 +22,6 @@ import torch
 from batch.manifest import BUCKET_FIELDS, bucket_key
 from batch.models import load_model, make_scheduler, scheduler_class_name
 from batch.sampling import SamplingParams, txt2img
-from batch.storage import encode_png, image_key, open_output
 
 _SAMPLER_INPUTS = ["prompt", "negative_prompt", "seed", "height", "width", "num_inference_steps",
                    "guidance_scale", "scheduler"]
@@ -135,48 +133,16 @@ class Txt2ImgSampler:
         return out
 
 
-def encode_and_write(batch: pa.Table, output: str, storage_options: dict[str, Any], upload: bool = True) -> pa.Table:
-    """CPU stage: PNG-encode each generated image, hash it and write it under the output prefix.
+def encode_and_write(batch: pa.Table, output: str, storage_options: dict[str, Any], upload: bool = True,
+                     output_format: str = "files", image_format: str = "png", webp_lossless: bool = True,
+                     jpeg_quality: int = 95) -> pa.Table:
+    """CPU stage: encode each generated image, hash it and write it under the output prefix.
 
-    With ``upload=False`` (process-local filesystems such as ``memory://``) the PNG bytes are returned in
-    a ``_png`` column for the driver to write instead.
+    The container (image files, WebDataset tar or Parquet shard) and the encoding (PNG, WebP, JPEG) are
+    the spec's; see :mod:`batch.writers`. With ``upload=False`` (process-local filesystems such as
+    ``memory://``) the objects are returned in a ``_puts`` column for the driver to write instead.
     """
-    out = open_output(output, storage_options)
-    cols = batch.select(["id", "image_index", "height", "width", "status", "error", "_pixels"]).to_pylist()
-    status = [c["status"] for c in cols]
-    error = [c["error"] for c in cols]
-    uris, shas, sizes, t_write, pngs = [], [], [], [], []
-    for i, c in enumerate(cols):
-        if c["status"] != "ok" or c["_pixels"] is None:
-            uris.append(None), shas.append(None), sizes.append(None), t_write.append(None), pngs.append(None)
-            continue
-        t0 = time.perf_counter()
-        key = image_key(c["id"], c["image_index"])
-        try:
-            arr = np.frombuffer(c["_pixels"], dtype=np.uint8).reshape(c["height"], c["width"], 3)
-            data = encode_png(arr)
-            if upload:
-                out.put(key, data)
-        except Exception as err:  # a storage error fails this image only
-            status[i], error[i] = "failed", _error_text(err)
-            uris.append(None), shas.append(None), sizes.append(None), t_write.append(None), pngs.append(None)
-            continue
-        uris.append(out.uri(key))
-        shas.append(hashlib.sha256(data).hexdigest())
-        sizes.append(len(data))
-        t_write.append(time.perf_counter() - t0)
-        pngs.append(None if upload else data)
+    from batch.writers import OutputFormat, write_block
 
-    result = batch.drop_columns(["_pixels"])
-    for name, values, type_ in (
-        ("status", status, pa.string()),
-        ("error", error, pa.string()),
-        ("uri", uris, pa.string()),
-        ("sha256", shas, pa.string()),
-        ("file_size", sizes, pa.int64()),
-        ("t_write_s", t_write, pa.float64()),
-    ):
-        result = _set_column(result, name, values, type_)
-    if not upload:
-        result = _set_column(result, "_png", pngs, pa.binary())
-    return result
+    fmt = OutputFormat(output_format, image_format, webp_lossless, jpeg_quality)
+    return write_block(batch, output, storage_options, upload, fmt)

@@ -52,9 +52,11 @@ RESULT_FIELDS = [
     ("t_sample_s", pa.float64()),  # sampler wall time of the image's batch / images in that batch
     ("t_write_s", pa.float64()),
     ("run_id", pa.string()),
+    ("member", pa.string()),  # shard formats: the image's tar member / Parquet key inside the shard at uri
+    ("nsfw", pa.bool_()),  # safety checker verdict; null when the model has no checker
 ]
 METADATA_SCHEMA = pa.schema(list(ITEM_SCHEMA) + [pa.field(n, t) for n, t in RESULT_FIELDS])
-RESERVED_COLUMNS = set(METADATA_SCHEMA.names) | {"_pixels", "_png"}
+RESERVED_COLUMNS = set(METADATA_SCHEMA.names) | {"_pixels", "_png", "_puts"}
 
 _SLUG = re.compile(r"[^A-Za-z0-9_-]+")
 
