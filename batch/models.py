@@ -63,6 +63,7 @@ class LoadedModel:
     revision: str
     device: torch.device
     dtype: torch.dtype
+    safety_checker: Any = None  # batch.safety.SafetyChecker when the model folder ships one, else None
 
     @property
     def vae_scale_factor(self) -> int:
@@ -129,6 +130,7 @@ def locate(model: str, revision: str | None, allow_pickle: bool, variant: str | 
     weights = [f"*.{variant}.{x}" if variant else f"*.{x}" for x in suffixes]
     patterns = ["model_index.json"] + [f"{c}/*.json" for c in COMPONENTS] + ["tokenizer/*.txt"]
     patterns += [f"{c}/{w}" for c in WEIGHT_COMPONENTS for w in weights]
+    patterns += ["safety_checker/*.json", "feature_extractor/*.json"] + [f"safety_checker/{w}" for w in weights]
     ignore = None if variant else ["*.fp16.*", "*.non_ema.*", "*.ema.*"]
     try:
         folder = Path(snapshot_download(model, revision=revision, allow_patterns=patterns, ignore_patterns=ignore))
@@ -208,10 +210,16 @@ def load_model(model: str, *, revision: str | None = None, dtype: str = "auto", 
         if kind == "tiny" and torch_dtype != torch.float32:  # from_pretrained already applied torch_dtype
             module = module.to(dtype=torch_dtype)
         comps[name] = module.to(device=dev).eval().requires_grad_(False)
+    safety = None
+    if folder is not None:
+        from batch.safety import SafetyChecker, has_safety_checker
+
+        if has_safety_checker(folder):
+            safety = SafetyChecker.load(folder, dev, torch_dtype, allow_pickle, variant)
     sched_config = dict(comps["scheduler"].config)
     sched_config["_class_name"] = type(comps["scheduler"]).__name__
     return LoadedModel(
         unet=comps["unet"], vae=comps["vae"], text_encoder=comps["text_encoder"], tokenizer=comps["tokenizer"],
         scheduler_config=json.loads(json.dumps(sched_config, default=str)), model_id=model, revision=resolved,
-        device=dev, dtype=torch_dtype,
+        device=dev, dtype=torch_dtype, safety_checker=safety,
     )

@@ -21,6 +21,7 @@ import torch
 
 from batch.manifest import BUCKET_FIELDS, bucket_key
 from batch.models import load_model, make_scheduler, scheduler_class_name
+from batch.safety import NSFW_ERROR, apply_policy
 from batch.sampling import SamplingParams, txt2img
 
 _SAMPLER_INPUTS = ["prompt", "negative_prompt", "seed", "height", "width", "num_inference_steps",
@@ -67,13 +68,15 @@ class Txt2ImgSampler:
     """
 
     def __init__(self, model: str, revision: str | None, dtype: str, device: str, batch_size: int,
-                 allow_pickle: bool = False, variant: str | None = None, num_threads: int | None = None):
+                 allow_pickle: bool = False, variant: str | None = None, num_threads: int | None = None,
+                 safety_policy: str = "flag"):
         if num_threads:
             torch.set_num_threads(num_threads)
         self.batch_size = batch_size
         self.model = load_model(model, revision=revision, dtype=dtype, device=device,
                                 allow_pickle=allow_pickle, variant=variant)
         self.worker = f"{socket.gethostname()}:{os.getpid()}"
+        self.safety_policy = safety_policy
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         m = self.model
@@ -90,6 +93,7 @@ class Txt2ImgSampler:
         pixels: list[bytes | None] = [None] * n
         status, error, t_sample = ["ok"] * n, [None] * n, [0.0] * n
         sched_cfg: list[str | None] = [None] * n
+        nsfw: list[bool | None] = [None] * n  # null: the model has no safety checker
 
         # 1. one sampler call per GPU batch (consecutive items with one batch number share a bucket)
         for _, group in groupby(range(n), key=lambda i: batch_ids[i]):
@@ -103,6 +107,12 @@ class Txt2ImgSampler:
                 images = txt2img(m, scheduler, [rows[i]["prompt"] for i in chunk],
                                  [rows[i]["negative_prompt"] for i in chunk], [rows[i]["seed"] for i in chunk],
                                  SamplingParams(height=h, width=w, num_inference_steps=steps, guidance_scale=g))
+                keep = [True] * len(chunk)
+                if m.safety_checker is not None:  # batch.safety: flag, blackout or drop
+                    flags = m.safety_checker(images)
+                    images, keep = apply_policy(images, flags, self.safety_policy)
+                    for j, i in enumerate(chunk):
+                        nsfw[i] = flags[j]
                 dt = (time.perf_counter() - t0) / len(chunk)
             except Exception as err:  # failures are data: this call's images fail, the job goes on
                 traceback.print_exc()
@@ -111,8 +121,11 @@ class Txt2ImgSampler:
                 continue
             # 3. raw pixels travel to the CPU stage; encoding happens there, not here
             for j, i in enumerate(chunk):
-                pixels[i] = np.ascontiguousarray(images[j]).tobytes()
                 t_sample[i], sched_cfg[i] = dt, cfg
+                if not keep[j]:
+                    status[i], error[i] = "failed", NSFW_ERROR
+                    continue
+                pixels[i] = np.ascontiguousarray(images[j]).tobytes()
 
         out = _set_column(batch, "scheduler", [r["scheduler"] for r in rows], pa.string())
         for name, values, type_ in (
@@ -128,6 +141,7 @@ class Txt2ImgSampler:
             ("device", [str(m.device)] * n, pa.string()),
             ("worker", [self.worker] * n, pa.string()),
             ("t_sample_s", t_sample, pa.float64()),
+            ("nsfw", nsfw, pa.bool_()),
         ):
             out = _set_column(out, name, values, type_)
         return out
