@@ -37,7 +37,8 @@ from batch.storage import (
     conform,
     open_output,
 )
-from batch.writers import write_puts
+from batch.runlog import RunLog
+from batch.writers import OutputFormat, format_warnings, write_puts
 
 VERSIONED_PACKAGES = ("sdbatch", "torch", "diffusers", "transformers", "ray", "pyarrow", "fsspec", "safetensors",
                       "pillow", "numpy")
@@ -183,6 +184,14 @@ def run_job(spec: JobSpec) -> Summary:
         }
         out.put_json(RUN_RECORD, record)
         committer = MetadataCommitter(out, carried, spec.run_id, spec.commit_every)
+        log = RunLog(out, spec.run_id)
+        log.event("start", rows=job_plan.num_rows, images_planned=job_plan.items.num_rows,
+                  output_format=spec.output_format, image_format=spec.image_format,
+                  safety_policy=spec.safety_policy, resources=res.__dict__)
+        for warning in format_warnings(OutputFormat.from_spec(spec)):
+            log.warning(warning)
+        for r in job_plan.failed.select(["id", "manifest_row", "error"]).to_pylist():
+            log.failure(**r, image_index=None)
         if job_plan.failed.num_rows:
             committer.add(job_plan.failed.append_column("status", pa.array(["failed"] * job_plan.failed.num_rows)))
 
@@ -191,23 +200,34 @@ def run_job(spec: JobSpec) -> Summary:
         reasons: Counter = job_plan.failure_reasons()
         failed_rows = set(job_plan.failed.column("manifest_row").to_pylist())
         t_gen, t_first = time.perf_counter(), 0.0
-        with _progress(job_plan.items.num_rows, spec.progress) as bar, _record_failure(out, record):
+        with _progress(job_plan.items.num_rows, spec.progress) as bar, _record_failure(out, record, log):
             for batch in pipeline.run_items(job_plan.items, spec, res, upload=not out.is_process_local):
                 if "_puts" in batch.column_names:  # process-local filesystem: the driver writes
                     for puts in batch.column("_puts").to_pylist():
                         write_puts(out, puts)
                     batch = batch.drop_columns(["_puts"])
+                parts_before = committer.parts
                 committer.add(batch)
-                for st, err, row in zip(batch.column("status").to_pylist(), batch.column("error").to_pylist(),
-                                        batch.column("manifest_row").to_pylist()):
+                for st, err, row, rid, k in zip(batch.column("status").to_pylist(), batch.column("error").to_pylist(),
+                                                batch.column("manifest_row").to_pylist(),
+                                                batch.column("id").to_pylist(), batch.column("image_index").to_pylist()):
                     statuses[st] += 1
                     if st != "ok":
                         reasons[failure_reason(err or "unknown")] += 1
                         failed_rows.add(row)
+                        log.failure(id=rid, manifest_row=row, image_index=k, error=err)
+                block_ok = batch.column("status").to_pylist().count("ok")
+                log.event("block", images=batch.num_rows, ok=block_ok, failed=batch.num_rows - block_ok,
+                          images_done=sum(statuses.values()))
+                if committer.parts != parts_before:
+                    log.event("commit", parts=committer.parts, images_done=sum(statuses.values()))
                 bar.update(batch.num_rows)
                 t_first = t_first or time.perf_counter() - t_gen
         gen_seconds = time.perf_counter() - t_gen
+        parts_before = committer.parts
         committer.flush()
+        if committer.parts != parts_before:
+            log.event("commit", parts=committer.parts, images_done=sum(statuses.values()))
     finally:
         if started:
             pipeline.shutdown()
@@ -225,6 +245,7 @@ def run_job(spec: JobSpec) -> Summary:
         k: v for k, v in summary.__dict__.items()} | {"images_per_second": summary.images_per_second},
         metadata_parts=committer.parts)
     out.put_json(RUN_RECORD, record)
+    log.event("finish", force=True, **record["summary"], metadata_parts=committer.parts)
     out.put_json(SUCCESS_MARKER, {"run_id": spec.run_id, "finished_at": record["finished_at"],
                                   "rows_ok": summary.rows_ok, "rows_failed": summary.rows_failed,
                                   "images_ok": summary.images_ok, "metadata_parts": committer.parts})
@@ -232,11 +253,13 @@ def run_job(spec: JobSpec) -> Summary:
 
 
 @contextlib.contextmanager
-def _record_failure(out: Output, record: dict):
+def _record_failure(out: Output, record: dict, log: RunLog | None = None):
     """If the job itself dies (not a row), say so in the run record before the error propagates."""
     try:
         yield
     except BaseException as err:
+        if log is not None:
+            log.event("crashed", force=True, error=f"{type(err).__name__}: {err}")
         out.put_json(RUN_RECORD, {**record, "status": "crashed", "error": f"{type(err).__name__}: {err}",
                                   "crashed_at": _now()})
         raise
