@@ -1,4 +1,4 @@
-"""``sdbatch`` command line: run, validate, grid, make-tiny-model."""
+"""``sdbatch`` command line: run, resume, retry-failed, status, compact, validate, grid, make-tiny-model."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 
-from batch.config import SpecError, load_spec, parse_set_option
+from batch.config import SpecError, apply_overrides, load_spec, parse_set_option, parse_spec
 
 
 def _spec_from_args(args: argparse.Namespace):
@@ -33,9 +33,86 @@ def _spec_from_args(args: argparse.Namespace):
 def cmd_run(args: argparse.Namespace) -> int:
     from batch.job import run_job
 
-    summary = run_job(_spec_from_args(args))
+    summary = run_job(_spec_from_args(args), force=args.force)
     print(summary.text())
     return summary.exit_code
+
+
+def _set_overrides(args: argparse.Namespace) -> dict:
+    return dict(parse_set_option(t) for t in getattr(args, "set", None) or [])
+
+
+def _open_run(args: argparse.Namespace):
+    """The output prefix named on the command line (``--set storage_options.x=...`` opens it)."""
+    from batch.storage import RUN_RECORD, open_output
+
+    options = apply_overrides({}, _set_overrides(args)).get("storage_options") or {}
+    out = open_output(args.output, options)
+    if not out.exists(RUN_RECORD):
+        raise SpecError(f"{args.output} holds no run ({RUN_RECORD} not found)")
+    return out
+
+
+def _recorded_spec(args: argparse.Namespace):
+    """The spec a run was started with (from its ``run.json``), with this command's overrides applied.
+
+    Secrets were redacted when recorded (``***``); they are dropped here, so credentials come from the
+    environment or from ``--set storage_options.key=...`` again.
+    """
+    from batch.storage import RUN_RECORD
+
+    data = _open_run(args).get_json(RUN_RECORD)["spec"]
+    data["storage_options"] = {k: v for k, v in data.get("storage_options", {}).items() if v != "***"}
+    data["output"] = args.output
+    flags = {"actors": args.actors, "batch_size": args.batch_size, "device": args.device,
+             "progress": False if args.quiet else None}
+    overrides = {k: v for k, v in flags.items() if v is not None} | _set_overrides(args)
+    return parse_spec(apply_overrides(data, overrides), f"{args.output}/{RUN_RECORD}")
+
+
+def cmd_resume(args: argparse.Namespace) -> int:
+    from batch.job import run_job
+
+    summary = run_job(_recorded_spec(args), mode="retry_failed" if args.command == "retry-failed" else "run",
+                      force=args.force)
+    print(summary.text())
+    return summary.exit_code
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from batch.job import tally
+    from batch.storage import LEASE, RUN_RECORD, SUCCESS_MARKER, metadata_parts, read_metadata
+
+    out = _open_run(args)
+    record = out.get_json(RUN_RECORD)
+    counts = tally(read_metadata(out), record.get("rows", 0), record.get("images_planned", 0))
+    report = {"run_id": record.get("run_id"), "status": record.get("status"),
+              "complete": out.exists(SUCCESS_MARKER), "attempts": len(record.get("attempts", [])),
+              "metadata_parts": len(metadata_parts(out)), **counts}
+    if out.exists(LEASE):
+        report["lease"] = out.get_json(LEASE)
+    if args.json:
+        print(json.dumps(report, indent=2, sort_keys=True))
+        return 0
+    print(f"run {report['run_id']}: {report['status']}{' (complete)' if report['complete'] else ''}, "
+          f"{report['attempts']} attempt(s), {report['metadata_parts']} metadata part(s)")
+    print(f"  images: {counts['images_ok']} done, {counts['images_failed']} failed, "
+          f"{counts['images_pending']} pending")
+    print(f"  rows: {counts['rows_ok']} ok, {counts['rows_failed']} failed (of {counts['rows']})")
+    for reason, n in sorted(counts["failure_reasons"].items(), key=lambda kv: -kv[1]):
+        print(f"  failed x{n}: {reason}")
+    return 0
+
+
+def cmd_compact(args: argparse.Namespace) -> int:
+    from batch.storage import SUCCESS_MARKER, compact
+
+    out = _open_run(args)
+    if not out.exists(SUCCESS_MARKER) and not args.force:
+        raise SpecError(f"{args.output} has not finished ({SUCCESS_MARKER} missing); compact after a clean finish")
+    before, after = compact(out)
+    print(f"metadata parts: {before} -> {after}")
+    return 0
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
@@ -103,7 +180,33 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--device", choices=["auto", "cpu", "cuda"])
     run.add_argument("--dtype", choices=["auto", "float32", "float16", "bfloat16"])
     run.add_argument("--quiet", action="store_true", help="no progress bar")
+    run.add_argument("--force", action="store_true", help="take over the run's lease even if it looks alive")
     run.set_defaults(func=cmd_run)
+
+    for name, help_ in (("resume", "finish an interrupted run: generate only what is not committed"),
+                        ("retry-failed", "generate again only the images whose latest record failed")):
+        p = sub.add_parser(name, help=help_)
+        p.add_argument("output", help="the run's output prefix")
+        p.add_argument("--batch-size", type=int)
+        p.add_argument("--actors", type=int)
+        p.add_argument("--device", choices=["auto", "cpu", "cuda"])
+        p.add_argument("--quiet", action="store_true", help="no progress bar")
+        p.add_argument("--force", action="store_true", help="take over the run's lease even if it looks alive")
+        p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                       help="override a recorded spec field (e.g. storage_options.key=...)")
+        p.set_defaults(func=cmd_resume)
+
+    st = sub.add_parser("status", help="done / failed / pending counts and failure reasons of a run")
+    st.add_argument("output")
+    st.add_argument("--json", action="store_true")
+    st.add_argument("--set", action="append", metavar="KEY=VALUE", help="storage_options.key=value")
+    st.set_defaults(func=cmd_status)
+
+    cp = sub.add_parser("compact", help="rewrite a finished run's metadata parts as a few files")
+    cp.add_argument("output")
+    cp.add_argument("--force", action="store_true", help="compact even if the run has not finished")
+    cp.add_argument("--set", action="append", metavar="KEY=VALUE", help="storage_options.key=value")
+    cp.set_defaults(func=cmd_compact)
 
     val = sub.add_parser("validate", help="check a manifest (schema and every row); loads no model")
     val.add_argument("manifest", help="Parquet manifest URI")
@@ -132,13 +235,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from batch.job import RunExistsError
+    from batch.job import RunExistsError, RunInProgressError
     from batch.manifest import ManifestError
     from batch.models import ModelError
 
     try:
         return args.func(args)
-    except (SpecError, ManifestError, ModelError, RunExistsError) as err:
+    except (SpecError, ManifestError, ModelError, RunExistsError, RunInProgressError) as err:
         print(f"sdbatch: error: {err}", file=sys.stderr)
         return 2
 

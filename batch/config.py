@@ -74,6 +74,8 @@ class JobSpec(_Strict):
     manifest: str | None = None
     output: str | None = None
     storage_options: dict[str, Any] = Field(default_factory=dict)  # passed to fsspec for manifest and output
+    # Where image URIs in a manifest may point (URI prefixes); empty: only the manifest's own folder.
+    allowed_input_prefixes: list[str] = Field(default_factory=list)
 
     # Compute.
     batch_size: int = Field(4, ge=1)  # images per sampler call
@@ -87,7 +89,9 @@ class JobSpec(_Strict):
     run_id: str | None = None  # default: UTC timestamp + random suffix
     seed: int = Field(0, ge=0, lt=MAX_SEED)  # run seed: rows without a seed derive theirs from (seed, id)
     max_failed_fraction: float = Field(0.0, ge=0, le=1)  # exit non-zero above this fraction of failed rows
-    commit_every: int = Field(256, ge=1)  # metadata rows per committed Parquet part
+    commit_every: int = Field(64, ge=1)  # commit a metadata part once this many rows are waiting ...
+    commit_seconds: float = Field(30.0, gt=0)  # ... or once the oldest waiting row is this old
+    storage_retries: int = Field(6, ge=1)  # tries per storage operation on transient errors (backoff)
     progress: bool = True
 
     # Output format (img2dataset conventions; see batch/writers.py). JPEG and lossy WebP change pixels,

@@ -1,26 +1,33 @@
-"""A batch job from spec to completion marker: plan in the driver, generate through Ray, commit results.
+"""A batch job from spec to completion marker, exactly once across crashes and restarts.
 
-1. open the output prefix; refuse one that already holds a run (nothing is ever written twice);
-2. read and plan the manifest (bad manifest: fail fast; bad rows: recorded as failed, job goes on);
-3. write the run record (``status: running``) and commit the failed rows' metadata;
-4. stream generated items from the Ray pipeline, committing metadata parts every ``commit_every`` rows;
-5. finish the run record with counts and timings; write ``_SUCCESS`` last.
+1. open the output prefix; if it already holds a run, it must be the same run (same model, defaults,
+   limits, seed and manifest contents): this attempt then resumes it; anything else is refused;
+2. take the lease (one driver per run; a dead driver's lease is taken over);
+3. read and plan the manifest; read what earlier attempts committed and keep only the missing work
+   (``retry_failed``: only the failed images);
+4. record the attempt in ``run.json``, commit the failed rows' metadata;
+5. stream generated items from the Ray pipeline, committing a metadata part every ``commit_every`` rows
+   or ``commit_seconds`` (an image counts as done only once a part holding its row is written);
+6. finish the run record with counts over the whole run; write ``_SUCCESS`` last.
 """
 
 from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import hashlib
+import os
 import platform
 import re
 import secrets
 import socket
 import sys
+import threading
 import time
 from collections import Counter
 from dataclasses import dataclass, field
 from importlib import metadata as importlib_metadata
-from typing import Any
+from typing import Any, Literal
 
 import pyarrow as pa
 
@@ -29,36 +36,59 @@ from batch.config import JobSpec, SpecError
 from batch.models import locate
 from batch.manifest import Plan, failure_reason, plan, read_manifest
 from batch.storage import (
-    METADATA_DIR,
+    LEASE,
     RESERVED_COLUMNS,
     RUN_RECORD,
     SUCCESS_MARKER,
     Output,
     conform,
+    latest_rows,
+    metadata_parts,
+    new_attempt_id,
     open_output,
+    part_key,
+    read_parts,
+    row_key,
 )
 from batch.runlog import RunLog
 from batch.writers import OutputFormat, format_warnings, write_puts
 
 VERSIONED_PACKAGES = ("sdbatch", "torch", "diffusers", "transformers", "ray", "pyarrow", "fsspec", "safetensors",
                       "pillow", "numpy")
+# Spec fields that decide what a run produces: a later attempt on the same output must agree on them.
+IDENTITY_FIELDS = ("task", "model", "revision", "variant", "allow_pickle", "defaults", "limits", "seed",
+                   "allowed_input_prefixes",
+                   # what is stored: a resumed run keeps one container, encoding and safety policy
+                   "output_format", "image_format", "webp_lossless", "jpeg_quality", "safety_policy")
+LEASE_SECONDS = 120.0  # a lease whose heartbeat is older than this is considered abandoned
+HEARTBEAT_SECONDS = 20.0
+SLIM_COLUMNS = ["manifest_row", "image_index", "num_images", "status", "error", "attempt"]
+Mode = Literal["run", "retry_failed"]
 
 
 class RunExistsError(RuntimeError):
-    """The output prefix already holds a run."""
+    """The output prefix holds a different run (other model, defaults, seed or manifest)."""
+
+
+class RunInProgressError(RuntimeError):
+    """Another live driver holds the run's lease."""
 
 
 @dataclass
 class Summary:
-    """What a finished run did; ``exit_code`` applies ``max_failed_fraction``."""
+    """What a run has done so far, over all its attempts; ``exit_code`` applies ``max_failed_fraction``."""
 
     run_id: str
     output: str
+    attempt: str = ""
     rows: int = 0
     rows_ok: int = 0
     rows_failed: int = 0
     images_ok: int = 0
     images_failed: int = 0
+    images_pending: int = 0
+    images_this_attempt: int = 0  # images this attempt generated or tried (the rest were already committed)
+    images_skipped: int = 0  # already committed by earlier attempts
     seconds: float = 0.0
     generate_seconds: float = 0.0
     first_result_seconds: float = 0.0  # from the start of generation to the first finished block (start-up)
@@ -67,13 +97,15 @@ class Summary:
 
     @property
     def images_per_second(self) -> float:
-        return self.images_ok / self.generate_seconds if self.generate_seconds > 0 else 0.0
+        ok_now = self.images_this_attempt
+        return ok_now / self.generate_seconds if self.generate_seconds > 0 else 0.0
 
     def text(self) -> str:
         lines = [
-            f"run {self.run_id} -> {self.output}",
+            f"run {self.run_id} (attempt {self.attempt}) -> {self.output}",
             f"  rows: {self.rows_ok} ok, {self.rows_failed} failed (of {self.rows})",
-            f"  images: {self.images_ok} ok, {self.images_failed} failed; "
+            f"  images: {self.images_ok} ok, {self.images_failed} failed, {self.images_pending} pending; "
+            f"this attempt {self.images_this_attempt} ({self.images_skipped} already committed), "
             f"{self.images_per_second:.3f} images/s over {self.generate_seconds:.1f}s of generation, "
             f"of which {self.first_result_seconds:.1f}s until the first block (actor start-up); "
             f"{self.seconds:.1f}s in all",
@@ -81,6 +113,31 @@ class Summary:
         for reason, count in sorted(self.failure_reasons.items(), key=lambda kv: -kv[1])[:20]:
             lines.append(f"  failed x{count}: {reason}")
         return "\n".join(lines)
+
+
+def tally(meta: pa.Table, rows: int, images_planned: int) -> dict[str, Any]:
+    """Counts over a run's (latest-wins) metadata: rows and images by status, failure reasons.
+
+    A row is ok once all its ``num_images`` images are committed ok, failed once any record of it failed.
+    """
+    recs = meta.select(["manifest_row", "image_index", "num_images", "status", "error"]).to_pylist()
+    failed_rows = {r["manifest_row"] for r in recs if r["status"] != "ok"}
+    ok_images: Counter = Counter()
+    wanted: dict[int, int] = {}
+    images = 0
+    for r in recs:
+        if r["image_index"] is not None:
+            images += 1
+            wanted[r["manifest_row"]] = r["num_images"]
+            ok_images[r["manifest_row"]] += r["status"] == "ok"
+    rows_ok = sum(1 for row, n in wanted.items() if row not in failed_rows and ok_images[row] == n)
+    return {
+        "rows": rows, "rows_ok": rows_ok, "rows_failed": len(failed_rows),
+        "images_ok": sum(ok_images.values()), "images_failed": images - sum(ok_images.values()),
+        "images_pending": max(0, images_planned - images),
+        "failure_reasons": dict(Counter(failure_reason(r["error"] or "unknown") for r in recs
+                                        if r["status"] != "ok")),
+    }
 
 
 def package_versions() -> dict[str, str]:
@@ -124,27 +181,39 @@ def _now() -> str:
 
 
 class MetadataCommitter:
-    """Buffers metadata rows and commits them as numbered Parquet parts (all with one schema)."""
+    """Buffers metadata rows and commits them as Parquet parts named by attempt (never overwritten).
 
-    def __init__(self, out: Output, carried: pa.Schema, run_id: str, every: int):
-        self.out, self.carried, self.run_id, self.every = out, carried, run_id, every
+    A part is written whole (see :meth:`batch.storage.Output.put`), so a crash loses at most the rows
+    still buffered; their images are regenerated (same seeds, same pixels) by the next attempt.
+    """
+
+    def __init__(self, out: Output, carried: pa.Schema, run_id: str, attempt: str, every: int, seconds: float):
+        self.out, self.carried, self.run_id, self.attempt = out, carried, run_id, attempt
+        self.every, self.seconds = every, seconds
         self.pending: list[pa.Table] = []
         self.pending_rows = 0
+        self.oldest = 0.0
         self.parts = 0
+        self.committed: list[pa.Table] = []  # slim copies (keys and status) of what this attempt committed
 
     def add(self, table: pa.Table) -> None:
-        table = table.append_column("run_id", pa.array([self.run_id] * table.num_rows, pa.string()))
+        n = table.num_rows
+        table = table.append_column("run_id", pa.array([self.run_id] * n, pa.string()))
+        table = table.append_column("attempt", pa.array([self.attempt] * n, pa.string()))
         self.pending.append(conform(table, self.carried))
-        self.pending_rows += table.num_rows
-        if self.pending_rows >= self.every:
+        self.oldest = self.oldest or time.monotonic()
+        self.pending_rows += n
+        if self.pending_rows >= self.every or time.monotonic() - self.oldest >= self.seconds:
             self.flush()
 
     def flush(self) -> None:
         if not self.pending:
             return
-        self.out.put_parquet(f"{METADATA_DIR}/part-{self.parts:06d}.parquet", pa.concat_tables(self.pending))
+        table = pa.concat_tables(self.pending)
+        self.out.put_parquet(part_key(self.attempt, self.parts), table)
+        self.committed.append(table.select(SLIM_COLUMNS))
         self.parts += 1
-        self.pending, self.pending_rows = [], 0
+        self.pending, self.pending_rows, self.oldest = [], 0, 0.0
 
 
 def _progress(total: int, enabled: bool):
@@ -153,114 +222,234 @@ def _progress(total: int, enabled: bool):
     return tqdm(total=total, unit="img", desc="generating", disable=not enabled, file=sys.stderr)
 
 
-def run_job(spec: JobSpec) -> Summary:
-    """Run one job to completion and return its summary (see module docstring for the steps)."""
+def manifest_digest(table: pa.Table) -> str:
+    """SHA-256 of the manifest's contents (schema and rows, in order), to tell a changed manifest."""
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, table.schema) as writer:
+        writer.write_table(table.combine_chunks())
+    return hashlib.sha256(sink.getvalue().to_pybytes()).hexdigest()
+
+
+def _identity(spec_json: dict[str, Any]) -> dict[str, Any]:
+    return {k: spec_json.get(k) for k in IDENTITY_FIELDS}
+
+
+def check_same_run(record: dict[str, Any], spec: JobSpec, digest: str, output: str) -> None:
+    """Refuse to add an attempt to a run that was started with other outputs in mind."""
+    old, new = _identity(record.get("spec", {})), _identity(redact(spec.model_dump(mode="json")))
+    diffs = [f"{k}: {old[k]!r} -> {new[k]!r}" for k in IDENTITY_FIELDS if old[k] != new[k]]
+    if record.get("manifest_sha256") != digest:
+        diffs.append("manifest contents changed (sha256 differs)")
+    if diffs:
+        raise RunExistsError(
+            f"output {output} holds run {record.get('run_id')} started with a different spec or manifest, so it "
+            "cannot be resumed with this one:\n  " + "\n  ".join(diffs) + "\nUse a new output prefix.")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class Lease:
+    """One driver per run: a ``_LEASE`` object with a heartbeat, refreshed in a background thread.
+
+    A lease is free when released, older than ``LEASE_SECONDS``, or held by a dead process on this host
+    (a driver killed with SIGKILL and restarted here takes over at once). Object stores offer no atomic
+    create-if-absent, so two drivers started within the same second could both win; the lease guards
+    against the usual mistake (a second submission of a running job), not against that race.
+    """
+
+    def __init__(self, out: Output, attempt: str, force: bool = False):
+        self.out, self.attempt = out, attempt
+        self.me = {"attempt": attempt, "host": socket.gethostname(), "pid": os.getpid()}
+        if out.exists(LEASE) and not force:
+            held = out.get_json(LEASE)
+            age = time.time() - float(held.get("heartbeat", 0))
+            dead_here = held.get("host") == self.me["host"] and not _pid_alive(int(held.get("pid", -1)))
+            if not held.get("released") and age < LEASE_SECONDS and not dead_here:
+                raise RunInProgressError(
+                    f"run is being driven by {held.get('host')} pid {held.get('pid')} (attempt {held.get('attempt')},"
+                    f" heartbeat {age:.0f}s ago); wait {LEASE_SECONDS - age:.0f}s for it to lapse, or pass --force "
+                    "if that driver is certainly gone")
+        self._beat()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="sdbatch-lease", daemon=True)
+        self._thread.start()
+
+    def _beat(self, released: bool = False) -> None:
+        self.out.put_json(LEASE, {**self.me, "heartbeat": time.time(), "released": released})
+
+    def _loop(self) -> None:
+        while not self._stop.wait(HEARTBEAT_SECONDS):
+            with contextlib.suppress(Exception):  # a missed beat is not fatal; the next one retries
+                self._beat()
+
+    def release(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+        with contextlib.suppress(Exception):
+            self._beat(released=True)
+
+
+def select_work(job_plan: Plan, committed: pa.Table, mode: Mode) -> tuple[pa.Table, pa.Table]:
+    """The items to generate and the failed rows to commit in this attempt.
+
+    ``run``: everything without a committed record. ``retry_failed``: only images whose latest record
+    failed (rows that failed validation would fail again and are left as they are).
+    """
+    status = {row_key(r, k): st for r, k, st in zip(committed.column("manifest_row").to_pylist(),
+                                                    committed.column("image_index").to_pylist(),
+                                                    committed.column("status").to_pylist())}
+    item_keys = [row_key(r, k) for r, k in zip(job_plan.items.column("manifest_row").to_pylist(),
+                                               job_plan.items.column("image_index").to_pylist())]
+    if mode == "retry_failed":
+        keep = [status.get(k, "ok") != "ok" for k in item_keys]
+        failed_keep = [False] * job_plan.failed.num_rows
+    else:
+        keep = [k not in status for k in item_keys]
+        failed_keep = [row_key(r, None) not in status for r in job_plan.failed.column("manifest_row").to_pylist()]
+    return job_plan.items.filter(pa.array(keep, pa.bool_())), job_plan.failed.filter(pa.array(failed_keep, pa.bool_()))
+
+
+def run_job(spec: JobSpec, mode: Mode = "run", force: bool = False) -> Summary:
+    """Run (or resume, or retry the failed images of) one job; return the summary over the whole run.
+
+    See the module docstring for the steps. Safe to call again on the same output after any crash.
+    """
     if not spec.manifest or not spec.output:
         raise SpecError("a run needs both manifest and output (spec fields or --manifest/--output)")
     t_start = time.perf_counter()
+    attempt = new_attempt_id()
+
+    # 1. the output prefix: a new run, or an attempt of the same run
+    out = open_output(spec.output, spec.storage_options, retries=spec.storage_retries)
+    locate(spec.model, spec.revision, spec.allow_pickle, spec.variant, resolve_hub=False)  # local preflight
+    table = read_manifest(spec.manifest, spec.storage_options)
+    digest = manifest_digest(table)
+    record: dict[str, Any] | None = out.get_json(RUN_RECORD) if out.exists(RUN_RECORD) else None
+    if record is None and metadata_parts(out):
+        raise RunExistsError(f"output {spec.output} holds metadata but no {RUN_RECORD}; choose a new output prefix")
+    if record is not None:
+        check_same_run(record, spec, digest, spec.output)
+        spec = spec.model_copy(update={"run_id": record["run_id"]})
+    elif mode == "retry_failed":
+        raise SpecError(f"output {spec.output} holds no run to retry")
     spec = spec.model_copy(update={"run_id": spec.run_id or new_run_id()})
 
-    # 1. output prefix
-    out = open_output(spec.output, spec.storage_options)
-    if out.exists(RUN_RECORD) or out.exists(SUCCESS_MARKER) or out.list(METADATA_DIR):
-        raise RunExistsError(f"output {spec.output} already holds a run; choose a new output prefix")
-
-    # 2. model preflight (local checks only: the actors resolve a hub id), then plan
-    locate(spec.model, spec.revision, spec.allow_pickle, spec.variant, resolve_hub=False)
-    table = read_manifest(spec.manifest, spec.storage_options)
-    job_plan: Plan = plan(table, spec, RESERVED_COLUMNS)
-    carried = pa.schema([table.schema.field(c) for c in job_plan.carried])
-
-    # 3. run record + failed rows
-    started = pipeline.init_ray(spec)
+    # 2. the lease, 3. the plan minus what is committed
+    lease = Lease(out, attempt, force)
+    started = False
     try:
-        res = pipeline.resolve_resources(spec, pipeline.cluster_resources(), local=pipeline.is_local(spec))
-        record = {
-            "run_id": spec.run_id, "status": "running", "spec": redact(spec.model_dump(mode="json")),
-            "resources": res.__dict__, "versions": package_versions(), "host": socket.gethostname(),
-            "platform": platform.platform(),
-            "argv": [redact_arg(a) for a in sys.argv], "started_at": _now(),
-            "rows": job_plan.num_rows, "images_planned": job_plan.items.num_rows,
-        }
+        job_plan: Plan = plan(table, spec, RESERVED_COLUMNS)
+        carried = pa.schema([table.schema.field(c) for c in job_plan.carried])
+        committed = latest_rows(read_parts(out))
+        items, failed = select_work(job_plan, committed, mode)
+
+        # 4. the run record and this attempt's entry in it (no Ray at all when nothing is left to do)
+        res = None
+        if items.num_rows:
+            started = pipeline.init_ray(spec)
+            res = pipeline.resolve_resources(spec, pipeline.cluster_resources(), local=pipeline.is_local(spec))
+        entry = {"attempt": attempt, "mode": mode, "started_at": _now(), "host": socket.gethostname(),
+                 "pid": os.getpid(), "argv": [redact_arg(a) for a in sys.argv], "resources": res and res.__dict__,
+                 "versions": package_versions(), "platform": platform.platform(),
+                 "images_to_do": items.num_rows, "images_committed_before": committed.num_rows}
+        if record is None:
+            record = {"run_id": spec.run_id, "spec": redact(spec.model_dump(mode="json")),
+                      "manifest_sha256": digest, "rows": job_plan.num_rows,
+                      "images_planned": job_plan.items.num_rows, "created_at": _now(), "attempts": []}
+        record.update(status="running", attempt=attempt)
+        record["attempts"].append(entry)
         out.put_json(RUN_RECORD, record)
-        committer = MetadataCommitter(out, carried, spec.run_id, spec.commit_every)
-        log = RunLog(out, spec.run_id)
-        log.event("start", rows=job_plan.num_rows, images_planned=job_plan.items.num_rows,
-                  output_format=spec.output_format, image_format=spec.image_format,
-                  safety_policy=spec.safety_policy, resources=res.__dict__)
+        committer = MetadataCommitter(out, carried, spec.run_id, attempt, spec.commit_every, spec.commit_seconds)
+        log = RunLog(out, spec.run_id)  # logs/<run_id>.jsonl: structured events of every attempt
+        log.event("start", attempt=attempt, mode=mode, rows=job_plan.num_rows,
+                  images_planned=job_plan.items.num_rows, images_to_do=items.num_rows,
+                  images_committed_before=committed.num_rows, output_format=spec.output_format,
+                  image_format=spec.image_format, safety_policy=spec.safety_policy,
+                  resources=res and res.__dict__)
         for warning in format_warnings(OutputFormat.from_spec(spec)):
             log.warning(warning)
-        for r in job_plan.failed.select(["id", "manifest_row", "error"]).to_pylist():
+        for r in failed.select(["id", "manifest_row", "error"]).to_pylist():
             log.failure(**r, image_index=None)
-        if job_plan.failed.num_rows:
-            committer.add(job_plan.failed.append_column("status", pa.array(["failed"] * job_plan.failed.num_rows)))
+        if failed.num_rows:
+            committer.add(failed.append_column("status", pa.array(["failed"] * failed.num_rows)))
 
-        # 4. generate, write, commit as blocks finish
-        statuses: Counter = Counter()
-        reasons: Counter = job_plan.failure_reasons()
-        failed_rows = set(job_plan.failed.column("manifest_row").to_pylist())
+        # 5. generate, write, commit as blocks finish
         t_gen, t_first = time.perf_counter(), 0.0
-        with _progress(job_plan.items.num_rows, spec.progress) as bar, _record_failure(out, record, log):
-            for batch in pipeline.run_items(job_plan.items, spec, res, upload=not out.is_process_local):
-                if "_puts" in batch.column_names:  # process-local filesystem: the driver writes
+        with _progress(items.num_rows, spec.progress) as bar, _record_failure(out, record, entry, log):
+            batches = pipeline.run_items(items, spec, res, upload=not out.is_process_local) if res else iter(())
+            done = 0
+            for batch in batches:
+                if "_puts" in batch.column_names:  # process-local filesystem: the driver writes (batch.writers)
                     for puts in batch.column("_puts").to_pylist():
                         write_puts(out, puts)
                     batch = batch.drop_columns(["_puts"])
                 parts_before = committer.parts
                 committer.add(batch)
-                for st, err, row, rid, k in zip(batch.column("status").to_pylist(), batch.column("error").to_pylist(),
-                                                batch.column("manifest_row").to_pylist(),
-                                                batch.column("id").to_pylist(), batch.column("image_index").to_pylist()):
-                    statuses[st] += 1
-                    if st != "ok":
-                        reasons[failure_reason(err or "unknown")] += 1
-                        failed_rows.add(row)
-                        log.failure(id=rid, manifest_row=row, image_index=k, error=err)
-                block_ok = batch.column("status").to_pylist().count("ok")
-                log.event("block", images=batch.num_rows, ok=block_ok, failed=batch.num_rows - block_ok,
-                          images_done=sum(statuses.values()))
-                if committer.parts != parts_before:
-                    log.event("commit", parts=committer.parts, images_done=sum(statuses.values()))
+                done += batch.num_rows
+                _log_block(log, batch, done, committer.parts if committer.parts != parts_before else None)
                 bar.update(batch.num_rows)
                 t_first = t_first or time.perf_counter() - t_gen
+            parts_before = committer.parts
+            committer.flush()
+            if committer.parts != parts_before:
+                log.event("commit", parts=committer.parts, images_done=done)
         gen_seconds = time.perf_counter() - t_gen
-        parts_before = committer.parts
-        committer.flush()
-        if committer.parts != parts_before:
-            log.event("commit", parts=committer.parts, images_done=sum(statuses.values()))
     finally:
         if started:
             pipeline.shutdown()
+        lease.release()
 
-    # 5. run record, then the marker
-    summary = Summary(
-        run_id=spec.run_id, output=spec.output, rows=job_plan.num_rows,
-        rows_failed=len(failed_rows), rows_ok=job_plan.num_rows - len(failed_rows),
-        images_ok=statuses["ok"], images_failed=statuses["failed"], seconds=time.perf_counter() - t_start,
-        generate_seconds=gen_seconds, first_result_seconds=t_first, failure_reasons=dict(reasons),
-    )
+    # 6. counts over the whole run, the run record, then the marker
+    final = latest_rows(pa.concat_tables([committed.select(SLIM_COLUMNS)] + committer.committed))
+    counts = tally(final, job_plan.num_rows, job_plan.items.num_rows)
+    summary = Summary(run_id=spec.run_id, output=spec.output, attempt=attempt, **counts,
+                      images_this_attempt=items.num_rows, images_skipped=job_plan.items.num_rows - items.num_rows,
+                      seconds=time.perf_counter() - t_start, generate_seconds=gen_seconds,
+                      first_result_seconds=t_first)
     frac = summary.rows_failed / summary.rows if summary.rows else 0.0
     summary.exit_code = 0 if frac <= spec.max_failed_fraction else 1
-    record.update(status="finished", finished_at=_now(), summary={
-        k: v for k, v in summary.__dict__.items()} | {"images_per_second": summary.images_per_second},
-        metadata_parts=committer.parts)
+    entry.update(status="finished", finished_at=_now(), metadata_parts=committer.parts,
+                 images_per_second=summary.images_per_second, generate_seconds=gen_seconds)
+    record.update(status="finished", finished_at=entry["finished_at"],
+                  summary={k: v for k, v in summary.__dict__.items() if k != "output"})
     out.put_json(RUN_RECORD, record)
-    log.event("finish", force=True, **record["summary"], metadata_parts=committer.parts)
-    out.put_json(SUCCESS_MARKER, {"run_id": spec.run_id, "finished_at": record["finished_at"],
-                                  "rows_ok": summary.rows_ok, "rows_failed": summary.rows_failed,
-                                  "images_ok": summary.images_ok, "metadata_parts": committer.parts})
+    log.event("finish", force=True, **{k: v for k, v in summary.__dict__.items() if k != "output"},
+              metadata_parts=committer.parts)
+    out.put_json(SUCCESS_MARKER, {"run_id": spec.run_id, "attempt": attempt, "finished_at": record["finished_at"],
+                                  **counts})
     return summary
 
 
 @contextlib.contextmanager
-def _record_failure(out: Output, record: dict, log: RunLog | None = None):
+def _record_failure(out: Output, record: dict, entry: dict, log: RunLog | None = None):
     """If the job itself dies (not a row), say so in the run record before the error propagates."""
     try:
         yield
     except BaseException as err:
         if log is not None:
-            log.event("crashed", force=True, error=f"{type(err).__name__}: {err}")
-        out.put_json(RUN_RECORD, {**record, "status": "crashed", "error": f"{type(err).__name__}: {err}",
-                                  "crashed_at": _now()})
+            with contextlib.suppress(Exception):
+                log.event("crashed", force=True, error=f"{type(err).__name__}: {err}")
+        entry.update(status="crashed", error=f"{type(err).__name__}: {err}", crashed_at=_now())
+        with contextlib.suppress(Exception):
+            out.put_json(RUN_RECORD, {**record, "status": "crashed"})
         raise
 
+
+def _log_block(log: RunLog, batch: pa.Table, done: int, committed_parts: int | None) -> None:
+    """Structured log events for one finished block: its failures, the block, a commit if one happened."""
+    rows = batch.select(["id", "manifest_row", "image_index", "status", "error"]).to_pylist()
+    for r in rows:
+        if r["status"] != "ok":
+            log.failure(id=r["id"], manifest_row=r["manifest_row"], image_index=r["image_index"], error=r["error"])
+    ok = sum(r["status"] == "ok" for r in rows)
+    log.event("block", images=len(rows), ok=ok, failed=len(rows) - ok, images_done=done)
+    if committed_parts is not None:
+        log.event("commit", parts=committed_parts, images_done=done)

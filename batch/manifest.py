@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import math
 import re
+import unicodedata
+import urllib.parse
 from collections import Counter
 from dataclasses import dataclass
 from typing import Any
@@ -138,6 +140,40 @@ def check_columns(table: pa.Table, reserved: set[str]) -> list[str]:
     return carried
 
 
+# Characters that act as, or look like, path separators once decoded or normalised.
+_SEPARATOR_LOOKALIKES = "/\\\u2215\u2044\u29f8\u29f9\u2216\ufe68\uff0f\uff3c\u2571\u2572"
+
+
+def check_id(rid: Any) -> str | None:
+    """Why ``rid`` cannot be a row id, or None. Ids are names, not paths.
+
+    Refused: non-strings, empty or blank, longer than ``MAX_ID_CHARS``, control characters (NUL, newlines,
+    unicode line/paragraph separators), and anything that reads as a path once URL-decoded (repeatedly)
+    and NFKC-normalised: ``/``, ``\\`` or a look-alike separator, a ``.``/``..`` segment, a drive prefix.
+    (Output keys never derive from the raw id anyway: see :func:`batch.storage.image_key`.)
+    """
+    if not isinstance(rid, str) or not rid.strip():
+        return f"must be a non-empty string, got {rid!r}"
+    if len(rid) > MAX_ID_CHARS:
+        return f"longer than {MAX_ID_CHARS} characters, got {len(rid)}"
+    if any(unicodedata.category(c) in ("Cc", "Cf", "Zl", "Zp") for c in rid):
+        bad = next(c for c in rid if unicodedata.category(c) in ("Cc", "Cf", "Zl", "Zp"))
+        return f"contains a control or separator character U+{ord(bad):04X}, got {rid[:80]!r}"
+    forms, text = [rid], rid
+    for _ in range(3):  # %2F, %252F, ...
+        decoded = urllib.parse.unquote(text)
+        if decoded == text:
+            break
+        forms.append(decoded)
+        text = decoded
+    for form in forms + [unicodedata.normalize("NFKC", f) for f in forms]:
+        if any(c in _SEPARATOR_LOOKALIKES for c in form):
+            return f"must not contain path separators (plain, URL-encoded or look-alike), got {rid[:80]!r}"
+        if form in (".", "..") or re.match(r"^[A-Za-z]:", form) or "\x00" in form:
+            return f"must not be a path (dot segment, drive or NUL), got {rid[:80]!r}"
+    return None
+
+
 def _is_int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
@@ -158,12 +194,9 @@ def validate_row(raw: dict[str, Any], spec: JobSpec) -> dict[str, Any]:
 
     # 1. Identity and text.
     rid = raw.get("id")
-    if not isinstance(rid, str) or not rid.strip():
-        problems.append(("id", f"must be a non-empty string, got {rid!r}"))
-    elif len(rid) > MAX_ID_CHARS:
-        problems.append(("id", f"longer than {MAX_ID_CHARS} characters, got {len(rid)}"))
-    elif "\x00" in rid:
-        problems.append(("id", "contains a NUL byte"))
+    id_problem = check_id(rid)
+    if id_problem:
+        problems.append(("id", id_problem))
     out["id"] = rid
 
     prompt = raw.get("prompt")

@@ -60,7 +60,8 @@ def init_ray(spec: JobSpec) -> bool:
         ray.init(address=spec.ray_address or os.environ["RAY_ADDRESS"], logging_level="WARNING")
     else:
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # loopback-only embedded instance
-        ray.init(include_dashboard=False, logging_level="WARNING")
+        # address="local": always a fresh embedded instance, never a cluster that `ray start` left running
+        ray.init(address="local", include_dashboard=False, logging_level="WARNING")
     return True
 
 
@@ -133,10 +134,13 @@ def run_items(items: pa.Table, spec: JobSpec, res: Resources, upload: bool) -> I
         compute=ActorPoolStrategy(size=min(res.actors, len(blocks))),
         num_gpus=res.gpus_per_actor,
         num_cpus=res.cpus_per_actor,
+        # A crashed actor (OOM kill, lost node) is restarted and its in-flight blocks resubmitted: Ray Data's
+        # actor pools default to max_restarts=-1, max_task_retries=-1 (tests/test_resume.py kills one).
     )
     ds = ds.map_batches(
         encode_and_write,
         fn_kwargs=dict(output=spec.output, storage_options=spec.storage_options, upload=upload,
+                       retries=spec.storage_retries,
                        output_format=spec.output_format, image_format=spec.image_format,
                        webp_lossless=spec.webp_lossless, jpeg_quality=spec.jpeg_quality),
         batch_size=None,

@@ -48,6 +48,19 @@ def encode_text(tokenizer, text_encoder, texts: list[str], device: torch.device)
     return embeds.to(dtype=text_encoder.dtype, device=device)
 
 
+def token_count(tokenizer, text: str | None) -> int:
+    """Tokens ``text`` needs with start/end tokens, before truncation (to tell when it gets cut)."""
+    return len(tokenizer(text or "", truncation=False).input_ids)
+
+
+def truncation_warnings(tokenizer, fields: dict[str, str | None]) -> str | None:
+    """``"prompt: truncated to 77 tokens (had N)"`` for each text the encoder will cut, or None."""
+    limit = tokenizer.model_max_length
+    notes = [f"{name}: truncated to {limit} tokens (had {n})" for name, text in fields.items()
+             if text and (n := token_count(tokenizer, text)) > limit]
+    return "; ".join(notes) or None
+
+
 def initial_latents(seeds: list[int], shape: tuple[int, int, int], device: torch.device,
                     dtype: torch.dtype) -> tuple[torch.Tensor, list[torch.Generator]]:
     """Per-image Gaussian latents, each from ``torch.Generator("cpu").manual_seed(seed)``."""

@@ -22,7 +22,7 @@ import torch
 from batch.manifest import BUCKET_FIELDS, bucket_key
 from batch.models import load_model, make_scheduler, scheduler_class_name
 from batch.safety import NSFW_ERROR, apply_policy
-from batch.sampling import SamplingParams, txt2img
+from batch.sampling import SamplingParams, truncation_warnings, txt2img
 
 _SAMPLER_INPUTS = ["prompt", "negative_prompt", "seed", "height", "width", "num_inference_steps",
                    "guidance_scale", "scheduler"]
@@ -127,6 +127,9 @@ class Txt2ImgSampler:
                     continue
                 pixels[i] = np.ascontiguousarray(images[j]).tobytes()
 
+        # 4. texts longer than the encoder's window are cut (as diffusers does); say so per row
+        warnings = [truncation_warnings(m.tokenizer, {"prompt": r["prompt"], "negative_prompt": r["negative_prompt"]})
+                    for r in rows]
         out = _set_column(batch, "scheduler", [r["scheduler"] for r in rows], pa.string())
         for name, values, type_ in (
             ("_pixels", pixels, pa.binary()),
@@ -141,6 +144,7 @@ class Txt2ImgSampler:
             ("device", [str(m.device)] * n, pa.string()),
             ("worker", [self.worker] * n, pa.string()),
             ("t_sample_s", t_sample, pa.float64()),
+            ("warnings", warnings, pa.string()),
             ("nsfw", nsfw, pa.bool_()),
         ):
             out = _set_column(out, name, values, type_)
@@ -148,15 +152,17 @@ class Txt2ImgSampler:
 
 
 def encode_and_write(batch: pa.Table, output: str, storage_options: dict[str, Any], upload: bool = True,
-                     output_format: str = "files", image_format: str = "png", webp_lossless: bool = True,
-                     jpeg_quality: int = 95) -> pa.Table:
+                     retries: int | None = None, output_format: str = "files", image_format: str = "png",
+                     webp_lossless: bool = True, jpeg_quality: int = 95) -> pa.Table:
     """CPU stage: encode each generated image, hash it and write it under the output prefix.
 
     The container (image files, WebDataset tar or Parquet shard) and the encoding (PNG, WebP, JPEG) are
-    the spec's; see :mod:`batch.writers`. With ``upload=False`` (process-local filesystems such as
+    the spec's; see :mod:`batch.writers`. Each object is written whole before its row leaves this stage,
+    and only the driver commits rows, so no committed row ever points at a partial object; transient storage
+    errors are retried (``retries`` tries). With ``upload=False`` (process-local filesystems such as
     ``memory://``) the objects are returned in a ``_puts`` column for the driver to write instead.
     """
     from batch.writers import OutputFormat, write_block
 
     fmt = OutputFormat(output_format, image_format, webp_lossless, jpeg_quality)
-    return write_block(batch, output, storage_options, upload, fmt)
+    return write_block(batch, output, storage_options, upload, fmt, retries=retries)

@@ -11,7 +11,7 @@
   encoded bytes in a column named by the extension (``png``/``webp``/``jpg``) next to ``key``, ``caption``,
   ``id``, ``image_index``, ``seed``, ``width``, ``height``, ``sha256``; metadata ``member`` is the ``key``.
 
-Every block also writes ``shards/<block>_stats.json`` (counts, bytes, format, timings). ``<block>`` is
+Every shard has a ``shards/<block>_stats.json`` next to it (counts, bytes, format, timings). ``<block>`` is
 derived from the block's sample keys only (16 hex digits of their SHA-256), so a rerun of the same block
 writes the same name. A shard is built whole in memory and written with one atomic put (object stores PUT
 whole objects; local files go to a temp name, then rename), and metadata naming it is committed only after
@@ -157,7 +157,7 @@ def _error_text(err: BaseException) -> str:
 
 
 def write_block(batch: pa.Table, output: str, storage_options: dict[str, Any], upload: bool,
-                fmt: OutputFormat) -> pa.Table:
+                fmt: OutputFormat, retries: int | None = None) -> pa.Table:
     """Encode and write one block's images in ``fmt``; return the block with result columns.
 
     Adds ``uri``, ``member``, ``sha256`` (of the encoded image), ``file_size``, ``t_write_s`` and updates
@@ -169,7 +169,7 @@ def write_block(batch: pa.Table, output: str, storage_options: dict[str, Any], u
     2. files: put each image; shards: build the shard whole, put it, then its stats JSON;
     3. fill the result columns.
     """
-    out = open_output(output, storage_options)
+    out = open_output(output, storage_options, retries=retries)  # puts retry transient storage errors
     wanted = ["id", "image_index", "height", "width", "status", "error", "_pixels"]
     rows = batch.select(wanted).to_pylist()
     extra = {c: batch.column(c).to_pylist() for c in SAMPLE_FIELDS if c in batch.column_names and c not in wanted}
@@ -217,13 +217,6 @@ def write_block(batch: pa.Table, output: str, storage_options: dict[str, Any], u
                 status[i], error[i] = "failed", _error_text(err)
                 continue
             uri[i], t_write[i] = out.uri(key), t_enc[i] + time.perf_counter() - t0
-        written = [i for i in encoded if status[i] == "ok"]
-        if name:
-            stats.update(shard=None, written=len(written), bytes=sum(len(encoded[i]) for i in written))
-            try:
-                put(min(encoded), f"{SHARDS_DIR}/{name}_stats.json", _stats_bytes(stats))
-            except Exception:  # stats are informative; the images are written and recorded
-                pass
     elif encoded:
         t0 = time.perf_counter()
         samples = [(keys[i], {c: rows[i].get(c, extra.get(c, [None] * n)[i]) for c in SAMPLE_FIELDS}

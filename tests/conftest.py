@@ -34,7 +34,7 @@ def ray_session():
     """One embedded 2-CPU Ray for all pipeline tests (jobs reuse it and leave it running)."""
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
+    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING")
     yield ray
     ray.shutdown()
 

@@ -26,7 +26,7 @@ def run_dir(tmp_path_factory):
     p = plan(pa.Table.from_pylist(rows), spec, RESERVED_COLUMNS)
     sampler = stages.Txt2ImgSampler(model="tiny", revision=None, dtype="float32", device="cpu", batch_size=5)
     written = stages.encode_and_write(sampler(p.items), out_uri, {})
-    committer = MetadataCommitter(open_output(out_uri), pa.schema([]), "grid-test", 100)
+    committer = MetadataCommitter(open_output(out_uri), pa.schema([]), "grid-test", "attempt-1", 100, 3600)
     committer.add(p.failed.append_column("status", pa.array(["failed"])))
     committer.add(written)
     committer.flush()

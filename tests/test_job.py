@@ -16,11 +16,11 @@ from batch.cli import main as cli_main
 from batch.config import SpecError, parse_spec
 from batch.job import RunExistsError, run_job
 from batch.pipeline import cut_blocks, resolve_resources
-from batch.storage import RUN_RECORD, SUCCESS_MARKER, decode_png, open_output, read_metadata
+from batch.storage import LEASE, RUN_RECORD, SUCCESS_MARKER, decode_png, open_output, read_metadata
 
 GOOD = [
     {"id": "a", "prompt": "a red cube", "seed": 11, "num_images": 2, "tag": "x"},
-    {"id": "b/../../escape", "prompt": "a blue sphere", "negative_prompt": "blurry", "tag": "y"},
+    {"id": "b", "prompt": "a blue sphere", "negative_prompt": "blurry", "tag": "y"},
     {"id": "c", "prompt": "a green cone", "guidance_scale": 3.0, "scheduler": "euler_a", "tag": None},
     {"id": "d", "prompt": "a tiny house", "seed": 5, "height": 32, "width": 48, "tag": "z"},
 ]
@@ -59,7 +59,7 @@ def test_good_rows_complete_and_bad_rows_fail_with_field(mixed_run):
     rows = meta.to_pylist()
     ok = [r for r in rows if r["status"] == "ok"]
     failed = {r["id"] + str(r["manifest_row"]): r for r in rows if r["status"] == "failed"}
-    assert sorted((r["id"], r["image_index"]) for r in ok) == [("a", 0), ("a", 1), ("b/../../escape", 0),
+    assert sorted((r["id"], r["image_index"]) for r in ok) == [("a", 0), ("a", 1), ("b", 0),
                                                                 ("c", 0), ("d", 0)]
     assert summary.rows_ok == 4 and summary.rows_failed == 6 and summary.images_ok == 5
     assert failed["e-empty4"]["error"].startswith("prompt:")
@@ -88,10 +88,12 @@ def test_objects_match_metadata_and_stay_under_prefix(mixed_run):
         assert r["seed"] == r["row_seed"] + r["image_index"]
         assert r["model"] == "tiny" and r["model_revision"] == "tiny-v1" and r["dtype"] == "float32"
     files = out.list("")
-    assert all(f.startswith(("images/", "metadata/")) or f in (RUN_RECORD, SUCCESS_MARKER) for f in files)
+    assert all(f.startswith(("images/", "metadata/", "logs/")) or f in (RUN_RECORD, SUCCESS_MARKER, LEASE)
+               for f in files)
     record = out.get_json(RUN_RECORD)
     assert record["status"] == "finished" and record["summary"]["images_ok"] == 5
-    assert record["versions"]["torch"].startswith("2.13") and record["spec"]["model"] == "tiny"
+    assert record["attempts"][0]["versions"]["torch"].startswith("2.13") and record["spec"]["model"] == "tiny"
+    assert out.get_json(LEASE)["released"] is True
     assert out.get_json(SUCCESS_MARKER)["run_id"] == record["run_id"]
 
 
@@ -142,10 +144,17 @@ def test_one_file_manifest_spreads_over_two_actors_without_deadlock(tmp_path, ra
     assert len(set(meta.column("worker").to_pylist())) == 2
 
 
-def test_existing_output_is_refused(mixed_run):
-    _, out, _ = mixed_run
-    with pytest.raises(RunExistsError):
-        run_job(spec_for("unused.parquet", out))
+def test_existing_output_resumes_the_same_run_and_refuses_another(mixed_run, tmp_path):
+    _, out, meta = mixed_run
+    manifest = write_manifest(tmp_path / "m.parquet", GOOD + BAD, SCHEMA)
+    again = run_job(spec_for(manifest, out, actors=2, batch_size=1))  # compute settings may change
+    assert (again.images_this_attempt, again.images_skipped, again.images_ok, again.rows_failed) == (0, 5, 5, 6)
+    assert read_metadata(out).num_rows == meta.num_rows  # nothing committed twice
+    with pytest.raises(RunExistsError, match="seed: 0 -> 1"):
+        run_job(spec_for(manifest, out, seed=1))
+    changed = write_manifest(tmp_path / "m2.parquet", GOOD, SCHEMA)
+    with pytest.raises(RunExistsError, match="manifest contents changed"):
+        run_job(spec_for(changed, out))
 
 
 def test_default_resources_never_take_every_cpu():
@@ -226,7 +235,7 @@ def test_model_that_cannot_load_marks_the_run_crashed(tmp_path, ray_session, mon
     with pytest.raises(Exception, match="creation task|cannot resolve"):
         run_job(spec_for(manifest, str(tmp_path / "out"), model="org/not-in-cache"))
     record = open_output(str(tmp_path / "out")).get_json(RUN_RECORD)
-    assert record["status"] == "crashed" and record["error"]
+    assert record["status"] == "crashed" and record["attempts"][-1]["error"]
     assert not open_output(str(tmp_path / "out")).exists(SUCCESS_MARKER)
 
 

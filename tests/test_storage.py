@@ -18,10 +18,18 @@ from batch.storage import (
     conform,
     decode_png,
     encode_png,
+    RetryPolicy,
+    compact,
     image_key,
+    is_transient,
+    metadata_parts,
     open_output,
+    part_key,
     read_metadata,
+    read_parts,
+    retrying,
 )
+from batch import storage as storage_mod
 
 HOSTILE_IDS = [
     "../../etc/passwd",
@@ -138,16 +146,83 @@ def test_output_path_joins_under_root(tmp_path):
     assert out.path("images/a/0.png") == out.root.rstrip("/") + "/images/a/0.png"
 
 
+def _rows(*recs):
+    """Metadata rows from (manifest_row, image_index, status, attempt) tuples."""
+    return conform(pa.Table.from_pylist(
+        [{"id": f"r{r}", "manifest_row": r, "image_index": k, "status": st, "attempt": att} for r, k, st, att in recs],
+        schema=pa.schema([("id", pa.string()), ("manifest_row", pa.int64()), ("image_index", pa.int32()),
+                          ("status", pa.string()), ("attempt", pa.string())])), pa.schema([]))
+
+
 def test_put_parquet_and_read_metadata(tmp_path):
     out = open_output(str(tmp_path / "run"))
     assert read_metadata(str(tmp_path / "run")).schema.equals(METADATA_SCHEMA)
-    t1 = conform(pa.table({"id": ["a"], "status": ["ok"]}), pa.schema([]))
-    t2 = conform(pa.table({"id": ["b"], "status": ["failed"]}), pa.schema([]))
-    out.put_parquet("metadata/part-000000.parquet", t1)
-    out.put_parquet("metadata/part-000001.parquet", t2)
+    out.put_parquet(part_key("A", 0), _rows((0, 0, "ok", "A")))
+    out.put_parquet(part_key("A", 1), _rows((1, None, "failed", "A")))
     meta = read_metadata(str(tmp_path / "run"))
-    assert meta.column("id").to_pylist() == ["a", "b"]
+    assert meta.column("id").to_pylist() == ["r0", "r1"]
     assert meta.schema.equals(METADATA_SCHEMA)
+
+
+def test_latest_attempt_wins_per_image_and_leftover_temp_parts_are_ignored(tmp_path):
+    out = open_output(str(tmp_path / "run"))
+    out.put_parquet(part_key("20260101T000000000000Z-aaaaaa", 0),
+                    _rows((0, 0, "ok", "20260101T000000000000Z-aaaaaa"), (1, 0, "failed", "20260101T000000000000Z-aaaaaa"),
+                          (2, None, "failed", "20260101T000000000000Z-aaaaaa")))
+    out.put_parquet(part_key("20260102T000000000000Z-bbbbbb", 0),
+                    _rows((1, 0, "ok", "20260102T000000000000Z-bbbbbb"), (1, 1, "ok", "20260102T000000000000Z-bbbbbb")))
+    (tmp_path / "run" / "metadata" / "part-x.parquet.tmp-123").write_bytes(b"partial write")
+    meta = read_metadata(out)
+    got = sorted((r["manifest_row"], r["image_index"], r["status"]) for r in meta.to_pylist())
+    assert got == [(0, 0, "ok"), (1, 0, "ok"), (1, 1, "ok"), (2, None, "failed")]
+    assert len(read_parts(out)) == 5  # the raw parts still hold the superseded record
+
+
+def test_compaction_keeps_each_image_once_and_survives_a_crash_between_write_and_delete(tmp_path):
+    out = open_output(str(tmp_path / "run"))
+    for n in range(5):
+        att = f"2026010{n + 1}T000000000000Z-{n:06d}"
+        out.put_parquet(part_key(att, 0), _rows((n, 0, "failed" if n == 2 else "ok", att), (0, 0, "ok", att)))
+    before = sorted(map(str, read_metadata(out).to_pylist()))
+    assert compact(out, rows_per_part=3) == (5, 2)
+    assert len(metadata_parts(out)) == 2
+    assert sorted(map(str, read_metadata(out).to_pylist())) == before
+    # a crash after the compacted parts are written but before the old ones go: readers still see one of each
+    out.put_parquet(part_key("20260101T000000000000Z-000000", 0), _rows((0, 0, "ok", "20260101T000000000000Z-000000")))
+    meta = read_metadata(out)
+    assert meta.num_rows == 5 and sorted(meta.column("manifest_row").to_pylist()) == [0, 1, 2, 3, 4]
+
+
+class _Flaky(Exception):
+    pass
+
+
+def test_transient_errors_are_retried_with_backoff_and_permanent_ones_are_not(monkeypatch):
+    sleeps = []
+    monkeypatch.setattr(storage_mod.time, "sleep", sleeps.append)
+    calls = []
+
+    def flaky(n_failures, err):
+        def fn():
+            calls.append(1)
+            if len(calls) <= n_failures:
+                raise err
+            return "done"
+        return fn
+
+    assert retrying(flaky(3, OSError("503 Service Unavailable")), policy=RetryPolicy(attempts=4)) == "done"
+    assert len(sleeps) == 3 and sleeps[0] < sleeps[2]  # growing backoff
+    calls.clear()
+    with pytest.raises(TimeoutError):  # bounded: the last error surfaces
+        retrying(flaky(10, TimeoutError("read timed out")), policy=RetryPolicy(attempts=3))
+    assert len(calls) == 3
+    calls.clear()
+    with pytest.raises(FileNotFoundError):  # permanent: no retry at all
+        retrying(flaky(1, FileNotFoundError("nope")), policy=RetryPolicy(attempts=5))
+    assert len(calls) == 1
+    assert is_transient(OSError("An error occurred (SlowDown) when calling the PutObject operation"))
+    assert is_transient(ConnectionError("reset")) and not is_transient(PermissionError("403 Forbidden"))
+    assert not is_transient(_Flaky("some bug"))
 
 
 # --- PNG ----------------------------------------------------------------------------------------------------

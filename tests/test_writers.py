@@ -24,7 +24,7 @@ from batch.writers import ImageReader, OutputFormat, decode_image, format_warnin
 def generated():
     sampler = stages.Txt2ImgSampler(model="tiny", revision=None, dtype="float32", device="cpu", batch_size=2)
     spec = parse_spec({"defaults": {"height": 64, "width": 64, "num_inference_steps": 3}})
-    rows = [{"id": "a", "prompt": "a red cube", "num_images": 2}, {"id": "../b", "prompt": "a blue sphere"}]
+    rows = [{"id": "a", "prompt": "a red cube", "num_images": 2}, {"id": "b", "prompt": "a blue sphere"}]
     return sampler(plan(pa.Table.from_pylist(rows), spec, RESERVED_COLUMNS).items)
 
 

@@ -1,0 +1,95 @@
+"""Where a manifest may make the job read from: allowed input locations for image URIs.
+
+A manifest is data from someone else; its ``image_uri`` values must not turn the job into a file reader
+for the machine or a bucket it happens to have credentials for. An input URI is accepted only under one
+of the spec's ``allowed_input_prefixes``; when that list is empty, the only allowed prefix is the folder
+that holds the manifest. Checks run on the normalised location:
+
+1. relative local paths are taken relative to the manifest's folder;
+2. local paths are resolved (``..`` and symlinks), so ``allowed/../../etc/passwd`` or a symlink out of
+   the folder is judged by where it really points;
+3. remote paths must not contain ``..`` segments (plain or URL-encoded) at all, since object stores do not
+   resolve them but some gateways do;
+4. the protocol must match (``file`` and bare paths are the same), then the path must equal the prefix or
+   continue it after a ``/``.
+"""
+
+from __future__ import annotations
+
+import os
+import posixpath
+import urllib.parse
+
+import fsspec
+
+LOCAL_PROTOCOLS = ("file", "local")
+
+
+class InputLocationError(ValueError):
+    """An input URI outside the allowed locations (or malformed)."""
+
+
+def _split(uri: str) -> tuple[str, str]:
+    protocol, path = fsspec.core.split_protocol(uri)
+    protocol = (protocol or "file").lower()
+    return ("file" if protocol in LOCAL_PROTOCOLS else protocol), path
+
+
+def manifest_folder(manifest_uri: str) -> str:
+    """The folder holding a manifest file (a folder manifest is its own folder)."""
+    protocol, path = _split(manifest_uri)
+    if protocol == "file":
+        real = os.path.realpath(path)
+        return real if os.path.isdir(real) else os.path.dirname(real)
+    fs, root = fsspec.core.url_to_fs(manifest_uri)
+    folder = root if fs.isdir(root) else posixpath.dirname(root.rstrip("/"))
+    return f"{protocol}://{folder}"
+
+
+def normalise(uri: str, base: str | None = None) -> str:
+    """The location ``uri`` really names (see module docstring, steps 1-3); raises on ``..`` remotely."""
+    if not isinstance(uri, str) or not uri.strip():
+        raise InputLocationError(f"must be a non-empty URI string, got {uri!r}")
+    if "\x00" in uri:
+        raise InputLocationError("contains a NUL byte")
+    protocol, path = _split(uri)
+    if protocol == "file":
+        if not os.path.isabs(path):
+            if base is None:
+                raise InputLocationError(f"relative path {uri!r} needs a manifest folder to be relative to")
+            path = os.path.join(_split(base)[1], path)
+        return os.path.realpath(path)
+    segments = urllib.parse.unquote(urllib.parse.unquote(path)).replace("\\", "/").split("/")
+    if ".." in segments or "." in segments:
+        raise InputLocationError(f"must not contain '.' or '..' segments, got {uri!r}")
+    return f"{protocol}://{path}"
+
+
+def is_under(location: str, prefix: str) -> bool:
+    """Whether normalised ``location`` equals normalised ``prefix`` or lies below it."""
+    lp, lpath = _split(location)
+    pp, ppath = _split(prefix)
+    if lp != pp:
+        return False
+    ppath = ppath.rstrip("/")
+    return lpath == ppath or lpath.startswith(ppath + "/")
+
+
+def allowed_prefixes(spec_prefixes: list[str], manifest_uri: str | None) -> list[str]:
+    """The normalised allowed prefixes: the spec's list, else the manifest's folder."""
+    if spec_prefixes:
+        return [normalise(p) if _split(p)[0] != "file" else os.path.realpath(_split(p)[1]) for p in spec_prefixes]
+    if manifest_uri is None:
+        return []
+    return [manifest_folder(manifest_uri)]
+
+
+def check_input_uri(uri: str, allowed: list[str], base: str | None = None) -> str:
+    """Return the normalised location of ``uri`` if it lies under an allowed prefix, else raise
+    :class:`InputLocationError` saying which prefixes are allowed. ``base``: the manifest folder."""
+    location = normalise(uri, base)
+    if not any(is_under(location, prefix) for prefix in allowed):
+        shown = ", ".join(allowed) or "(none)"
+        raise InputLocationError(f"{uri!r} is outside the allowed input locations [{shown}] "
+                                 "(set allowed_input_prefixes in the spec to allow more)")
+    return location
