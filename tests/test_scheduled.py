@@ -89,10 +89,19 @@ def test_grid_from_webdataset_shards(first_run, tmp_path):
 
 
 def test_same_day_rerun_does_not_duplicate(first_run, setup, ray_session):
-    """Needs resume (issue 4): the second attempt continues the day's run in the same prefix."""
+    """The second attempt on the same day resumes the day's run in the same prefix (issue 4's resume)."""
     _, argv = setup
     assert _generate_main()(argv) == 0
     meta = read_metadata(first_run).to_pylist()
     keys = [(r["id"], r["image_index"]) for r in meta if r["status"] == "ok"]
     assert len(keys) == len(set(keys)) == 6
     assert [p for p in Path(first_run).parent.iterdir()] == [Path(first_run.rstrip("/"))]  # one dated prefix
+    starts = [e for e in read_log(open_output(first_run), scheduled_run_id(parse_day(DAY))) if e["event"] == "start"]
+    assert [e["images_to_do"] for e in starts] == [6, 0]  # the second attempt found everything committed
+
+
+def test_status_reads_a_shard_format_run(first_run, capsys):
+    capsys.readouterr()
+    assert cli_main(["status", first_run, "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["complete"] and report["images_ok"] == 6 and report["images_failed"] == 0
