@@ -172,7 +172,7 @@ def write_block(batch: pa.Table, output: str, storage_options: dict[str, Any], u
     out = open_output(output, storage_options, retries=retries)  # puts retry transient storage errors
     wanted = ["id", "image_index", "height", "width", "status", "error", "_pixels"]
     rows = batch.select(wanted).to_pylist()
-    extra = {c: batch.column(c).to_pylist() for c in SAMPLE_FIELDS if c in batch.column_names and c not in wanted}
+    params = batch.select([c for c in SAMPLE_FIELDS if c in batch.column_names]).to_pylist()  # per-sample .json
     n = len(rows)
     status, error = [r["status"] for r in rows], [r["error"] for r in rows]
     uri: list = [None] * n
@@ -219,9 +219,7 @@ def write_block(batch: pa.Table, output: str, storage_options: dict[str, Any], u
             uri[i], t_write[i] = out.uri(key), t_enc[i] + time.perf_counter() - t0
     elif encoded:
         t0 = time.perf_counter()
-        samples = [(keys[i], {c: rows[i].get(c, extra.get(c, [None] * n)[i]) for c in SAMPLE_FIELDS}
-                    | {c: rows[i][c] for c in ("id", "image_index", "height", "width")}, encoded[i])
-                   for i in sorted(encoded)]
+        samples = [(keys[i], params[i], encoded[i]) for i in sorted(encoded)]
         ext = "tar" if fmt.output_format == "webdataset" else "parquet"
         key = f"{SHARDS_DIR}/{name}.{ext}"
         try:

@@ -21,11 +21,15 @@ from batch.schedule import dated_prefix, parse_day, scheduled_run_id  # noqa: E4
 
 def run_argv(argv: list[str]) -> list[str]:
     """Translate this script's arguments into ``sdbatch run`` arguments."""
-    pre = argparse.ArgumentParser(prog="jobs/generate.py", add_help=False)
-    pre.add_argument("--config")
-    pre.add_argument("--dated-output", metavar="BASE")
-    pre.add_argument("--date", metavar="YYYY-MM-DD")
+    pre = argparse.ArgumentParser(prog="jobs/generate.py", add_help=False,
+                                  description="Generation job entry point; every other flag is `sdbatch run`'s:")
+    pre.add_argument("--config", help="YAML job spec (or give it positionally)")
+    pre.add_argument("--dated-output", metavar="BASE", help="write to BASE/dt=YYYY-MM-DD/ (scheduled runs)")
+    pre.add_argument("--date", metavar="YYYY-MM-DD", help="the day for --dated-output (default: today, UTC)")
     known, rest = pre.parse_known_args(argv)
+    if "-h" in rest or "--help" in rest:
+        pre.print_help()
+        print()
     if known.date and not known.dated_output:
         pre.error("--date needs --dated-output")
     if known.dated_output:

@@ -105,3 +105,21 @@ def test_status_reads_a_shard_format_run(first_run, capsys):
     assert cli_main(["status", first_run, "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["complete"] and report["images_ok"] == 6 and report["images_failed"] == 0
+
+
+def test_entry_point_flags():
+    run_argv = importlib.util.module_from_spec(
+        s := importlib.util.spec_from_file_location("jobs_generate_flags", REPO / "jobs" / "generate.py"))
+    s.loader.exec_module(run_argv)
+    run_argv = run_argv.run_argv
+    assert run_argv(["--config", "c.yaml", "--output", "o"]) == ["run", "c.yaml", "--output", "o"]
+    assert run_argv(["c.yaml", "--quiet"]) == ["run", "c.yaml", "--quiet"]  # positional still works
+    argv = run_argv(["--config", "c.yaml", "--dated-output", "s3://b/n/", "--date", "2026-01-02", "--run-id", "x"])
+    assert argv == ["run", "c.yaml", "--run-id", "x", "--output", "s3://b/n/dt=2026-01-02/"]
+    for bad in (["--date", "2026-01-02"], ["--dated-output", "b", "--date", "2026-1-2"],
+                ["--dated-output", "b", "--output", "o"]):
+        with pytest.raises(SystemExit):
+            run_argv(["c.yaml", *bad])
+    assert dated_prefix("memory://x", parse_day("2026-02-28")) == "memory://x/dt=2026-02-28/"
+    with pytest.raises(ValueError):
+        parse_day("2026-02-30")
