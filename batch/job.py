@@ -234,10 +234,17 @@ def _identity(spec_json: dict[str, Any]) -> dict[str, Any]:
     return {k: spec_json.get(k) for k in IDENTITY_FIELDS}
 
 
+def _differences(old: Any, new: Any, path: str = "") -> list[str]:
+    """``"defaults.num_inference_steps: 1 -> 12"`` for every leaf where two spec dumps differ."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        return [d for k in sorted(set(old) | set(new), key=str)
+                for d in _differences(old.get(k), new.get(k), f"{path}.{k}" if path else str(k))]
+    return [] if old == new else [f"{path}: {old!r} -> {new!r}"]
+
+
 def check_same_run(record: dict[str, Any], spec: JobSpec, digest: str, output: str) -> None:
     """Refuse to add an attempt to a run that was started with other outputs in mind."""
-    old, new = _identity(record.get("spec", {})), _identity(redact(spec.model_dump(mode="json")))
-    diffs = [f"{k}: {old[k]!r} -> {new[k]!r}" for k in IDENTITY_FIELDS if old[k] != new[k]]
+    diffs = _differences(_identity(record.get("spec", {})), _identity(redact(spec.model_dump(mode="json"))))
     if record.get("manifest_sha256") != digest:
         diffs.append("manifest contents changed (sha256 differs)")
     if diffs:

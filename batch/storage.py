@@ -21,6 +21,7 @@ unicode, NUL) can steer a write outside the prefix, and two ids never share a ke
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import json
@@ -222,7 +223,7 @@ def _is_local(fs: fsspec.AbstractFileSystem) -> bool:
 def open_output(uri: str, storage_options: dict[str, Any] | None = None, retries: int | None = None) -> Output:
     """Open an output prefix (any fsspec URI); ``retries``: tries per operation on transient errors."""
     fs, root = fsspec.core.url_to_fs(uri, **(storage_options or {}))
-    policy = DEFAULT_RETRY if retries is None else RetryPolicy(attempts=retries)
+    policy = DEFAULT_RETRY if retries is None else dataclasses.replace(DEFAULT_RETRY, attempts=retries)
     return Output(fs=fs, root=root, retry=policy)
 
 

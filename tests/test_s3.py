@@ -57,3 +57,18 @@ def test_full_run_on_loopback_s3(s3_options, ray_session):
         data = fs.cat_file(r["uri"])
         assert hashlib.sha256(data).hexdigest() == r["sha256"]
         assert decode_png(data).shape == (64, 64, 3)
+
+
+def test_status_and_resume_on_s3_use_recorded_spec_and_given_credentials(s3_options, ray_session, capsys):
+    from batch.cli import main as cli_main
+
+    uri = "s3://sdbatch-test/runs/one"
+    creds = ["--set", "storage_options.key=testing", "--set", "storage_options.secret=testing",
+             "--set", f"storage_options.client_kwargs.endpoint_url={s3_options['client_kwargs']['endpoint_url']}",
+             "--set", "storage_options.client_kwargs.region_name=us-east-1"]
+    assert cli_main(["status", uri, *creds]) == 0
+    assert "2 done, 0 failed, 0 pending" in capsys.readouterr().out
+    before = read_metadata(uri, s3_options)
+    assert cli_main(["resume", uri, "--quiet", *creds]) == 0  # nothing left: no Ray work, nothing rewritten
+    assert "this attempt 0 (2 already committed)" in capsys.readouterr().out
+    assert read_metadata(uri, s3_options).equals(before)

@@ -1,0 +1,236 @@
+"""Exactly once under faults: a killed driver, a killed sampler actor, flaky storage, failed images retried.
+
+Every test ends by checking the same invariant (:func:`assert_exactly_once`): each planned image has one
+committed record, ok, whose object exists and matches its sha256, and no raw part repeats a key.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import random
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+
+import fsspec
+import pytest
+from conftest import write_manifest
+from fsspec.implementations.memory import MemoryFileSystem
+
+from batch.cli import main as cli_main
+from batch.config import parse_spec
+from batch.job import RunExistsError, RunInProgressError, run_job
+from batch.storage import (LEASE, RUN_RECORD, SUCCESS_MARKER, RetryPolicy, metadata_parts, open_output,
+                           read_metadata, read_parts)
+
+ROOT = Path(__file__).resolve().parents[1]
+ROWS = [{"id": f"row-{i:02d}", "prompt": f"a small picture number {i}", "num_images": 1 + i % 2} for i in range(10)]
+PLANNED = sum(r["num_images"] for r in ROWS)
+SPEC = {"model": "tiny", "device": "cpu", "dtype": "float32", "progress": False, "batch_size": 1, "actors": 1,
+        "commit_every": 1, "defaults": {"height": 64, "width": 64, "num_inference_steps": 8}}
+
+
+def spec_for(manifest: str, output: str, **kw):
+    return parse_spec({**SPEC, "manifest": manifest, "output": output, **kw})
+
+
+def assert_exactly_once(output: str, planned: int = PLANNED) -> None:
+    out = open_output(output)
+    raw = read_parts(out)
+    keys = Counter(zip(raw.column("manifest_row").to_pylist(), raw.column("image_index").to_pylist()))
+    assert max(keys.values()) == 1, [k for k, n in keys.items() if n > 1]  # never committed twice
+    meta = read_metadata(out)
+    assert meta.num_rows == planned and set(meta.column("status").to_pylist()) == {"ok"}
+    assert len(set(zip(meta.column("id").to_pylist(), meta.column("image_index").to_pylist()))) == planned
+    for r in meta.to_pylist():
+        data = out.fs.cat_file(out.fs._strip_protocol(r["uri"]))
+        assert hashlib.sha256(data).hexdigest() == r["sha256"] and len(data) == r["file_size"]
+    assert out.exists(SUCCESS_MARKER)
+
+
+# --- the driver killed with SIGKILL, then restarted ------------------------------------------------------
+
+
+def _start_driver(cfg: Path, manifest: str, output: str) -> subprocess.Popen:
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    return subprocess.Popen([sys.executable, "-m", "batch.cli", "run", str(cfg), "--manifest", manifest,
+                             "--output", output, "--quiet"], cwd=ROOT, env=env, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+
+def _kill_when(proc: subprocess.Popen, ready, timeout: float = 240.0) -> None:
+    """SIGKILL the driver's whole process group (driver and its embedded Ray) once ``ready()`` holds."""
+    deadline = time.monotonic() + timeout
+    while not ready():
+        assert proc.poll() is None, f"driver exited early: {proc.stderr.read().decode()[-2000:]}"
+        assert time.monotonic() < deadline, "kill point never reached"
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
+def test_driver_killed_at_several_points_then_resumed_commits_every_image_once(tmp_path, ray_session):
+    manifest = write_manifest(tmp_path / "m.parquet", ROWS)
+    output = str(tmp_path / "out")
+    cfg = tmp_path / "job.yaml"
+    import yaml
+
+    cfg.write_text(yaml.safe_dump(SPEC))
+    out = open_output(output)
+    rng = random.Random(4)
+    kill_points = [
+        ("after the run record", lambda: out.exists(RUN_RECORD)),
+        ("after 2 more parts", None),
+        (f"at a random moment ({rng.uniform(2, 8):.1f}s in)", None),
+    ]
+    parts_seen = []
+    for name, ready in kill_points:
+        before = len(metadata_parts(out))
+        if ready is None and "parts" in name:
+            ready = lambda before=before: len(metadata_parts(out)) >= before + 2  # noqa: E731
+        elif ready is None:
+            t_kill = time.monotonic() + float(name.split("(")[1].split("s")[0])
+            ready = lambda t=t_kill: time.monotonic() >= t  # noqa: E731
+        _kill_when(_start_driver(cfg, manifest, output), ready)
+        parts_seen.append(len(metadata_parts(out)))
+        assert not out.exists(SUCCESS_MARKER), name
+    committed = read_metadata(output).num_rows
+    summary = run_job(spec_for(manifest, output))  # the restart (here in-process) finishes the run
+    assert summary.images_this_attempt == PLANNED - committed > 0  # the kills really interrupted the run
+    assert summary.images_ok == PLANNED and summary.images_skipped == committed
+    record = out.get_json(RUN_RECORD)
+    # attempts recorded: the first two kills came after the run record; the random one may come before it
+    assert len(record["attempts"]) in (3, 4) and record["status"] == "finished"
+    assert_exactly_once(output)
+
+
+# --- a sampler actor killed mid-run ----------------------------------------------------------------------
+
+
+def _sampler_pids() -> list[int]:
+    """Sampler actor processes of this test session's Ray (descendants of this process, not other Rays)."""
+    import psutil
+
+    me = psutil.Process()
+    return [p.pid for p in me.children(recursive=True) if "Txt2ImgSampler" in " ".join(p.cmdline())]
+
+
+def test_killed_sampler_actor_is_restarted_and_its_rows_redone(tmp_path, ray_session):
+    manifest = write_manifest(tmp_path / "m.parquet", ROWS)
+    output = str(tmp_path / "out")
+    out = open_output(output)
+    killed: list[int] = []
+
+    def killer():
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and len(metadata_parts(out)) < 1:
+            time.sleep(0.05)
+        pids = _sampler_pids()
+        if pids:
+            os.kill(pids[0], signal.SIGKILL)
+            killed.append(pids[0])
+
+    thread = threading.Thread(target=killer)
+    thread.start()
+    summary = run_job(spec_for(manifest, output))
+    thread.join()
+    assert killed, "no sampler actor process found to kill"
+    assert summary.images_ok == PLANNED and summary.exit_code == 0
+    workers = set(read_metadata(output).column("worker").to_pylist())
+    assert any(w.endswith(f":{killed[0]}") for w in workers)  # the killed actor committed rows first ...
+    assert any(not w.endswith(f":{killed[0]}") for w in workers)  # ... and its replacement did the rest
+    assert_exactly_once(output)
+
+
+# --- transient storage errors ----------------------------------------------------------------------------
+
+
+class FlakyMemoryFS(MemoryFileSystem):
+    """An in-memory filesystem whose first ``failures`` writes raise a throttling error (S3's 503 SlowDown)."""
+
+    protocol = "flakymem"
+    failures = 0
+    writes = 0
+
+    @classmethod
+    def _strip_protocol(cls, path):
+        if path.startswith("flakymem://"):
+            path = "memory://" + path[len("flakymem://"):]
+        return super()._strip_protocol(path)
+
+    def pipe_file(self, path, value, **kwargs):
+        FlakyMemoryFS.writes += 1  # every other write of the first 2 * failures fails: each kind of write is hit
+        if FlakyMemoryFS.writes <= 2 * FlakyMemoryFS.failures and FlakyMemoryFS.writes % 2:
+            raise OSError("503 SlowDown: please reduce your request rate")
+        return super().pipe_file(path, value, **kwargs)
+
+
+def test_job_completes_when_the_first_writes_fail_transiently(tmp_path, ray_session, monkeypatch):
+    fsspec.register_implementation("flakymem", FlakyMemoryFS, clobber=True)
+    monkeypatch.setattr("batch.storage.DEFAULT_RETRY", RetryPolicy(base_seconds=0.01, max_seconds=0.05))
+    FlakyMemoryFS.failures, FlakyMemoryFS.writes = 8, 0
+    manifest = write_manifest(tmp_path / "m.parquet", ROWS[:4])
+    output = f"flakymem://flaky-{tmp_path.name}/out"
+    summary = run_job(spec_for(manifest, output, storage_retries=6, defaults={"height": 64, "width": 64,
+                                                                            "num_inference_steps": 2}))
+    assert FlakyMemoryFS.writes > 2 * FlakyMemoryFS.failures  # the failures happened, and were retried
+    assert summary.images_ok == sum(r["num_images"] for r in ROWS[:4]) and summary.exit_code == 0
+    meta = read_metadata(output)
+    out = open_output(output)
+    for r in meta.to_pylist():
+        assert hashlib.sha256(out.fs.cat_file(out.fs._strip_protocol(r["uri"]))).hexdigest() == r["sha256"]
+
+
+# --- failed images, retry-failed, status, compact, the lease -----------------------------------------------
+
+
+def test_failed_images_are_retried_alone_and_status_reports_them(tmp_path, ray_session, capsys):
+    rows = ROWS[:4]
+    manifest = write_manifest(tmp_path / "m.parquet", rows)
+    output = tmp_path / "out"
+    from batch.storage import image_key
+
+    # a storage fault for one row: its folder's name is taken by a file, so its 2 images fail to write
+    blocked = output / image_key("row-01", 1).rsplit("/", 1)[0]
+    blocked.parent.mkdir(parents=True)
+    blocked.write_text("in the way")
+    first = run_job(spec_for(manifest, str(output), max_failed_fraction=0.5))
+    assert (first.images_ok, first.images_failed, first.rows_failed) == (4, 2, 1)
+    assert cli_main(["status", str(output)]) == 0
+    text = capsys.readouterr().out
+    assert "4 done, 2 failed, 0 pending" in text and "failed x2: FileExistsError" in text
+
+    blocked.unlink()
+    assert cli_main(["retry-failed", str(output), "--quiet"]) == 0
+    text = capsys.readouterr().out
+    assert "images: 6 ok, 0 failed" in text and "this attempt 2 (4 already committed)" in text
+    assert len(read_parts(open_output(str(output)))) == 8  # the failed records stay in their parts ...
+    meta = read_metadata(str(output))  # ... but readers see the latest record only
+    assert meta.num_rows == 6 and set(meta.column("status").to_pylist()) == {"ok"}
+
+    assert cli_main(["compact", str(output)]) == 0
+    assert "-> 1" in capsys.readouterr().out
+    assert read_metadata(str(output)).sort_by("manifest_row").equals(meta.sort_by("manifest_row"))
+    assert len(read_parts(open_output(str(output)))) == 6
+    assert cli_main(["status", str(output), "--json"]) == 0
+    assert '"images_ok": 6' in capsys.readouterr().out
+
+
+def test_live_lease_refuses_a_second_driver(tmp_path, ray_session):
+    manifest = write_manifest(tmp_path / "m.parquet", ROWS[:1])
+    output = str(tmp_path / "out")
+    quick = {"height": 64, "width": 64, "num_inference_steps": 1}
+    run_job(spec_for(manifest, output, defaults=quick))
+    out = open_output(output)
+    out.put_json(LEASE, {"attempt": "other", "host": "another-host", "pid": 1, "heartbeat": time.time(),
+                         "released": False})
+    with pytest.raises(RunInProgressError, match="another-host"):
+        run_job(spec_for(manifest, output, defaults=quick))
+    assert run_job(spec_for(manifest, output, defaults=quick), force=True).images_ok == 1  # --force takes over
+    with pytest.raises(RunExistsError, match=r"defaults.num_inference_steps: 1 -> 8\n"):
+        run_job(spec_for(manifest, output))
