@@ -94,6 +94,12 @@ def test_rayjobs_point_at_repo_files_and_shut_down(name, doc):
 
         parsed = build_parser().parse_args(run)
         assert parsed.command == "run" and parsed.output and parsed.manifest
+    elif argv[1] == "jobs/evaluate.py":  # issue 5's entry point: `sdbatch eval CONFIG` and its flags
+        from batch.cli import build_parser
+
+        rest = argv[2:argv.index("--config")] + argv[argv.index("--config") + 2:]
+        parsed = build_parser().parse_args(["eval", config, *rest])
+        assert parsed.output and parsed.coco_captions and parsed.coco_images
 
 
 def test_nightly_is_dated_and_scheduled():
