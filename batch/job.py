@@ -51,7 +51,7 @@ from batch.storage import (
     row_key,
 )
 from batch.runlog import RunLog
-from batch.writers import OutputFormat, format_warnings, write_puts
+from batch.writers import OutputFormat, apply_driver_writes, format_warnings
 
 VERSIONED_PACKAGES = ("sdbatch", "torch", "diffusers", "transformers", "ray", "pyarrow", "fsspec", "safetensors",
                       "pillow", "numpy")
@@ -395,9 +395,7 @@ def run_job(spec: JobSpec, mode: Mode = "run", force: bool = False) -> Summary:
             done = 0
             for batch in batches:
                 if "_puts" in batch.column_names:  # process-local filesystem: the driver writes (batch.writers)
-                    for puts in batch.column("_puts").to_pylist():
-                        write_puts(out, puts)
-                    batch = batch.drop_columns(["_puts"])
+                    batch = apply_driver_writes(out, batch)
                 parts_before = committer.parts
                 committer.add(batch)
                 done += batch.num_rows

@@ -72,7 +72,7 @@ RESULT_FIELDS = [
     ("nsfw", pa.bool_()),  # safety checker verdict; null when the model has no checker
 ]
 METADATA_SCHEMA = pa.schema(list(ITEM_SCHEMA) + [pa.field(n, t) for n, t in RESULT_FIELDS])
-RESERVED_COLUMNS = set(METADATA_SCHEMA.names) | {"_pixels", "_png", "_puts"}
+RESERVED_COLUMNS = set(METADATA_SCHEMA.names) | {"_pixels", "_png", "_puts", "_uri_key"}
 
 _SLUG = re.compile(r"[^A-Za-z0-9_-]+")
 

@@ -162,20 +162,22 @@ def write_block(batch: pa.Table, output: str, storage_options: dict[str, Any], u
 
     Adds ``uri``, ``member``, ``sha256`` (of the encoded image), ``file_size``, ``t_write_s`` and updates
     ``status``/``error`` (a failed encode or put fails its image, or for a shard every image in it).
-    With ``upload=False`` nothing is written; a ``_puts`` column (list of ``{key, data}``) carries the
-    objects for the driver to write, in order.
+    With ``upload=False`` nothing is written (nor opened: process-local filesystems exist only in the
+    driver); a ``_puts`` column (list of ``{key, data}``) carries the objects for the driver to write, in
+    order, and ``_uri_key`` the key each row's ``uri`` will name (see :func:`apply_driver_writes`).
 
     1. encode every generated image (per-image failure isolation);
     2. files: put each image; shards: build the shard whole, put it, then its stats JSON;
     3. fill the result columns.
     """
-    out = open_output(output, storage_options, retries=retries)  # puts retry transient storage errors
+    # puts retry transient storage errors; without upload the filesystem may not even exist in this process
+    out = open_output(output, storage_options, retries=retries) if upload else None
     wanted = ["id", "image_index", "height", "width", "status", "error", "_pixels"]
     rows = batch.select(wanted).to_pylist()
     params = batch.select([c for c in SAMPLE_FIELDS if c in batch.column_names]).to_pylist()  # per-sample .json
     n = len(rows)
     status, error = [r["status"] for r in rows], [r["error"] for r in rows]
-    uri: list = [None] * n
+    uri_key: list = [None] * n  # the object holding each image, relative to the output prefix
     member: list = [None] * n
     sha: list = [None] * n
     size: list = [None] * n
@@ -216,7 +218,7 @@ def write_block(batch: pa.Table, output: str, storage_options: dict[str, Any], u
             except Exception as err:  # a storage error fails this image only
                 status[i], error[i] = "failed", _error_text(err)
                 continue
-            uri[i], t_write[i] = out.uri(key), t_enc[i] + time.perf_counter() - t0
+            uri_key[i], t_write[i] = key, t_enc[i] + time.perf_counter() - t0
     elif encoded:
         t0 = time.perf_counter()
         samples = [(keys[i], params[i], encoded[i]) for i in sorted(encoded)]
@@ -240,7 +242,7 @@ def write_block(batch: pa.Table, output: str, storage_options: dict[str, Any], u
         else:
             dt = (time.perf_counter() - t0) / len(samples)
             for i in encoded:
-                uri[i] = out.uri(key)
+                uri_key[i] = key
                 member[i] = f"{keys[i]}.{fmt.ext}" if fmt.output_format == "webdataset" else keys[i]
                 t_write[i] = t_enc[i] + dt
 
@@ -250,6 +252,8 @@ def write_block(batch: pa.Table, output: str, storage_options: dict[str, Any], u
             sha[i], size[i] = hashlib.sha256(data).hexdigest(), len(data)
         else:
             t_write[i] = None
+    uri_key = [k if status[i] == "ok" else None for i, k in enumerate(uri_key)]
+    uri = [out.uri(k) if k else None for k in uri_key] if upload else [None] * n
     result = batch.drop_columns(["_pixels"])
     for col, values, type_ in (
         ("status", status, pa.string()), ("error", error, pa.string()), ("uri", uri, pa.string()),
@@ -257,8 +261,9 @@ def write_block(batch: pa.Table, output: str, storage_options: dict[str, Any], u
         ("t_write_s", t_write, pa.float64()),
     ):
         result = _set_column(result, col, values, type_)
-    if not upload:
+    if not upload:  # the driver writes the objects, then sets uri from _uri_key (apply_driver_writes)
         result = _set_column(result, "_puts", puts, PUTS_TYPE)
+        result = _set_column(result, "_uri_key", uri_key, pa.string())
     return result
 
 
@@ -324,6 +329,16 @@ class ImageReader:
 
 
 def write_puts(out: Output, puts: list[dict] | None) -> None:
-    """Driver side of ``upload=False``: write the objects a ``_puts`` cell carries, in order."""
+    """Write the objects a ``_puts`` cell carries, in order."""
     for obj in puts or []:
         out.put(obj["key"], obj["data"])
+
+
+def apply_driver_writes(out: Output, batch: pa.Table) -> pa.Table:
+    """Driver side of ``upload=False``: write every row's ``_puts``, then fill ``uri`` from ``_uri_key``
+    and drop both columns. Objects are written before the rows are returned (and so before any commit)."""
+    for puts in batch.column("_puts").to_pylist():
+        write_puts(out, puts)
+    uris = [out.uri(k) if k else None for k in batch.column("_uri_key").to_pylist()]
+    batch = _set_column(batch, "uri", uris, pa.string())
+    return batch.drop_columns(["_puts", "_uri_key"])

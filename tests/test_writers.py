@@ -17,7 +17,7 @@ import batch.stages as stages
 from batch.config import SpecError, parse_spec
 from batch.manifest import plan
 from batch.storage import RESERVED_COLUMNS, open_output
-from batch.writers import ImageReader, OutputFormat, decode_image, format_warnings, write_puts
+from batch.writers import ImageReader, OutputFormat, apply_driver_writes, decode_image, format_warnings
 
 
 @pytest.fixture(scope="module")
@@ -114,11 +114,11 @@ def test_driver_side_writes_for_process_local_storage(generated, files_output, t
     out_uri = str(tmp_path / "out")
     result = stages.encode_and_write(generated, out_uri, {}, upload=False, output_format="webdataset")
     assert not (tmp_path / "out").exists()  # nothing written by the stage itself
-    out = open_output(out_uri)
-    for puts in result.column("_puts").to_pylist():
-        write_puts(out, puts)
+    assert all(r["uri"] is None and r["_uri_key"].startswith("shards/") for r in result.to_pylist())
+    written = apply_driver_writes(open_output(out_uri), result)
+    assert "_puts" not in written.column_names and "_uri_key" not in written.column_names
     reader = ImageReader()
-    for r in result.drop_columns(["_puts"]).to_pylist():
+    for r in written.to_pylist():
         assert np.array_equal(reader.read(r), files_output[(r["id"], r["image_index"])])
 
 
