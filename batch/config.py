@@ -54,6 +54,18 @@ class Limits(_Strict):
     max_prompt_chars: int = Field(10_000, ge=1)
 
 
+class Optimizations(_Strict):
+    """Speed switches (``batch/speed.py``). Defaults keep outputs bit-identical to the plain path."""
+
+    attention: Literal["sdpa", "math"] = "sdpa"  # sdpa: PyTorch scaled_dot_product_attention (diffusers' default)
+    channels_last: bool = False  # UNet/VAE convolutions in NHWC memory layout (faster on tensor cores)
+    fuse_qkv: bool = False  # one matmul for the q/k/v projections of self-attention
+    compile: bool = False  # torch.compile the UNet (first batch of each shape pays the compile cost)
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune"] = "default"
+    vae_dtype: Literal["model", "float32"] = "model"  # float32: decode in fp32 always (SD2.1/x4 fp16 safety)
+    nan_fallback: bool = True  # fp16/bf16 decodes with NaN/inf or all-black output are re-decoded in fp32
+
+
 class JobSpec(_Strict):
     """One batch job. See ``configs/`` for annotated examples and README "Job spec" for every field."""
 
@@ -69,6 +81,7 @@ class JobSpec(_Strict):
 
     defaults: Txt2ImgDefaults = Field(default_factory=Txt2ImgDefaults)
     limits: Limits = Field(default_factory=Limits)
+    optimizations: Optimizations = Field(default_factory=Optimizations)
 
     # Inputs and outputs (fsspec URIs: local paths, file://, s3://, gs://, memory://, ...).
     manifest: str | None = None

@@ -62,7 +62,7 @@ IDENTITY_FIELDS = ("task", "model", "revision", "variant", "allow_pickle", "defa
                    "output_format", "image_format", "webp_lossless", "jpeg_quality", "safety_policy")
 LEASE_SECONDS = 120.0  # a lease whose heartbeat is older than this is considered abandoned
 HEARTBEAT_SECONDS = 20.0
-SLIM_COLUMNS = ["manifest_row", "image_index", "num_images", "status", "error", "attempt"]
+SLIM_COLUMNS = ["manifest_row", "image_index", "num_images", "status", "error", "vae_redecoded_fp32", "attempt"]
 Mode = Literal["run", "retry_failed"]
 
 
@@ -87,11 +87,13 @@ class Summary:
     images_ok: int = 0
     images_failed: int = 0
     images_pending: int = 0
+    images_redecoded_fp32: int = 0  # fp16/bf16 decodes that gave NaN/black and were redone in fp32
     images_this_attempt: int = 0  # images this attempt generated or tried (the rest were already committed)
     images_skipped: int = 0  # already committed by earlier attempts
     seconds: float = 0.0
     generate_seconds: float = 0.0
     first_result_seconds: float = 0.0  # from the start of generation to the first finished block (start-up)
+    steady_images_per_second: float = 0.0  # images after the first block / time after it (start-up excluded)
     failure_reasons: dict[str, int] = field(default_factory=dict)
     exit_code: int = 0
 
@@ -108,8 +110,11 @@ class Summary:
             f"this attempt {self.images_this_attempt} ({self.images_skipped} already committed), "
             f"{self.images_per_second:.3f} images/s over {self.generate_seconds:.1f}s of generation, "
             f"of which {self.first_result_seconds:.1f}s until the first block (actor start-up); "
+            f"{self.steady_images_per_second:.3f} images/s after it; "
             f"{self.seconds:.1f}s in all",
         ]
+        if self.images_redecoded_fp32:
+            lines.append(f"  {self.images_redecoded_fp32} image(s) re-decoded in fp32 after a NaN/black fp16 decode")
         for reason, count in sorted(self.failure_reasons.items(), key=lambda kv: -kv[1])[:20]:
             lines.append(f"  failed x{count}: {reason}")
         return "\n".join(lines)
@@ -120,7 +125,8 @@ def tally(meta: pa.Table, rows: int, images_planned: int) -> dict[str, Any]:
 
     A row is ok once all its ``num_images`` images are committed ok, failed once any record of it failed.
     """
-    recs = meta.select(["manifest_row", "image_index", "num_images", "status", "error"]).to_pylist()
+    recs = meta.select(["manifest_row", "image_index", "num_images", "status", "error",
+                        "vae_redecoded_fp32"]).to_pylist()
     failed_rows = {r["manifest_row"] for r in recs if r["status"] != "ok"}
     ok_images: Counter = Counter()
     wanted: dict[int, int] = {}
@@ -135,6 +141,7 @@ def tally(meta: pa.Table, rows: int, images_planned: int) -> dict[str, Any]:
         "rows": rows, "rows_ok": rows_ok, "rows_failed": len(failed_rows),
         "images_ok": sum(ok_images.values()), "images_failed": images - sum(ok_images.values()),
         "images_pending": max(0, images_planned - images),
+        "images_redecoded_fp32": sum(bool(r["vae_redecoded_fp32"]) for r in recs),
         "failure_reasons": dict(Counter(failure_reason(r["error"] or "unknown") for r in recs
                                         if r["status"] != "ok")),
     }
@@ -389,7 +396,7 @@ def run_job(spec: JobSpec, mode: Mode = "run", force: bool = False) -> Summary:
             committer.add(failed.append_column("status", pa.array(["failed"] * failed.num_rows)))
 
         # 5. generate, write, commit as blocks finish
-        t_gen, t_first = time.perf_counter(), 0.0
+        t_gen, t_first, first_block = time.perf_counter(), 0.0, 0
         with _progress(items.num_rows, spec.progress) as bar, _record_failure(out, record, entry, log):
             batches = pipeline.run_items(items, spec, res, upload=not out.is_process_local) if res else iter(())
             done = 0
@@ -401,7 +408,8 @@ def run_job(spec: JobSpec, mode: Mode = "run", force: bool = False) -> Summary:
                 done += batch.num_rows
                 _log_block(log, batch, done, committer.parts if committer.parts != parts_before else None)
                 bar.update(batch.num_rows)
-                t_first = t_first or time.perf_counter() - t_gen
+                if not t_first:
+                    t_first, first_block = time.perf_counter() - t_gen, batch.num_rows
             parts_before = committer.parts
             committer.flush()
             if committer.parts != parts_before:
@@ -418,7 +426,9 @@ def run_job(spec: JobSpec, mode: Mode = "run", force: bool = False) -> Summary:
     summary = Summary(run_id=spec.run_id, output=spec.output, attempt=attempt, **counts,
                       images_this_attempt=items.num_rows, images_skipped=job_plan.items.num_rows - items.num_rows,
                       seconds=time.perf_counter() - t_start, generate_seconds=gen_seconds,
-                      first_result_seconds=t_first)
+                      first_result_seconds=t_first,
+                      steady_images_per_second=(items.num_rows - first_block) / (gen_seconds - t_first)
+                      if gen_seconds > t_first > 0 and items.num_rows > first_block else 0.0)
     frac = summary.rows_failed / summary.rows if summary.rows else 0.0
     summary.exit_code = 0 if frac <= spec.max_failed_fraction else 1
     entry.update(status="finished", finished_at=_now(), metadata_parts=committer.parts,

@@ -114,8 +114,10 @@ def read_manifest(uri: str, storage_options: dict[str, Any] | None = None) -> pa
         raise ManifestError(f"manifest {uri}: cannot open ({err})") from None
     if not fs.exists(path):
         raise ManifestError(f"manifest {uri}: not found")
+    from batch.storage import retrying  # transient storage errors are retried like every other read
+
     try:
-        return pq.read_table(path, filesystem=fs)
+        return retrying(pq.read_table, path, filesystem=fs, what=f"read manifest {uri}")
     except (pa.ArrowInvalid, OSError) as err:
         raise ManifestError(f"manifest {uri}: not a readable Parquet file ({err})") from None
 

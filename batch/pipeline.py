@@ -128,6 +128,7 @@ def run_items(items: pa.Table, spec: JobSpec, res: Resources, upload: bool) -> I
         fn_constructor_kwargs=dict(model=spec.model, revision=spec.revision, dtype=spec.dtype, device=res.device,
                                    batch_size=spec.batch_size, allow_pickle=spec.allow_pickle, variant=spec.variant,
                                    num_threads=res.threads_per_actor if res.device == "cpu" else None,
+                                   optimizations=spec.optimizations.model_dump(),
                                    safety_policy=spec.safety_policy),
         batch_size=None,  # one block per call: block boundaries are batch boundaries
         batch_format="pyarrow",

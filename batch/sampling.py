@@ -97,10 +97,39 @@ def denoise(unet, scheduler, latents: torch.Tensor, cond: torch.Tensor, uncond: 
     return latents
 
 
+def _broken(images: torch.Tensor) -> list[int]:
+    """Indices of decoded images (in [-1, 1] space) with NaN/inf values or nothing but black."""
+    finite = torch.isfinite(images).flatten(1).all(dim=1)
+    black = (images / 2 + 0.5).clamp(0, 1).flatten(1).amax(dim=1) <= 0
+    return [i for i in range(images.shape[0]) if not finite[i] or black[i]]
+
+
 @torch.no_grad()
-def decode(vae, latents: torch.Tensor) -> np.ndarray:
-    """VAE-decode latents to uint8 images, shape (N, H, W, 3)."""
-    images = vae.decode(latents / vae.config.scaling_factor, return_dict=False)[0]
+def decode(vae, latents: torch.Tensor, fallback: bool = False, rescued: list[bool] | None = None) -> np.ndarray:
+    """VAE-decode latents to uint8 images, shape (N, H, W, 3).
+
+    ``fallback``: with a VAE in fp16/bf16, images whose decode holds NaN/inf or is all black (the SD2.1
+    and x4-upscaler fp16 overflow, which quantises to a black image) are decoded again with the VAE in
+    fp32; one flag per image (True: re-decoded) is appended to ``rescued`` when given.
+    """
+    scaled = (latents / vae.config.scaling_factor).to(vae.dtype)
+    images = vae.decode(scaled, return_dict=False)[0]
+    flags = [False] * images.shape[0]
+    if fallback and vae.dtype != torch.float32:
+        bad = _broken(images.float())
+        if bad:
+            dtype = vae.dtype
+            vae.to(dtype=torch.float32)
+            try:
+                redo = vae.decode(scaled[bad].float(), return_dict=False)[0]
+            finally:
+                vae.to(dtype=dtype)
+            images = images.float()
+            images[bad] = redo
+            for i in bad:
+                flags[i] = True
+    if rescued is not None:
+        rescued.extend(flags)
     images = (images / 2 + 0.5).clamp(0, 1)
     images = images.cpu().permute(0, 2, 3, 1).float().numpy()
     return (images * 255).round().astype(np.uint8)
@@ -113,11 +142,12 @@ def uses_guidance(unet, guidance_scale: float) -> bool:
 
 @torch.no_grad()
 def txt2img(model, scheduler, prompts: list[str], negative_prompts: list[str | None], seeds: list[int],
-            params: SamplingParams) -> np.ndarray:
+            params: SamplingParams, nan_fallback: bool = False, rescued: list[bool] | None = None) -> np.ndarray:
     """Generate ``len(prompts)`` images (uint8, N x H x W x 3); image ``i`` is seeded by ``seeds[i]``.
 
     ``model`` is a :class:`batch.models.LoadedModel` (or anything with its unet/vae/text_encoder/
     tokenizer/device/dtype/vae_scale_factor); ``scheduler`` is a fresh scheduler instance.
+    ``nan_fallback``/``rescued``: see :func:`decode`.
     """
     if not (len(prompts) == len(negative_prompts) == len(seeds)) or not prompts:
         raise ValueError("prompts, negative_prompts and seeds must be non-empty and of equal length")
@@ -131,4 +161,4 @@ def txt2img(model, scheduler, prompts: list[str], negative_prompts: list[str | N
     shape = (model.unet.config.in_channels, params.height // f, params.width // f)
     latents, generators = initial_latents(seeds, shape, model.device, cond.dtype)
     latents = denoise(model.unet, scheduler, latents, cond, uncond, params, generators)
-    return decode(model.vae, latents)
+    return decode(model.vae, latents, fallback=nan_fallback, rescued=rescued)

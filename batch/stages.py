@@ -20,9 +20,11 @@ import pyarrow as pa
 import torch
 
 from batch.manifest import BUCKET_FIELDS, bucket_key
+from batch.config import Optimizations
 from batch.models import load_model, make_scheduler, scheduler_class_name
 from batch.safety import NSFW_ERROR, apply_policy
 from batch.sampling import SamplingParams, truncation_warnings, txt2img
+from batch.speed import apply_optimizations
 
 _SAMPLER_INPUTS = ["prompt", "negative_prompt", "seed", "height", "width", "num_inference_steps",
                    "guidance_scale", "scheduler"]
@@ -69,12 +71,15 @@ class Txt2ImgSampler:
 
     def __init__(self, model: str, revision: str | None, dtype: str, device: str, batch_size: int,
                  allow_pickle: bool = False, variant: str | None = None, num_threads: int | None = None,
-                 safety_policy: str = "flag"):
+                 optimizations: dict[str, Any] | None = None, safety_policy: str = "flag"):
         if num_threads:
             torch.set_num_threads(num_threads)
         self.batch_size = batch_size
         self.model = load_model(model, revision=revision, dtype=dtype, device=device,
                                 allow_pickle=allow_pickle, variant=variant)
+        self.opts = Optimizations.model_validate(optimizations or {})
+        self.optimized = apply_optimizations(self.model, self.opts)
+        self.optimized_json = json.dumps(self.optimized, sort_keys=True, default=str)
         self.worker = f"{socket.gethostname()}:{os.getpid()}"
         self.safety_policy = safety_policy
 
@@ -93,6 +98,7 @@ class Txt2ImgSampler:
         pixels: list[bytes | None] = [None] * n
         status, error, t_sample = ["ok"] * n, [None] * n, [0.0] * n
         sched_cfg: list[str | None] = [None] * n
+        redecoded: list[bool | None] = [None] * n
         nsfw: list[bool | None] = [None] * n  # null: the model has no safety checker
 
         # 1. one sampler call per GPU batch (consecutive items with one batch number share a bucket)
@@ -104,9 +110,11 @@ class Txt2ImgSampler:
                 scheduler = make_scheduler(name, m.scheduler_config)
                 cfg = json.dumps(dict(scheduler.config), sort_keys=True, default=str)
                 t0 = time.perf_counter()
+                rescued: list[bool] = []
                 images = txt2img(m, scheduler, [rows[i]["prompt"] for i in chunk],
                                  [rows[i]["negative_prompt"] for i in chunk], [rows[i]["seed"] for i in chunk],
-                                 SamplingParams(height=h, width=w, num_inference_steps=steps, guidance_scale=g))
+                                 SamplingParams(height=h, width=w, num_inference_steps=steps, guidance_scale=g),
+                                 nan_fallback=self.opts.nan_fallback, rescued=rescued)
                 keep = [True] * len(chunk)
                 if m.safety_checker is not None:  # batch.safety: flag, blackout or drop
                     flags = m.safety_checker(images)
@@ -121,7 +129,7 @@ class Txt2ImgSampler:
                 continue
             # 3. raw pixels travel to the CPU stage; encoding happens there, not here
             for j, i in enumerate(chunk):
-                t_sample[i], sched_cfg[i] = dt, cfg
+                t_sample[i], sched_cfg[i], redecoded[i] = dt, cfg, rescued[j]
                 if not keep[j]:
                     status[i], error[i] = "failed", NSFW_ERROR
                     continue
@@ -145,6 +153,8 @@ class Txt2ImgSampler:
             ("worker", [self.worker] * n, pa.string()),
             ("t_sample_s", t_sample, pa.float64()),
             ("warnings", warnings, pa.string()),
+            ("vae_redecoded_fp32", redecoded, pa.bool_()),
+            ("optimizations", [self.optimized_json] * n, pa.string()),
             ("nsfw", nsfw, pa.bool_()),
         ):
             out = _set_column(out, name, values, type_)

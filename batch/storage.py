@@ -65,6 +65,8 @@ RESULT_FIELDS = [
     ("worker", pa.string()),
     ("t_sample_s", pa.float64()),  # sampler wall time of the image's batch / images in that batch
     ("t_write_s", pa.float64()),
+    ("optimizations", pa.string()),  # JSON: the speed switches the sampler ran with (batch/speed.py)
+    ("vae_redecoded_fp32", pa.bool_()),  # an fp16/bf16 decode gave NaN/black and was redone in fp32
     ("warnings", pa.string()),  # e.g. "prompt: truncated to 77 tokens (had 2391)"; null when none
     ("run_id", pa.string()),
     ("attempt", pa.string()),  # the driver attempt that committed the row; the latest attempt wins

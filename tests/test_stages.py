@@ -29,11 +29,11 @@ def test_a_failing_sampler_call_fails_only_its_own_images(sampler, monkeypatch):
     calls = []
     real = stages.txt2img
 
-    def flaky(model, scheduler, prompts, negatives, seeds, params):
+    def flaky(model, scheduler, prompts, negatives, seeds, params, **kwargs):
         calls.append(list(prompts))
         if "boom" in prompts:
             raise RuntimeError("CUDA out of memory (simulated)")
-        return real(model, scheduler, prompts, negatives, seeds, params)
+        return real(model, scheduler, prompts, negatives, seeds, params, **kwargs)
 
     monkeypatch.setattr(stages, "txt2img", flaky)
     out = sampler(_items(["a", "b", "boom", "c", "d"])).to_pylist()

@@ -1,0 +1,81 @@
+"""Pipeline overhead: the same manifest through ``sdbatch run`` (Ray, actors, encode/write stage, commits)
+versus a raw in-process loop calling the same sampler on the same model, batch size and device.
+
+Both are measured at steady state: the raw loop after its first (warm-up) batch, the job after its first
+finished block (``Summary.steady_images_per_second``); the job's start-up (Ray, actor, model load, first
+block) is reported separately. On CPU the model is ``common.CPU_UNET`` (random weights), sized so one
+denoising step takes >= 50 ms; the actor runs with as many torch threads as the raw loop.
+
+    .venv/bin/python bench/pipeline_overhead.py [--images 32] [--batch-size 2] [--steps 8] [--size 128]
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from common import emit, save_model
+
+from batch.config import parse_spec
+from batch.job import run_job
+from batch.models import load_model, make_scheduler
+from batch.pipeline import resolve_resources
+from batch.sampling import SamplingParams, txt2img
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--images", type=int, default=32)
+    ap.add_argument("--batch-size", type=int, default=2)
+    ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--size", type=int, default=128)
+    ap.add_argument("--device", default="cpu")
+    args = ap.parse_args()
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        folder = save_model(tmp / "model", "cpu")
+        rows = [{"id": f"r{i:04d}", "prompt": f"benchmark prompt {i}", "seed": i} for i in range(args.images)]
+        pq.write_table(pa.Table.from_pylist(rows), tmp / "m.parquet")
+        spec = parse_spec({"model": str(folder), "device": args.device, "dtype": "float32", "progress": False,
+                           "manifest": str(tmp / "m.parquet"), "output": str(tmp / "out"), "actors": 1,
+                           "batch_size": args.batch_size, "commit_every": 10_000,
+                           "defaults": {"height": args.size, "width": args.size, "num_inference_steps": args.steps,
+                                        "scheduler": "pndm"}})
+        cpus = float(len(__import__("os").sched_getaffinity(0)))
+        res = resolve_resources(spec, {"CPU": cpus}, local=True)
+
+        # 1. raw loop: same model, same threads as the actor, same batches, no Ray, no encoding, no I/O
+        torch.set_num_threads(res.threads_per_actor)
+        model = load_model(str(folder), dtype="float32", device=args.device)
+        params = SamplingParams(height=args.size, width=args.size, num_inference_steps=args.steps, guidance_scale=7.5)
+        batches = [rows[i:i + args.batch_size] for i in range(0, len(rows), args.batch_size)]
+        times = []
+        for batch in batches:
+            t0 = time.perf_counter()
+            txt2img(model, make_scheduler("pndm", model.scheduler_config), [r["prompt"] for r in batch],
+                    [None] * len(batch), [r["seed"] for r in batch], params)
+            times.append(time.perf_counter() - t0)
+        steady = batches[1:]
+        raw_ips = sum(len(b) for b in steady) / sum(times[1:])
+        step_ms = 1000 * sum(times[1:]) / (len(steady) * args.steps)
+        del model
+
+        # 2. the job through Ray
+        summary = run_job(spec)
+        assert summary.images_ok == args.images, summary.text()
+        emit({"bench": "pipeline_overhead", "device": args.device, "images": args.images,
+              "batch_size": args.batch_size, "steps": args.steps, "size": args.size,
+              "threads": res.threads_per_actor, "raw_step_ms": round(step_ms, 1),
+              "raw_images_per_s": round(raw_ips, 4), "job_steady_images_per_s": round(summary.steady_images_per_second, 4),
+              "ratio": round(summary.steady_images_per_second / raw_ips, 3),
+              "job_startup_s": round(summary.first_result_seconds, 2), "job_total_s": round(summary.seconds, 2)})
+
+
+if __name__ == "__main__":
+    main()
