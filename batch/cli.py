@@ -1,4 +1,4 @@
-"""``sdbatch`` command line: run, resume, retry-failed, status, compact, validate, make-tiny-model."""
+"""``sdbatch`` command line: run, resume, retry-failed, status, compact, validate, grid, make-tiny-model."""
 
 from __future__ import annotations
 
@@ -141,6 +141,25 @@ def cmd_make_tiny_model(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_grid(args: argparse.Namespace) -> int:
+    from batch.grid import make_grid
+
+    options = {}
+    for text in args.set or []:
+        key, value = parse_set_option(text)
+        if not key.startswith("storage_options."):
+            raise SpecError(f"grid --set takes storage_options.* only, got {key!r}")
+        options[key.split(".", 1)[1]] = value
+    try:
+        layout, rows = make_grid(args.output, args.out, n=args.n, cell=args.cell, columns=args.columns,
+                                 storage_options=options)
+    except ValueError as err:
+        raise SpecError(str(err)) from None
+    print(f"wrote {args.out}: {len(rows)} images, {layout.columns}x{layout.rows} cells, {layout.size[0]}x"
+          f"{layout.size[1]} px")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sdbatch", description="Batch Stable Diffusion generation on Ray.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -197,6 +216,16 @@ def build_parser() -> argparse.ArgumentParser:
     val.add_argument("--config", help="job spec whose defaults and limits apply")
     val.add_argument("--set", action="append", metavar="KEY=VALUE")
     val.set_defaults(func=cmd_validate)
+
+    grid = sub.add_parser("grid", help="contact sheet (PNG) of a run's images with id/seed/prompt captions")
+    grid.add_argument("output", help="the run's output prefix URI")
+    grid.add_argument("--n", type=int, default=64, help="number of images (first by id, image index)")
+    grid.add_argument("--out", default="grid.png", help="PNG to write (path or fsspec URI)")
+    grid.add_argument("--cell", type=int, default=128, help="cell size in pixels (images are scaled to fit)")
+    grid.add_argument("--columns", type=int, help="columns (default: near-square)")
+    grid.add_argument("--set", action="append", metavar="storage_options.KEY=VALUE",
+                      help="fsspec storage options for reading the run, e.g. --set storage_options.anon=true")
+    grid.set_defaults(func=cmd_grid)
 
     tiny = sub.add_parser("make-tiny-model", help="write a tiny random-weight diffusers model folder")
     tiny.add_argument("directory")

@@ -176,6 +176,17 @@ class JobSpec(_Strict):
     storage_retries: int = Field(6, ge=1)  # tries per storage operation on transient errors (backoff)
     progress: bool = True
 
+    # Output format (img2dataset conventions; see batch/writers.py). JPEG and lossy WebP change pixels,
+    # which shifts FID: keep png (or lossless webp) for evaluation runs.
+    output_format: Literal["files", "webdataset", "parquet"] = "files"
+    image_format: Literal["png", "webp", "jpeg"] = "png"
+    webp_lossless: bool = True
+    jpeg_quality: int = Field(95, ge=1, le=100)  # also the quality of lossy webp
+
+    # Safety checker (runs only when the model folder has safety_checker/ + feature_extractor/):
+    # flag = keep the image and set metadata nsfw; blackout = zero its pixels (diffusers); drop = fail the row.
+    safety_policy: Literal["flag", "blackout", "drop"] = "flag"
+
     @field_validator("defaults", mode="wrap")
     @classmethod
     def _defaults_for_task(cls, v: Any, handler: Any, info: Any) -> Any:

@@ -26,6 +26,7 @@ import torch
 from batch.config import Optimizations
 from batch.images import ImageError, fetch_image
 from batch.models import load_model, make_scheduler, scheduler_class_name
+from batch.safety import NSFW_ERROR, apply_policy
 from batch.sampling import SamplingParams
 from batch.speed import apply_optimizations
 from batch.stages import _error_text, _set_column, assign_batches
@@ -70,12 +71,13 @@ class _ImageSampler:
 
     def __init__(self, model: str, revision: str | None, dtype: str, device: str, batch_size: int,
                  allow_pickle: bool = False, variant: str | None = None, num_threads: int | None = None,
-                 optimizations: dict[str, Any] | None = None):
+                 optimizations: dict[str, Any] | None = None, safety_policy: str = "flag"):
         if num_threads:
             torch.set_num_threads(num_threads)
         self.batch_size = batch_size
         self.model = load_model(model, revision=revision, dtype=dtype, device=device, allow_pickle=allow_pickle,
                                 variant=variant, task=self.task)
+        self.safety_policy = safety_policy
         self.opts = Optimizations.model_validate(optimizations or {})
         self.optimized_json = json.dumps(apply_optimizations(self.model, self.opts), sort_keys=True, default=str)
         self.worker = f"{socket.gethostname()}:{os.getpid()}"
@@ -105,6 +107,7 @@ class _ImageSampler:
         error = [r.get("error") for r in rows]
         t_sample, sched_cfg = [0.0] * n, [None] * n
         redecoded: list[bool | None] = [None] * n
+        nsfw: list[bool | None] = [None] * n  # null: the model has no safety checker
         height, width = [r["height"] for r in rows], [r["width"] for r in rows]
         for i, r in enumerate(rows):  # per-row checks that need the model
             problem = self._row_error(r) if status[i] == "ok" else None
@@ -125,6 +128,14 @@ class _ImageSampler:
                 rescued: list[bool] = []
                 images = self._sample([rows[i] for i in chunk], inputs, name,
                                       lambda: make_scheduler(name, m.scheduler_config), rescued)
+                keep = [True] * len(chunk)
+                if m.safety_checker is not None:  # batch.safety: flag, blackout or drop, as for txt2img
+                    keep = []
+                    for j, i in enumerate(chunk):  # one by one: upscales in one batch may differ in size
+                        flag = m.safety_checker(images[j][None])
+                        kept, ok = apply_policy(images[j][None], flag, self.safety_policy)
+                        images[j], nsfw[i] = kept[0], flag[0]
+                        keep.append(ok[0])
                 dt = (time.perf_counter() - t0) / len(chunk)
             except Exception as err:  # failures are data: this call's images fail, the job goes on
                 traceback.print_exc()
@@ -132,6 +143,9 @@ class _ImageSampler:
                     status[i], error[i] = "failed", _error_text(err)
                 continue
             for j, i in enumerate(chunk):
+                if not keep[j]:
+                    status[i], error[i] = "failed", NSFW_ERROR
+                    continue
                 pixels[i] = np.ascontiguousarray(images[j]).tobytes()
                 height[i], width[i] = int(images[j].shape[0]), int(images[j].shape[1])
                 t_sample[i], sched_cfg[i] = dt, cfg
@@ -156,6 +170,7 @@ class _ImageSampler:
             ("t_sample_s", t_sample, pa.float64()),
             ("optimizations", [self.optimized_json] * n, pa.string()),
             ("vae_redecoded_fp32", redecoded, pa.bool_()),
+            ("nsfw", nsfw, pa.bool_()),
         ):
             out = _set_column(out, name, values, type_)
         return out

@@ -50,12 +50,16 @@ from batch.storage import (
     read_parts,
     row_key,
 )
+from batch.runlog import RunLog
+from batch.writers import OutputFormat, apply_driver_writes, format_warnings
 
 VERSIONED_PACKAGES = ("sdbatch", "torch", "diffusers", "transformers", "ray", "pyarrow", "fsspec", "safetensors",
                       "pillow", "numpy")
 # Spec fields that decide what a run produces: a later attempt on the same output must agree on them.
 IDENTITY_FIELDS = ("task", "model", "revision", "variant", "allow_pickle", "defaults", "limits", "seed",
-                   "allowed_input_prefixes")
+                   "allowed_input_prefixes",
+                   # what is stored: a resumed run keeps one container, encoding and safety policy
+                   "output_format", "image_format", "webp_lossless", "jpeg_quality", "safety_policy")
 LEASE_SECONDS = 120.0  # a lease whose heartbeat is older than this is considered abandoned
 HEARTBEAT_SECONDS = 20.0
 SLIM_COLUMNS = ["manifest_row", "image_index", "num_images", "status", "error", "vae_redecoded_fp32", "attempt"]
@@ -378,21 +382,38 @@ def run_job(spec: JobSpec, mode: Mode = "run", force: bool = False) -> Summary:
         record["attempts"].append(entry)
         out.put_json(RUN_RECORD, record)
         committer = MetadataCommitter(out, carried, spec.run_id, attempt, spec.commit_every, spec.commit_seconds)
+        log = RunLog(out, spec.run_id)  # logs/<run_id>.jsonl: structured events of every attempt
+        log.event("start", attempt=attempt, mode=mode, rows=job_plan.num_rows,
+                  images_planned=job_plan.items.num_rows, images_to_do=items.num_rows,
+                  images_committed_before=committed.num_rows, output_format=spec.output_format,
+                  image_format=spec.image_format, safety_policy=spec.safety_policy,
+                  resources=res and res.__dict__)
+        for warning in format_warnings(OutputFormat.from_spec(spec)):
+            log.warning(warning)
+        for r in failed.select(["id", "manifest_row", "error"]).to_pylist():
+            log.failure(**r, image_index=None)
         if failed.num_rows:
             committer.add(failed.append_column("status", pa.array(["failed"] * failed.num_rows)))
 
         # 5. generate, write, commit as blocks finish
         t_gen, t_first, first_block = time.perf_counter(), 0.0, 0
-        with _progress(items.num_rows, spec.progress) as bar, _record_failure(out, record, entry):
+        with _progress(items.num_rows, spec.progress) as bar, _record_failure(out, record, entry, log):
             batches = pipeline.run_items(items, spec, res, upload=not out.is_process_local) if res else iter(())
+            done = 0
             for batch in batches:
-                if "_png" in batch.column_names:  # process-local filesystem: the driver writes
-                    batch = _driver_upload(out, batch)
+                if "_puts" in batch.column_names:  # process-local filesystem: the driver writes (batch.writers)
+                    batch = apply_driver_writes(out, batch)
+                parts_before = committer.parts
                 committer.add(batch)
+                done += batch.num_rows
+                _log_block(log, batch, done, committer.parts if committer.parts != parts_before else None)
                 bar.update(batch.num_rows)
                 if not t_first:
                     t_first, first_block = time.perf_counter() - t_gen, batch.num_rows
+            parts_before = committer.parts
             committer.flush()
+            if committer.parts != parts_before:
+                log.event("commit", parts=committer.parts, images_done=done)
         gen_seconds = time.perf_counter() - t_gen
     finally:
         if started:
@@ -415,32 +436,35 @@ def run_job(spec: JobSpec, mode: Mode = "run", force: bool = False) -> Summary:
     record.update(status="finished", finished_at=entry["finished_at"],
                   summary={k: v for k, v in summary.__dict__.items() if k != "output"})
     out.put_json(RUN_RECORD, record)
+    log.event("finish", force=True, **{k: v for k, v in summary.__dict__.items() if k != "output"},
+              metadata_parts=committer.parts)
     out.put_json(SUCCESS_MARKER, {"run_id": spec.run_id, "attempt": attempt, "finished_at": record["finished_at"],
                                   **counts})
     return summary
 
 
 @contextlib.contextmanager
-def _record_failure(out: Output, record: dict, entry: dict):
+def _record_failure(out: Output, record: dict, entry: dict, log: RunLog | None = None):
     """If the job itself dies (not a row), say so in the run record before the error propagates."""
     try:
         yield
     except BaseException as err:
+        if log is not None:
+            with contextlib.suppress(Exception):
+                log.event("crashed", force=True, error=f"{type(err).__name__}: {err}")
         entry.update(status="crashed", error=f"{type(err).__name__}: {err}", crashed_at=_now())
         with contextlib.suppress(Exception):
             out.put_json(RUN_RECORD, {**record, "status": "crashed"})
         raise
 
 
-def _driver_upload(out: Output, batch: pa.Table) -> pa.Table:
-    """Write the ``_png`` column's images (process-local output) and fill in their URIs."""
-    from batch.storage import image_key
-
-    uris = batch.column("uri").to_pylist()
-    for i, (rid, k, data) in enumerate(zip(batch.column("id").to_pylist(), batch.column("image_index").to_pylist(),
-                                           batch.column("_png").to_pylist())):
-        if data is not None:
-            out.put(image_key(rid, k), data)
-            uris[i] = out.uri(image_key(rid, k))
-    i = batch.schema.get_field_index("uri")
-    return batch.set_column(i, "uri", pa.array(uris, pa.string())).drop_columns(["_png"])
+def _log_block(log: RunLog, batch: pa.Table, done: int, committed_parts: int | None) -> None:
+    """Structured log events for one finished block: its failures, the block, a commit if one happened."""
+    rows = batch.select(["id", "manifest_row", "image_index", "status", "error"]).to_pylist()
+    for r in rows:
+        if r["status"] != "ok":
+            log.failure(id=r["id"], manifest_row=r["manifest_row"], image_index=r["image_index"], error=r["error"])
+    ok = sum(r["status"] == "ok" for r in rows)
+    log.event("block", images=len(rows), ok=ok, failed=len(rows) - ok, images_done=done)
+    if committed_parts is not None:
+        log.event("commit", parts=committed_parts, images_done=done)

@@ -73,6 +73,7 @@ class LoadedModel:
     feature_extractor: Any = None  # variation: CLIPImageProcessor (the "pipeline" preprocessing)
     low_res_scheduler: Any = None  # upscale: DDPM schedule that noises the low-res input
     max_noise_level: int | None = None  # upscale: largest accepted noise_level (350 for the x4 model)
+    safety_checker: Any = None  # batch.safety.SafetyChecker when the model folder ships one, else None
 
     @property
     def vae_scale_factor(self) -> int:
@@ -139,6 +140,7 @@ def locate(model: str, revision: str | None, allow_pickle: bool, variant: str | 
     weights = [f"*.{variant}.{x}" if variant else f"*.{x}" for x in suffixes]
     patterns = ["model_index.json"] + [f"{c}/*.json" for c in COMPONENTS + IMAGE_TASK_COMPONENTS] + ["tokenizer/*.txt"]
     patterns += [f"{c}/{w}" for c in WEIGHT_COMPONENTS + ("image_encoder",) for w in weights]
+    patterns += ["safety_checker/*.json", "feature_extractor/*.json"] + [f"safety_checker/{w}" for w in weights]
     ignore = None if variant else ["*.fp16.*", "*.non_ema.*", "*.ema.*"]
     try:
         folder = Path(snapshot_download(model, revision=revision, allow_patterns=patterns, ignore_patterns=ignore))
@@ -249,6 +251,12 @@ def load_model(model: str, *, revision: str | None = None, dtype: str = "auto", 
     if task == "upscale" and torch_dtype == torch.float16 and getattr(comps["vae"].config, "force_upcast", False):
         # the x4 VAE overflows in float16: diffusers' upscale pipeline decodes it in float32 ("upcast_vae")
         comps["vae"] = comps["vae"].to(dtype=torch.float32)
+    safety = None
+    if folder is not None:
+        from batch.safety import SafetyChecker, has_safety_checker
+
+        if has_safety_checker(folder):
+            safety = SafetyChecker.load(folder, dev, torch_dtype, allow_pickle, variant)
     sched_config = dict(comps["scheduler"].config)
     sched_config["_class_name"] = type(comps["scheduler"]).__name__
     return LoadedModel(
@@ -258,4 +266,5 @@ def load_model(model: str, *, revision: str | None = None, dtype: str = "auto", 
         device=dev, dtype=torch_dtype, task=task, image_encoder=comps.get("image_encoder"),
         feature_extractor=comps.get("feature_extractor"), low_res_scheduler=comps.get("low_res_scheduler"),
         max_noise_level=comps.get("max_noise_level"),
+        safety_checker=safety,
     )

@@ -144,7 +144,8 @@ def run_items(items: pa.Table, spec: JobSpec, res: Resources, upload: bool) -> I
         fn_constructor_kwargs=dict(model=spec.model, revision=spec.revision, dtype=spec.dtype, device=res.device,
                                    batch_size=spec.batch_size, allow_pickle=spec.allow_pickle, variant=spec.variant,
                                    num_threads=res.threads_per_actor if res.device == "cpu" else None,
-                                   optimizations=spec.optimizations.model_dump()),
+                                   optimizations=spec.optimizations.model_dump(),
+                                   safety_policy=spec.safety_policy),
         batch_size=None,  # one block per call: block boundaries are batch boundaries
         batch_format="pyarrow",
         compute=ActorPoolStrategy(size=min(res.actors, len(blocks))),
@@ -156,7 +157,9 @@ def run_items(items: pa.Table, spec: JobSpec, res: Resources, upload: bool) -> I
     ds = ds.map_batches(
         encode_and_write,
         fn_kwargs=dict(output=spec.output, storage_options=spec.storage_options, upload=upload,
-                       retries=spec.storage_retries),
+                       retries=spec.storage_retries,
+                       output_format=spec.output_format, image_format=spec.image_format,
+                       webp_lossless=spec.webp_lossless, jpeg_quality=spec.jpeg_quality),
         batch_size=None,
         batch_format="pyarrow",
         num_cpus=spec.writer_cpus,

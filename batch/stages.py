@@ -7,7 +7,6 @@ never touches the model.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import socket
@@ -23,9 +22,9 @@ import torch
 from batch.manifest import BUCKET_FIELDS, bucket_key
 from batch.config import Optimizations
 from batch.models import load_model, make_scheduler, scheduler_class_name
+from batch.safety import NSFW_ERROR, apply_policy
 from batch.sampling import SamplingParams, truncation_warnings, txt2img
 from batch.speed import apply_optimizations
-from batch.storage import encode_png, image_key, open_output
 
 _SAMPLER_INPUTS = ["prompt", "negative_prompt", "seed", "height", "width", "num_inference_steps",
                    "guidance_scale", "scheduler"]
@@ -72,7 +71,7 @@ class Txt2ImgSampler:
 
     def __init__(self, model: str, revision: str | None, dtype: str, device: str, batch_size: int,
                  allow_pickle: bool = False, variant: str | None = None, num_threads: int | None = None,
-                 optimizations: dict[str, Any] | None = None):
+                 optimizations: dict[str, Any] | None = None, safety_policy: str = "flag"):
         if num_threads:
             torch.set_num_threads(num_threads)
         self.batch_size = batch_size
@@ -82,6 +81,7 @@ class Txt2ImgSampler:
         self.optimized = apply_optimizations(self.model, self.opts)
         self.optimized_json = json.dumps(self.optimized, sort_keys=True, default=str)
         self.worker = f"{socket.gethostname()}:{os.getpid()}"
+        self.safety_policy = safety_policy
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         m = self.model
@@ -99,6 +99,7 @@ class Txt2ImgSampler:
         status, error, t_sample = ["ok"] * n, [None] * n, [0.0] * n
         sched_cfg: list[str | None] = [None] * n
         redecoded: list[bool | None] = [None] * n
+        nsfw: list[bool | None] = [None] * n  # null: the model has no safety checker
 
         # 1. one sampler call per GPU batch (consecutive items with one batch number share a bucket)
         for _, group in groupby(range(n), key=lambda i: batch_ids[i]):
@@ -114,6 +115,12 @@ class Txt2ImgSampler:
                                  [rows[i]["negative_prompt"] for i in chunk], [rows[i]["seed"] for i in chunk],
                                  SamplingParams(height=h, width=w, num_inference_steps=steps, guidance_scale=g),
                                  nan_fallback=self.opts.nan_fallback, rescued=rescued)
+                keep = [True] * len(chunk)
+                if m.safety_checker is not None:  # batch.safety: flag, blackout or drop
+                    flags = m.safety_checker(images)
+                    images, keep = apply_policy(images, flags, self.safety_policy)
+                    for j, i in enumerate(chunk):
+                        nsfw[i] = flags[j]
                 dt = (time.perf_counter() - t0) / len(chunk)
             except Exception as err:  # failures are data: this call's images fail, the job goes on
                 traceback.print_exc()
@@ -122,8 +129,11 @@ class Txt2ImgSampler:
                 continue
             # 3. raw pixels travel to the CPU stage; encoding happens there, not here
             for j, i in enumerate(chunk):
-                pixels[i] = np.ascontiguousarray(images[j]).tobytes()
                 t_sample[i], sched_cfg[i], redecoded[i] = dt, cfg, rescued[j]
+                if not keep[j]:
+                    status[i], error[i] = "failed", NSFW_ERROR
+                    continue
+                pixels[i] = np.ascontiguousarray(images[j]).tobytes()
 
         # 4. texts longer than the encoder's window are cut (as diffusers does); say so per row
         warnings = [truncation_warnings(m.tokenizer, {"prompt": r["prompt"], "negative_prompt": r["negative_prompt"]})
@@ -145,56 +155,24 @@ class Txt2ImgSampler:
             ("warnings", warnings, pa.string()),
             ("vae_redecoded_fp32", redecoded, pa.bool_()),
             ("optimizations", [self.optimized_json] * n, pa.string()),
+            ("nsfw", nsfw, pa.bool_()),
         ):
             out = _set_column(out, name, values, type_)
         return out
 
 
 def encode_and_write(batch: pa.Table, output: str, storage_options: dict[str, Any], upload: bool = True,
-                     retries: int | None = None) -> pa.Table:
-    """CPU stage: PNG-encode each generated image, hash it and write it under the output prefix.
+                     retries: int | None = None, output_format: str = "files", image_format: str = "png",
+                     webp_lossless: bool = True, jpeg_quality: int = 95) -> pa.Table:
+    """CPU stage: encode each generated image, hash it and write it under the output prefix.
 
-    Each object is written whole before its row leaves this stage, and only the driver commits rows,
-    so no committed row ever points at a partial object. Transient storage errors are retried
-    (``retries`` tries); one that persists fails that image only. With ``upload=False`` (process-local
-    filesystems such as ``memory://``) the PNG bytes are returned in a ``_png`` column for the driver.
+    The container (image files, WebDataset tar or Parquet shard) and the encoding (PNG, WebP, JPEG) are
+    the spec's; see :mod:`batch.writers`. Each object is written whole before its row leaves this stage,
+    and only the driver commits rows, so no committed row ever points at a partial object; transient storage
+    errors are retried (``retries`` tries). With ``upload=False`` (process-local filesystems such as
+    ``memory://``) the objects are returned in a ``_puts`` column for the driver to write instead.
     """
-    out = open_output(output, storage_options, retries=retries) if upload else None
-    cols = batch.select(["id", "image_index", "height", "width", "status", "error", "_pixels"]).to_pylist()
-    status = [c["status"] for c in cols]
-    error = [c["error"] for c in cols]
-    uris, shas, sizes, t_write, pngs = [], [], [], [], []
-    for i, c in enumerate(cols):
-        if c["status"] != "ok" or c["_pixels"] is None:
-            uris.append(None), shas.append(None), sizes.append(None), t_write.append(None), pngs.append(None)
-            continue
-        t0 = time.perf_counter()
-        key = image_key(c["id"], c["image_index"])
-        try:
-            arr = np.frombuffer(c["_pixels"], dtype=np.uint8).reshape(c["height"], c["width"], 3)
-            data = encode_png(arr)
-            if upload:
-                out.put(key, data)
-        except Exception as err:  # a storage error fails this image only
-            status[i], error[i] = "failed", _error_text(err)
-            uris.append(None), shas.append(None), sizes.append(None), t_write.append(None), pngs.append(None)
-            continue
-        uris.append(out.uri(key) if upload else None)  # not uploaded: the driver writes it and sets the URI
-        shas.append(hashlib.sha256(data).hexdigest())
-        sizes.append(len(data))
-        t_write.append(time.perf_counter() - t0)
-        pngs.append(None if upload else data)
+    from batch.writers import OutputFormat, write_block
 
-    result = batch.drop_columns(["_pixels"])
-    for name, values, type_ in (
-        ("status", status, pa.string()),
-        ("error", error, pa.string()),
-        ("uri", uris, pa.string()),
-        ("sha256", shas, pa.string()),
-        ("file_size", sizes, pa.int64()),
-        ("t_write_s", t_write, pa.float64()),
-    ):
-        result = _set_column(result, name, values, type_)
-    if not upload:
-        result = _set_column(result, "_png", pngs, pa.binary())
-    return result
+    fmt = OutputFormat(output_format, image_format, webp_lossless, jpeg_quality)
+    return write_block(batch, output, storage_options, upload, fmt, retries=retries)

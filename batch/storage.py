@@ -71,10 +71,12 @@ RESULT_FIELDS = [
     ("warnings", pa.string()),  # e.g. "prompt: truncated to 77 tokens (had 2391)"; null when none
     ("run_id", pa.string()),
     ("attempt", pa.string()),  # the driver attempt that committed the row; the latest attempt wins
+    ("member", pa.string()),  # shard formats: the image's tar member / Parquet key inside the shard at uri
+    ("nsfw", pa.bool_()),  # safety checker verdict; null when the model has no checker
 ]
 METADATA_SCHEMA = pa.schema(list(ITEM_SCHEMA) + [pa.field(n, t) for n, t in RESULT_FIELDS]
                             + [pa.field(n, t) for n, t in IMAGE_ITEM_FIELDS + INPUT_FIELDS])  # image tasks; null for txt2img
-RESERVED_COLUMNS = set(METADATA_SCHEMA.names) | {"_pixels", "_png", "_input"}
+RESERVED_COLUMNS = set(METADATA_SCHEMA.names) | {"_pixels", "_png", "_input", "_puts", "_uri_key"}
 
 _SLUG = re.compile(r"[^A-Za-z0-9_-]+")
 

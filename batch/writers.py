@@ -1,0 +1,344 @@
+"""Output formats: where and how a block of generated images is written (img2dataset conventions).
+
+``output_format`` (spec) picks the container, ``image_format`` the encoding of each image:
+
+* ``files`` (default): one object per image, ``images/<slug>-<sha16>/<k>.<ext>``; metadata ``uri`` is the
+  object, ``member`` is null.
+* ``webdataset``: one tar shard per written block, ``shards/<block>.tar``, holding per sample
+  ``<key>.<ext>`` (the image), ``<key>.json`` (its generation parameters) and ``<key>.txt`` (the prompt);
+  metadata ``uri`` is the shard and ``member`` the image's tar member name.
+* ``parquet``: one Parquet file per written block, ``shards/<block>.parquet``, one row per image with the
+  encoded bytes in a column named by the extension (``png``/``webp``/``jpg``) next to ``key``, ``caption``,
+  ``id``, ``image_index``, ``seed``, ``width``, ``height``, ``sha256``; metadata ``member`` is the ``key``.
+
+Every shard has a ``shards/<block>_stats.json`` next to it (counts, bytes, format, timings). ``<block>`` is
+derived from the block's sample keys only (16 hex digits of their SHA-256), so a rerun of the same block
+writes the same name. A shard is built whole in memory and written with one atomic put (object stores PUT
+whole objects; local files go to a temp name, then rename), and metadata naming it is committed only after
+that put returned: metadata never references a partial shard.
+
+Image encodings: ``png`` (lossless), ``webp`` (lossless by default, ``webp_lossless: false`` for lossy at
+``jpeg_quality``), ``jpeg`` (``jpeg_quality``, 4:4:4). Lossy encodings change pixels and so shift FID and
+other metrics computed from the stored images: :func:`format_warnings` says so at job start.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import tarfile
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from PIL import Image
+
+from batch.storage import Output, image_key, open_output
+
+SHARDS_DIR = "shards"
+EXTENSIONS = {"png": "png", "webp": "webp", "jpeg": "jpg"}
+# generation parameters stored in each WebDataset sample's .json (and useful to any reader of a shard)
+SAMPLE_FIELDS = ("id", "image_index", "prompt", "negative_prompt", "seed", "height", "width", "guidance_scale",
+                 "num_inference_steps", "scheduler", "model", "model_revision", "nsfw")
+PUTS_TYPE = pa.list_(pa.struct([("key", pa.string()), ("data", pa.binary())]))
+
+
+@dataclass(frozen=True)
+class OutputFormat:
+    """Container and image encoding of a run's outputs (the spec's ``output_format`` etc.)."""
+
+    output_format: str = "files"
+    image_format: str = "png"
+    webp_lossless: bool = True
+    jpeg_quality: int = 95
+
+    @classmethod
+    def from_spec(cls, spec) -> "OutputFormat":
+        return cls(spec.output_format, spec.image_format, spec.webp_lossless, spec.jpeg_quality)
+
+    @property
+    def ext(self) -> str:
+        return EXTENSIONS[self.image_format]
+
+    @property
+    def lossless(self) -> bool:
+        return self.image_format == "png" or (self.image_format == "webp" and self.webp_lossless)
+
+
+def format_warnings(fmt: OutputFormat) -> list[str]:
+    """Warnings worth logging at job start (lossy encodings distort FID)."""
+    if fmt.lossless:
+        return []
+    return [f"image_format={fmt.image_format} (quality {fmt.jpeg_quality}) is lossy: stored pixels differ from the "
+            "generated ones, which shifts FID and CLIP scores computed from them; use png or lossless webp for "
+            "evaluation runs"]
+
+
+def encode_image(pixels: np.ndarray, fmt: OutputFormat) -> bytes:
+    """Encode an (H, W, 3) uint8 array; deterministic bytes for equal pixels and settings."""
+    buf = io.BytesIO()
+    img = Image.fromarray(np.ascontiguousarray(pixels), mode="RGB")
+    if fmt.image_format == "png":
+        img.save(buf, format="PNG")
+    elif fmt.image_format == "webp":
+        if fmt.webp_lossless:
+            img.save(buf, format="WEBP", lossless=True, quality=100, method=4, exact=True)
+        else:
+            img.save(buf, format="WEBP", quality=fmt.jpeg_quality, method=4)
+    elif fmt.image_format == "jpeg":
+        img.save(buf, format="JPEG", quality=fmt.jpeg_quality, subsampling=0)
+    else:
+        raise ValueError(f"image_format must be one of {list(EXTENSIONS)}, got {fmt.image_format!r}")
+    return buf.getvalue()
+
+
+def decode_image(data: bytes) -> np.ndarray:
+    """Decode PNG/WebP/JPEG bytes to an (H, W, 3) uint8 array."""
+    return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+
+
+def sample_key(row_id: str, image_index: int) -> str:
+    """WebDataset/Parquet sample key of image ``image_index`` of row ``row_id``: no dots, no slashes, unique
+    (the same ``<slug>-<sha16>`` as the files layout, then ``_<k>``)."""
+    return f"{image_key(row_id, image_index).split('/')[1]}_{int(image_index)}"
+
+
+def block_name(keys: list[str]) -> str:
+    """Deterministic shard name of a block: 16 hex digits of SHA-256 over its sample keys, in order."""
+    return hashlib.sha256("\n".join(keys).encode("utf-8", "surrogatepass")).hexdigest()[:16]
+
+
+def _tar_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size, info.mtime, info.mode = len(data), 0, 0o644  # fixed metadata: equal samples -> equal bytes
+    tar.addfile(info, io.BytesIO(data))
+
+
+def _jsonable(v: Any) -> Any:
+    return v.item() if isinstance(v, np.generic) else v
+
+
+def build_webdataset(samples: list[tuple[str, dict, bytes]], ext: str) -> bytes:
+    """A WebDataset tar: per sample ``key.<ext>``, ``key.json``, ``key.txt`` (members grouped by key)."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+        for key, meta, data in samples:
+            _tar_member(tar, f"{key}.{ext}", data)
+            _tar_member(tar, f"{key}.json", json.dumps({k: _jsonable(v) for k, v in meta.items()},
+                                                       sort_keys=True).encode())
+            _tar_member(tar, f"{key}.txt", (meta.get("prompt") or "").encode())
+    return buf.getvalue()
+
+
+def build_parquet(samples: list[tuple[str, dict, bytes]], ext: str) -> bytes:
+    """A Parquet shard: one row per image, encoded bytes in the column named ``ext``."""
+    table = pa.table({
+        "key": pa.array([k for k, _, _ in samples], pa.string()),
+        "caption": pa.array([m.get("prompt") for _, m, _ in samples], pa.string()),
+        "id": pa.array([m["id"] for _, m, _ in samples], pa.string()),
+        "image_index": pa.array([m["image_index"] for _, m, _ in samples], pa.int64()),
+        "seed": pa.array([m.get("seed") for _, m, _ in samples], pa.uint64()),
+        "width": pa.array([m["width"] for _, m, _ in samples], pa.int64()),
+        "height": pa.array([m["height"] for _, m, _ in samples], pa.int64()),
+        "sha256": pa.array([hashlib.sha256(d).hexdigest() for _, _, d in samples], pa.string()),
+        ext: pa.array([d for _, _, d in samples], pa.binary()),
+    })
+    out = pa.BufferOutputStream()
+    pq.write_table(table, out, compression="none")  # image bytes are already compressed
+    return out.getvalue().to_pybytes()
+
+
+def _error_text(err: BaseException) -> str:
+    return f"{type(err).__name__}: {err}".strip()[:2000]
+
+
+def write_block(batch: pa.Table, output: str, storage_options: dict[str, Any], upload: bool,
+                fmt: OutputFormat, retries: int | None = None) -> pa.Table:
+    """Encode and write one block's images in ``fmt``; return the block with result columns.
+
+    Adds ``uri``, ``member``, ``sha256`` (of the encoded image), ``file_size``, ``t_write_s`` and updates
+    ``status``/``error`` (a failed encode or put fails its image, or for a shard every image in it).
+    With ``upload=False`` nothing is written (nor opened: process-local filesystems exist only in the
+    driver); a ``_puts`` column (list of ``{key, data}``) carries the objects for the driver to write, in
+    order, and ``_uri_key`` the key each row's ``uri`` will name (see :func:`apply_driver_writes`).
+
+    1. encode every generated image (per-image failure isolation);
+    2. files: put each image; shards: build the shard whole, put it, then its stats JSON;
+    3. fill the result columns.
+    """
+    # puts retry transient storage errors; without upload the filesystem may not even exist in this process
+    out = open_output(output, storage_options, retries=retries) if upload else None
+    wanted = ["id", "image_index", "height", "width", "status", "error", "_pixels"]
+    rows = batch.select(wanted).to_pylist()
+    params = batch.select([c for c in SAMPLE_FIELDS if c in batch.column_names]).to_pylist()  # per-sample .json
+    n = len(rows)
+    status, error = [r["status"] for r in rows], [r["error"] for r in rows]
+    uri_key: list = [None] * n  # the object holding each image, relative to the output prefix
+    member: list = [None] * n
+    sha: list = [None] * n
+    size: list = [None] * n
+    t_write: list = [None] * n
+    puts: list[list[dict]] = [[] for _ in range(n)]
+
+    def put(i: int, key: str, data: bytes) -> None:
+        if upload:
+            out.put(key, data)
+        else:
+            puts[i].append({"key": key, "data": data})
+
+    # 1. encode
+    encoded: dict[int, bytes] = {}
+    t_enc: dict[int, float] = {}
+    for i, r in enumerate(rows):
+        if r["status"] != "ok" or r["_pixels"] is None:
+            continue
+        t0 = time.perf_counter()
+        try:
+            arr = np.frombuffer(r["_pixels"], dtype=np.uint8).reshape(r["height"], r["width"], 3)
+            encoded[i] = encode_image(arr, fmt)
+        except Exception as err:  # failures are data: this image fails, the block goes on
+            status[i], error[i] = "failed", _error_text(err)
+        t_enc[i] = time.perf_counter() - t0
+
+    # 2. write
+    keys = {i: sample_key(rows[i]["id"], rows[i]["image_index"]) for i in encoded}
+    name = block_name([keys[i] for i in sorted(encoded)]) if encoded else None
+    stats: dict[str, Any] = {"output_format": fmt.output_format, "image_format": fmt.image_format,
+                             "lossless": fmt.lossless, "images": n, "failed_before_write": n - len(encoded)}
+    if fmt.output_format == "files":
+        for i, data in encoded.items():
+            t0 = time.perf_counter()
+            key = image_key(rows[i]["id"], rows[i]["image_index"], fmt.ext)
+            try:
+                put(i, key, data)
+            except Exception as err:  # a storage error fails this image only
+                status[i], error[i] = "failed", _error_text(err)
+                continue
+            uri_key[i], t_write[i] = key, t_enc[i] + time.perf_counter() - t0
+    elif encoded:
+        t0 = time.perf_counter()
+        samples = [(keys[i], params[i], encoded[i]) for i in sorted(encoded)]
+        ext = "tar" if fmt.output_format == "webdataset" else "parquet"
+        key = f"{SHARDS_DIR}/{name}.{ext}"
+        try:
+            if fmt.output_format == "webdataset":
+                shard = build_webdataset(samples, fmt.ext)
+            elif fmt.output_format == "parquet":
+                shard = build_parquet(samples, fmt.ext)
+            else:
+                raise ValueError(f"output_format must be files, webdataset or parquet, got {fmt.output_format!r}")
+            first = min(encoded)
+            put(first, key, shard)  # atomic: the whole shard or nothing
+            stats.update(shard=key, written=len(samples), bytes=len(shard),
+                         image_bytes=sum(len(d) for _, _, d in samples), t_write_s=time.perf_counter() - t0)
+            put(first, f"{SHARDS_DIR}/{name}_stats.json", _stats_bytes(stats))
+        except Exception as err:  # the shard failed: every image in it fails
+            for i in encoded:
+                status[i], error[i] = "failed", _error_text(err)
+        else:
+            dt = (time.perf_counter() - t0) / len(samples)
+            for i in encoded:
+                uri_key[i] = key
+                member[i] = f"{keys[i]}.{fmt.ext}" if fmt.output_format == "webdataset" else keys[i]
+                t_write[i] = t_enc[i] + dt
+
+    # 3. results
+    for i, data in encoded.items():
+        if status[i] == "ok":
+            sha[i], size[i] = hashlib.sha256(data).hexdigest(), len(data)
+        else:
+            t_write[i] = None
+    uri_key = [k if status[i] == "ok" else None for i, k in enumerate(uri_key)]
+    uri = [out.uri(k) if k else None for k in uri_key] if upload else [None] * n
+    result = batch.drop_columns(["_pixels"])
+    for col, values, type_ in (
+        ("status", status, pa.string()), ("error", error, pa.string()), ("uri", uri, pa.string()),
+        ("member", member, pa.string()), ("sha256", sha, pa.string()), ("file_size", size, pa.int64()),
+        ("t_write_s", t_write, pa.float64()),
+    ):
+        result = _set_column(result, col, values, type_)
+    if not upload:  # the driver writes the objects, then sets uri from _uri_key (apply_driver_writes)
+        result = _set_column(result, "_puts", puts, PUTS_TYPE)
+        result = _set_column(result, "_uri_key", uri_key, pa.string())
+    return result
+
+
+def _stats_bytes(stats: dict) -> bytes:
+    return (json.dumps(stats, indent=2, sort_keys=True) + "\n").encode()
+
+
+def _set_column(table: pa.Table, name: str, values: list, type_: pa.DataType) -> pa.Table:
+    arr = pa.array(values, type=type_)
+    i = table.schema.get_field_index(name)
+    if i >= 0:
+        return table.set_column(i, pa.field(name, type_), arr)
+    return table.append_column(pa.field(name, type_), arr)
+
+
+class ImageReader:
+    """Reads any stored image back from its metadata row (``uri`` + ``member``), whatever the format.
+
+    Keeps the last shard it opened, so reading a shard's images in order costs one fetch.
+    """
+
+    def __init__(self, storage_options: dict[str, Any] | None = None):
+        self.storage_options = storage_options or {}
+        self._shard_uri: str | None = None
+        self._shard: dict[str, bytes] = {}
+
+    def _fetch(self, uri: str) -> bytes:
+        import fsspec
+
+        fs, path = fsspec.core.url_to_fs(uri, **self.storage_options)
+        return fs.cat_file(path)
+
+    def _open_shard(self, uri: str) -> dict[str, bytes]:
+        if uri != self._shard_uri:
+            data = self._fetch(uri)
+            if uri.endswith(".tar"):
+                with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+                    members = {m.name: tar.extractfile(m).read() for m in tar.getmembers() if m.isfile()}
+            elif uri.endswith(".parquet"):
+                table = pq.read_table(io.BytesIO(data))
+                col = next(c for c in EXTENSIONS.values() if c in table.column_names)
+                members = dict(zip(table.column("key").to_pylist(), table.column(col).to_pylist()))
+            else:
+                raise ValueError(f"not a shard (expected .tar or .parquet): {uri}")
+            self._shard_uri, self._shard = uri, members
+        return self._shard
+
+    def read_bytes(self, row: dict) -> bytes:
+        """The stored (encoded) bytes of the image a metadata row points at."""
+        if row.get("uri") is None:
+            raise ValueError(f"row {row.get('id')!r} image {row.get('image_index')} has no stored image "
+                             f"(status {row.get('status')!r})")
+        if row.get("member") is None:
+            return self._fetch(row["uri"])
+        shard = self._open_shard(row["uri"])
+        if row["member"] not in shard:
+            raise KeyError(f"{row['uri']} has no member {row['member']!r}")
+        return shard[row["member"]]
+
+    def read(self, row: dict) -> np.ndarray:
+        """The stored image of a metadata row as an (H, W, 3) uint8 array."""
+        return decode_image(self.read_bytes(row))
+
+
+def write_puts(out: Output, puts: list[dict] | None) -> None:
+    """Write the objects a ``_puts`` cell carries, in order."""
+    for obj in puts or []:
+        out.put(obj["key"], obj["data"])
+
+
+def apply_driver_writes(out: Output, batch: pa.Table) -> pa.Table:
+    """Driver side of ``upload=False``: write every row's ``_puts``, then fill ``uri`` from ``_uri_key``
+    and drop both columns. Objects are written before the rows are returned (and so before any commit)."""
+    for puts in batch.column("_puts").to_pylist():
+        write_puts(out, puts)
+    uris = [out.uri(k) if k else None for k in batch.column("_uri_key").to_pylist()]
+    batch = _set_column(batch, "uri", uris, pa.string())
+    return batch.drop_columns(["_puts", "_uri_key"])

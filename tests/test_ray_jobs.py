@@ -1,0 +1,134 @@
+"""The documented cluster path: a local Ray head with the dashboard (`ray start --head`), a tiny generation
+job submitted with `ray job submit --working-dir . -- python jobs/generate.py --config ...`, its outputs
+checked, the head stopped. Only this test's own head is touched: it runs in its own session with its own
+temp dir and free ports, and is stopped by killing its processes (never `ray stop`, which stops every Ray
+on the machine)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from conftest import write_manifest
+
+from batch.storage import RUN_RECORD, SUCCESS_MARKER, decode_png, open_output, read_metadata
+
+REPO = Path(__file__).resolve().parent.parent
+AUTH_TOKEN = Path.home() / ".ray" / "auth_token"
+
+
+def _free_ports(n: int) -> list[int]:
+    socks = [socket.socket() for _ in range(n)]
+    for s in socks:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
+def _own_pids(marker: str) -> list[int]:
+    """Processes whose command line names this head's private temp dir."""
+    pids = []
+    for p in Path("/proc").iterdir():
+        if p.name.isdigit():
+            try:
+                if marker in (p / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace"):
+                    pids.append(int(p.name))
+            except OSError:
+                continue
+    return pids
+
+
+@pytest.fixture
+def ray_head():
+    """A Ray head with dashboard on free loopback ports; yields (dashboard URL, env for clients)."""
+    had_token = AUTH_TOKEN.exists()
+    temp = tempfile.mkdtemp(prefix="sdbr-", dir="/tmp")  # short: Ray's unix sockets live under it
+    gcs, dash, client, nm, om, agent, agent_grpc, rt_env, metrics = _free_ports(9)
+    bin_dir = str(Path(sys.executable).parent)
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0", "HF_HUB_OFFLINE": "1",
+           "PATH": f"{bin_dir}:{os.environ.get('PATH', '')}"}
+    env.pop("RAY_ADDRESS", None)
+    cmd = [str(Path(bin_dir) / "ray"), "start", "--head", "--block", "--num-cpus=2", "--num-gpus=0",
+           f"--temp-dir={temp}", f"--port={gcs}", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
+           f"--dashboard-port={dash}", f"--ray-client-server-port={client}", f"--node-manager-port={nm}",
+           f"--object-manager-port={om}", f"--dashboard-agent-listen-port={agent}",
+           f"--dashboard-agent-grpc-port={agent_grpc}", f"--runtime-env-agent-port={rt_env}",
+           f"--metrics-export-port={metrics}", "--disable-usage-stats", "--node-ip-address=127.0.0.1"]
+    log = open(Path(temp) / "head.log", "w")
+    head = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{dash}"
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            try:
+                urllib.request.urlopen(f"{url}/api/version", timeout=2).read()
+                break
+            except OSError:
+                if head.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError("ray head did not start:\n" + (Path(temp) / "head.log").read_text()[-3000:])
+                time.sleep(1)
+        yield url, env
+    finally:
+        # stop only this head: its process group, then anything else naming its temp dir
+        try:
+            os.killpg(head.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+        deadline = time.monotonic() + 8
+        while _own_pids(temp) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        for pid in _own_pids(temp):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        head.wait(timeout=30)
+        log.close()
+        shutil.rmtree(temp, ignore_errors=True)
+        if not had_token:
+            assert not AUTH_TOKEN.exists(), "a Ray auth token was left under ~/.ray"
+
+
+def test_ray_job_submit_runs_generate_on_a_local_head(ray_head, tmp_path):
+    url, env = ray_head
+    manifest = write_manifest(tmp_path / "m.parquet", [{"id": "job-a", "prompt": "a lighthouse", "num_images": 2},
+                                                        {"id": "job-b", "prompt": "a forest", "seed": 3}])
+    out_uri = str(tmp_path / "out")
+    submit = [str(Path(sys.executable).parent / "ray"), "job", "submit", "--address", url, "--working-dir", ".",
+              "--submission-id", "sdbatch-test-generate", "--",
+              "python", "jobs/generate.py", "--config", "configs/demo.yaml", "--manifest", manifest,
+              "--output", out_uri, "--quiet", "--set", "defaults.num_inference_steps=2"]
+    done = subprocess.run(submit, cwd=REPO, env=env, capture_output=True, text=True, timeout=400)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "succeeded" in (done.stdout + done.stderr).lower()
+
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    client = JobSubmissionClient(url)
+    assert client.get_job_status("sdbatch-test-generate") == JobStatus.SUCCEEDED
+    logs = client.get_job_logs("sdbatch-test-generate")
+    assert "images: 3 ok, 0 failed" in logs  # the job's own summary line
+
+    out = open_output(out_uri)
+    assert out.exists(SUCCESS_MARKER)
+    record = out.get_json(RUN_RECORD)
+    assert record["status"] == "finished" and record["attempts"][-1]["resources"]["cluster_cpus"] == 2.0
+    meta = read_metadata(out_uri).to_pylist()
+    assert sorted((r["id"], r["image_index"], r["status"]) for r in meta) == [
+        ("job-a", 0, "ok"), ("job-a", 1, "ok"), ("job-b", 0, "ok")]
+    for r in meta:
+        assert decode_png(out.fs.cat_file(out.fs._strip_protocol(r["uri"]))).shape == (64, 64, 3)
+    events = [json.loads(x) for x in (tmp_path / "out" / "logs" / f"{record['run_id']}.jsonl").read_text().splitlines()]
+    assert events[0]["event"] == "start" and events[-1]["event"] == "finish"

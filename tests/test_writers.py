@@ -1,0 +1,146 @@
+"""Output formats in-process (no Ray): every container and encoding written, read back and compared with
+the generated pixels that the default file output stores."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import tarfile
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+import batch.stages as stages
+from batch.config import SpecError, parse_spec
+from batch.manifest import plan
+from batch.storage import RESERVED_COLUMNS, open_output
+from batch.writers import ImageReader, OutputFormat, apply_driver_writes, decode_image, format_warnings
+
+
+@pytest.fixture(scope="module")
+def generated():
+    sampler = stages.Txt2ImgSampler(model="tiny", revision=None, dtype="float32", device="cpu", batch_size=2)
+    spec = parse_spec({"defaults": {"height": 64, "width": 64, "num_inference_steps": 3}})
+    rows = [{"id": "a", "prompt": "a red cube", "num_images": 2}, {"id": "b", "prompt": "a blue sphere"}]
+    return sampler(plan(pa.Table.from_pylist(rows), spec, RESERVED_COLUMNS).items)
+
+
+def _pixels(generated):
+    return {(r["id"], r["image_index"]): np.frombuffer(r["_pixels"], np.uint8).reshape(64, 64, 3)
+            for r in generated.to_pylist()}
+
+
+def _write(generated, out, **fmt):
+    return stages.encode_and_write(generated, out, {}, **fmt).to_pylist()
+
+
+@pytest.fixture(scope="module")
+def files_output(generated, tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("files") / "out")
+    rows = _write(generated, out)
+    reader = ImageReader()
+    return {(r["id"], r["image_index"]): reader.read(r) for r in rows}
+
+
+def test_files_png_is_the_generated_pixels(generated, files_output):
+    expected = _pixels(generated)
+    assert set(files_output) == set(expected) and len(expected) == 3
+    for k, img in files_output.items():
+        assert np.array_equal(img, expected[k])
+
+
+@pytest.mark.parametrize("output_format", ["files", "webdataset", "parquet"])
+@pytest.mark.parametrize("image_format", ["png", "webp"])  # webp lossless by default
+def test_lossless_formats_read_back_equal_to_file_output(generated, files_output, tmp_path, output_format,
+                                                         image_format):
+    out_uri = str(tmp_path / "out")
+    rows = _write(generated, out_uri, output_format=output_format, image_format=image_format)
+    reader = ImageReader()
+    assert all(r["status"] == "ok" for r in rows)
+    for r in rows:
+        assert np.array_equal(reader.read(r), files_output[(r["id"], r["image_index"])])
+        assert r["sha256"] == hashlib.sha256(reader.read_bytes(r)).hexdigest()
+        assert r["file_size"] == len(reader.read_bytes(r))
+    out = open_output(out_uri)
+    ext = {"png": "png", "webp": "webp"}[image_format]
+    if output_format == "files":
+        assert all(r["member"] is None and r["uri"].endswith(f".{ext}") for r in rows)
+        return
+    shards = [k for k in out.list("shards") if not k.endswith("_stats.json")]
+    assert len(shards) == 1 and all(r["uri"] == out.uri(shards[0]) for r in rows)  # one shard per block
+    stats = out.get_json(shards[0].rsplit(".", 1)[0] + "_stats.json")
+    assert stats["written"] == 3 and stats["shard"] == shards[0] and stats["image_format"] == image_format
+    data = out.get(shards[0])
+    if output_format == "webdataset":
+        with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+            names = tar.getnames()
+            meta = {n: json.loads(tar.extractfile(n).read()) for n in names if n.endswith(".json")}
+        keys = [r["member"].rsplit(".", 1)[0] for r in rows]
+        assert sorted(names) == sorted(f"{k}.{e}" for k in keys for e in (ext, "json", "txt"))
+        for r, k in zip(rows, keys):
+            assert "." not in k and "/" not in k  # WebDataset splits keys at the first dot
+            assert meta[f"{k}.json"]["id"] == r["id"] and meta[f"{k}.json"]["seed"] == r["seed"]
+    else:
+        table = pq.read_table(io.BytesIO(data))
+        assert {"key", "caption", "id", "image_index", "seed", ext} <= set(table.column_names)
+        assert sorted(table.column("key").to_pylist()) == sorted(r["member"] for r in rows)
+
+
+def test_shard_names_are_deterministic(generated, tmp_path):
+    a = _write(generated, str(tmp_path / "a"), output_format="webdataset")
+    b = _write(generated, str(tmp_path / "b"), output_format="webdataset")
+    name = lambda rows: {r["uri"].rsplit("/", 1)[1] for r in rows}  # noqa: E731
+    assert name(a) == name(b) and len(name(a)) == 1
+    assert open_output(str(tmp_path / "a")).list("shards") == open_output(str(tmp_path / "b")).list("shards")
+    assert (tmp_path / "a" / "shards").is_dir() and not list((tmp_path / "a").rglob("*.tmp-*"))
+
+
+def test_jpeg_is_lossy_close_and_warned(generated, files_output, tmp_path):
+    rows = _write(generated, str(tmp_path / "out"), output_format="parquet", image_format="jpeg", jpeg_quality=90)
+    reader = ImageReader()
+    for r in rows:
+        img, ref = reader.read(r).astype(int), files_output[(r["id"], r["image_index"])].astype(int)
+        assert img.shape == ref.shape and r["uri"].endswith(".parquet")
+        assert np.abs(img - ref).mean() < 20  # close, but JPEG does not keep pixels
+    assert format_warnings(OutputFormat(image_format="jpeg"))[0].startswith("image_format=jpeg")
+    assert "FID" in format_warnings(OutputFormat(image_format="webp", webp_lossless=False))[0]
+    assert format_warnings(OutputFormat(image_format="webp")) == format_warnings(OutputFormat()) == []
+
+
+def test_driver_side_writes_for_process_local_storage(generated, files_output, tmp_path):
+    out_uri = str(tmp_path / "out")
+    result = stages.encode_and_write(generated, out_uri, {}, upload=False, output_format="webdataset")
+    assert not (tmp_path / "out").exists()  # nothing written by the stage itself
+    assert all(r["uri"] is None and r["_uri_key"].startswith("shards/") for r in result.to_pylist())
+    written = apply_driver_writes(open_output(out_uri), result)
+    assert "_puts" not in written.column_names and "_uri_key" not in written.column_names
+    reader = ImageReader()
+    for r in written.to_pylist():
+        assert np.array_equal(reader.read(r), files_output[(r["id"], r["image_index"])])
+
+
+def test_a_failed_shard_put_fails_every_image_in_it(generated, tmp_path):
+    (tmp_path / "ro").write_text("a file where the output folder should be")
+    rows = _write(generated, str(tmp_path / "ro"), output_format="parquet")
+    assert all(r["status"] == "failed" and r["uri"] is None and r["member"] is None and r["error"] for r in rows)
+
+
+def test_spec_fields_are_checked():
+    assert parse_spec({"output_format": "webdataset", "image_format": "webp"}).image_format == "webp"
+    with pytest.raises(SpecError, match="output_format"):
+        parse_spec({"output_format": "tfrecord"})
+    with pytest.raises(SpecError, match="jpeg_quality"):
+        parse_spec({"jpeg_quality": 0})
+
+
+def test_decode_image_round_trips_all_encodings():
+    rng = np.random.default_rng(0)
+    px = rng.integers(0, 256, (16, 24, 3), dtype=np.uint8)
+    from batch.writers import encode_image
+
+    assert np.array_equal(decode_image(encode_image(px, OutputFormat(image_format="png"))), px)
+    assert np.array_equal(decode_image(encode_image(px, OutputFormat(image_format="webp"))), px)
+    assert decode_image(encode_image(px, OutputFormat(image_format="jpeg"))).shape == px.shape
