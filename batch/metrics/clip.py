@@ -40,7 +40,7 @@ class ClipScorer:
 
         offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
         kw = dict(revision=revision, local_files_only=offline)
-        self.model = CLIPModel.from_pretrained(model, use_safetensors=True, dtype=dtype, **kw).to(device).eval()
+        self.model = CLIPModel.from_pretrained(model, use_safetensors=True, dtype=dtype, **kw).to(device).eval().requires_grad_(False)
         self.tokenizer = AutoTokenizer.from_pretrained(model, **kw)
         self.processor = clip_image_processor_class().from_pretrained(model, **kw)
         self.device, self.dtype, self.name = torch.device(device), dtype, model
