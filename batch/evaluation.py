@@ -361,10 +361,10 @@ def _now() -> str:
 
 def reduce_results(scores: pa.Table, ref: ReferenceStats, spec: EvalSpec) -> pa.Table:
     """Per (model, scale): n, FID vs the reference statistics, mean CLIP score, 95% bootstrap intervals."""
-    from batch.metrics.fid import _sqrt_psd, bootstrap_fid, bootstrap_mean, statistics, trace_sqrt_product
+    from batch.metrics.fid import _sqrt_psd, bootstrap_fid, bootstrap_mean, fid_from_features
 
-    sqrt_ref = _sqrt_psd(ref.sigma)
-    tr_ref = float(np.trace(ref.sigma))
+    dim = len(ref.mu)
+    sqrt_ref = None  # S_ref^(1/2), only needed for groups with more images than feature dimensions
     rows = []
     ok = scores.filter(pc.is_null(scores.column("feature_error")))
     for mi, m in enumerate(spec.models):
@@ -376,12 +376,11 @@ def reduce_results(scores: pa.Table, ref: ReferenceStats, spec: EvalSpec) -> pa.
                    "fid": None, "fid_lo": None, "fid_hi": None, "clip_score": None, "clip_lo": None, "clip_hi": None}
             if n >= 2:
                 feats = np.asarray(sel.column("inception").to_pylist(), np.float64)
-                mu, sigma = statistics(feats)
-                d = mu - ref.mu
-                row["fid"] = max(0.0, float(d @ d + np.trace(sigma) + tr_ref
-                                            - 2 * trace_sqrt_product(None, sigma, sqrt_ref)))
+                if n > dim and sqrt_ref is None:
+                    sqrt_ref = _sqrt_psd(ref.sigma)
+                row["fid"] = fid_from_features(feats, ref.mu, ref.sigma, sqrt_ref)
                 row["fid_lo"], row["fid_hi"] = bootstrap_fid(feats, ref.mu, ref.sigma, spec.fid.bootstrap,
-                                                             seed=spec.seed + 1000 * mi + gi)
+                                                             seed=spec.seed + 1000 * mi + gi, sqrt_ref=sqrt_ref)
             if n >= 1:
                 clip = np.asarray(sel.column("clip_score").to_pylist(), np.float64)
                 row["clip_score"] = float(clip.mean())

@@ -10,6 +10,7 @@ from batch.metrics.fid import (
     INCEPTION_SIZE,
     bootstrap_fid,
     bootstrap_mean,
+    fid_from_features,
     frechet_distance,
     prepare_reference,
     statistics,
@@ -104,6 +105,17 @@ def test_prepare_reference_centre_crops_then_resizes():
     assert out.min() == 255  # nothing of the black sides survived the centre crop
 
 
+@pytest.mark.parametrize("n", [5, 30, 200])  # N <= D (the N x N form) and N > D (the D x D form)
+def test_fid_from_features_equals_statistics_then_distance(n):
+    rng = np.random.default_rng(n)
+    ref = rng.standard_normal((300, 32)) @ rng.standard_normal((32, 32)) * 0.3
+    mu_r, s_r = statistics(ref)
+    f = rng.standard_normal((n, 32)) + 0.2
+    expected = scipy_frechet(*statistics(f), mu_r, s_r)
+    assert fid_from_features(f, mu_r, s_r) == pytest.approx(expected, rel=1e-6)
+    assert fid_from_features(f, mu_r, s_r) == pytest.approx(frechet_distance(*statistics(f), mu_r, s_r), rel=1e-6)
+
+
 def test_bootstrap_intervals():
     rng = np.random.default_rng(6)
     v = rng.normal(30, 2, 400)
@@ -132,8 +144,7 @@ def test_fid_of_image_sets_with_random_inception():
         fb = net(to_inception_input(smooth)).numpy()
     assert fa.shape == (6, 2048) and fa.std() > 1e-3  # features did not collapse
     mu_a, s_a = statistics(fa)
-    mu_b, s_b = statistics(fb)
-    same = frechet_distance(mu_a, s_a, mu_a, s_a)
-    diff = frechet_distance(mu_a, s_a, mu_b, s_b)
+    same = fid_from_features(fa, mu_a, s_a)  # exact N x N form (N <= 2048); equal to frechet_distance above
+    diff = fid_from_features(fb, mu_a, s_a)
     assert same < 1e-6 * max(1.0, diff)
     assert diff > 1.0
