@@ -227,15 +227,16 @@ def sample_prompts(captions: pa.Table, n: int, seed: int) -> pa.Table:
     """A documented, reproducible sample of ``n`` captions, each with its own image seed.
 
     1. the caption annotations sorted by annotation id (:func:`read_coco_captions`);
-    2. ``numpy.random.default_rng(seed).choice(len, n, replace=False)`` (PCG64): ``n`` distinct annotations,
-       so an image may contribute several of its captions, as in the model cards' "10,000 random COCO2017
-       validation prompts"; kept in the drawn order;
+    2. the first ``n`` of ``numpy.random.default_rng(seed).permutation(len)`` (PCG64): ``n`` distinct
+       annotations (an image may contribute several of its captions, as in the model cards' "10,000 random
+       COCO2017 validation prompts"), in the drawn order; so a smaller sample (``--limit``) is exactly the
+       head of a larger one with the same seed, prompts and image seeds alike;
     3. each prompt's image seed is ``derive_row_seed(seed, "coco-<annotation_id>")`` (:mod:`batch.seeds`),
        the same at every guidance scale and for every model: scales and models are compared paired.
     """
     if n > captions.num_rows:
         raise SpecError(f"num_prompts={n} but the captions file has only {captions.num_rows} captions")
-    idx = np.random.default_rng(seed).choice(captions.num_rows, size=n, replace=False)
+    idx = np.random.default_rng(seed).permutation(captions.num_rows)[:n]
     out = captions.take(pa.array(idx))
     seeds = [derive_row_seed(seed, f"coco-{a}") for a in out.column("annotation_id").to_pylist()]
     return out.append_column("seed", pa.array(seeds, pa.int64()))
@@ -311,20 +312,20 @@ def reference_statistics(images_uri: str, spec: EvalSpec | StatsSpec, cache: str
     kwargs = dict(inception=spec.fid.weights, clip=None, storage_options=spec.storage_options, reference=True,
                   reference_size=spec.fid.reference_size, batch_size=spec.features.batch_size)
     feats = _run_features(table, kwargs, spec, desc="reference features")
-    good = [f for f, e in zip(feats.column("inception").to_pylist(), feats.column("feature_error").to_pylist())
-            if e is None]
+    good = feats.filter(pc.is_null(feats.column("feature_error")))
     errors = [e for e in feats.column("feature_error").to_pylist() if e is not None]
-    if len(good) < 2:
-        raise SpecError(f"reference images: only {len(good)} readable images under {images_uri}; first errors: {errors[:3]}")
-    mu, sigma = statistics(np.asarray(good, np.float32))
+    if good.num_rows < 2:
+        raise SpecError(f"reference images: only {good.num_rows} readable images under {images_uri}; "
+                        f"first errors: {errors[:3]}")
+    mu, sigma = statistics(feature_matrix(good.column("inception")))
     buf = io.BytesIO()
-    np.savez(buf, mu=mu, sigma=sigma, n=len(good))
+    np.savez(buf, mu=mu, sigma=sigma, n=good.num_rows)
     store.put(f"{key}.npz", buf.getvalue())
-    store.put_json(f"{key}.json", {"images": images_uri, "num_images": len(images), "num_used": len(good),
+    store.put_json(f"{key}.json", {"images": images_uri, "num_images": len(images), "num_used": good.num_rows,
                                    "unreadable": errors[:100], "weights": spec.fid.weights,
                                    "weights_file": str(weights), "reference_size": spec.fid.reference_size,
                                    "created_at": _now()})
-    return ReferenceStats(mu, sigma, len(good), key, store.uri(f"{key}.npz"), cached=False)
+    return ReferenceStats(mu, sigma, good.num_rows, key, store.uri(f"{key}.npz"), cached=False)
 
 
 def _run_features(table: pa.Table, kwargs: dict, spec: EvalSpec | StatsSpec, desc: str) -> pa.Table:
@@ -346,6 +347,15 @@ def _run_features(table: pa.Table, kwargs: dict, spec: EvalSpec | StatsSpec, des
             bar.update(b.num_rows)
     result = pa.concat_tables(out)
     return result.take(pc.sort_indices(result, [("_order", "ascending")])).drop_columns(["_order"])
+
+
+def feature_matrix(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
+    """(N, 2048) float32 matrix of a non-null ``inception`` column, without Python-object round trips."""
+    arr = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    if arr.null_count:
+        raise ValueError("feature column has nulls; filter failed rows first")
+    width = arr.type.list_size
+    return arr.flatten().to_numpy(zero_copy_only=False).astype(np.float32, copy=False).reshape(-1, width)
 
 
 def _ray_spec(spec: EvalSpec | StatsSpec) -> JobSpec:
@@ -375,7 +385,7 @@ def reduce_results(scores: pa.Table, ref: ReferenceStats, spec: EvalSpec) -> pa.
             row = {"model": m.name, "model_id": m.model, "guidance_scale": float(g), "n": n,
                    "fid": None, "fid_lo": None, "fid_hi": None, "clip_score": None, "clip_lo": None, "clip_hi": None}
             if n >= 2:
-                feats = np.asarray(sel.column("inception").to_pylist(), np.float64)
+                feats = feature_matrix(sel.column("inception"))
                 if n > dim and sqrt_ref is None:
                     sqrt_ref = _sqrt_psd(ref.sigma)
                 row["fid"] = fid_from_features(feats, ref.mu, ref.sigma, sqrt_ref)
@@ -466,9 +476,8 @@ class EvalResult:
 def run_eval(spec: EvalSpec, coco_captions: str, coco_images: str, output: str, limit: int | None = None,
              stats_cache: str | None = None) -> EvalResult:
     """Run the whole evaluation (module docstring, steps 1-5) and return its results."""
-    from batch import pipeline
-    from batch.job import RunExistsError, package_versions, redact, run_job
-    from batch.storage import SUCCESS_MARKER, open_output, read_metadata
+    from batch.job import RunExistsError, package_versions, redact
+    from batch.storage import open_output
 
     t0 = time.perf_counter()
     out = open_output(output, spec.storage_options)
@@ -479,6 +488,20 @@ def run_eval(spec: EvalSpec, coco_captions: str, coco_images: str, output: str, 
                               "coco_captions": coco_captions, "coco_images": coco_images, "num_prompts": n,
                               "limit": limit, "versions": package_versions(), "started_at": _now(), "timings": {}}
     out.put_json(EVAL_RECORD, record)
+
+    try:
+        return _run_eval(spec, coco_captions, coco_images, output, out, n, record, stats_cache, t0)
+    except BaseException as err:  # the run record says the evaluation died, and why
+        out.put_json(EVAL_RECORD, {**record, "status": "crashed", "error": f"{type(err).__name__}: {err}",
+                                   "crashed_at": _now()})
+        raise
+
+
+def _run_eval(spec: EvalSpec, coco_captions: str, coco_images: str, output: str, out, n: int, record: dict,
+              stats_cache: str | None, t0: float) -> EvalResult:
+    from batch import pipeline
+    from batch.job import run_job
+    from batch.storage import SUCCESS_MARKER, read_metadata
 
     # 1. prompts
     prompts = sample_prompts(read_coco_captions(coco_captions, spec.storage_options), n, spec.seed)

@@ -78,8 +78,9 @@ def test_sample_is_seeded_distinct_and_carries_derived_seeds(tmp_path):
     assert a.equals(b)
     ids = a.column("annotation_id").to_pylist()
     assert len(set(ids)) == 12
-    expected = caps.take(pa.array(np.random.default_rng(3).choice(50, 12, replace=False)))
+    expected = caps.take(pa.array(np.random.default_rng(3).permutation(50)[:12]))
     assert ids == expected.column("annotation_id").to_pylist()  # the documented draw
+    assert sample_prompts(caps, 5, seed=3).equals(a.slice(0, 5))  # --limit: the head of the full sample
     assert a.column("seed").to_pylist() == [derive_row_seed(3, f"coco-{i}") for i in ids]
     assert sample_prompts(caps, 12, seed=4).column("annotation_id").to_pylist() != ids
     with pytest.raises(SpecError, match="only 50 captions"):
@@ -236,3 +237,25 @@ def test_eval_end_to_end_with_cached_reference_stats(demo_inputs, ray_session, c
     assert len(by_prompt) == 2 and all(len(v) == 1 for v in by_prompt.values())
     scores = pq.read_table(out / "scores" / "tiny.parquet")
     assert scores.num_rows == 6 and scores.column("clip_score").null_count == 0
+
+
+def test_jobs_evaluate_maps_config_flag():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("jobs_evaluate", ROOT / "jobs/evaluate.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert mod._argv(["--config", "c.yaml", "--limit", "5"]) == ["eval", "c.yaml", "--limit", "5"]
+    assert mod._argv(["--config=c.yaml", "--output", "o"]) == ["eval", "c.yaml", "--output", "o"]
+    assert mod._argv(["c.yaml"]) == ["eval", "c.yaml"]
+
+
+def test_failed_eval_says_so_in_its_record(tmp_path, ray_session):
+    from batch.evaluation import run_eval
+
+    spec = EvalSpec(models=[{"name": "tiny", "model": "tiny"}], num_prompts=2, progress=False)
+    with pytest.raises(SpecError, match="not a folder"):
+        run_eval(spec, str(write_coco(tmp_path / "c.json")), str(tmp_path / "no-images"), str(tmp_path / "out"))
+    record = json.loads((tmp_path / "out" / "eval.json").read_text())
+    assert record["status"] == "crashed" and "not a folder" in record["error"]
+    assert pq.read_table(tmp_path / "out" / "prompts.parquet").num_rows == 2
