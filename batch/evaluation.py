@@ -354,8 +354,13 @@ def feature_matrix(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
     arr = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
     if arr.null_count:
         raise ValueError("feature column has nulls; filter failed rows first")
-    width = arr.type.list_size
-    return arr.flatten().to_numpy(zero_copy_only=False).astype(np.float32, copy=False).reshape(-1, width)
+    if len(arr) == 0:
+        return np.zeros((0, 0), np.float32)
+    lengths = pc.list_value_length(arr)
+    width = int(pc.min(lengths).as_py())
+    if int(pc.max(lengths).as_py()) != width:
+        raise ValueError("feature rows differ in length")
+    return arr.flatten().to_numpy(zero_copy_only=False).astype(np.float32, copy=False).reshape(len(arr), width)
 
 
 def _ray_spec(spec: EvalSpec | StatsSpec) -> JobSpec:
