@@ -83,7 +83,7 @@ class FeatureExtractor:
             idx = ok[start:start + self.batch_size]
             try:
                 if self.inception is not None:
-                    x = torch.cat([to_inception_input(images[i][None]) for i in idx]).to(self.device)
+                    x = torch.cat([to_inception_input(images[i][None], self.device) for i in idx])
                     f = self.inception(x).float().cpu().numpy()
                     for j, i in enumerate(idx):
                         feats[i] = f[j].tolist()

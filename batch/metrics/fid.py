@@ -43,15 +43,16 @@ def prepare_reference(image, size: int = REFERENCE_SIZE) -> np.ndarray:
     return np.asarray(img, dtype=np.uint8)
 
 
-def to_inception_input(images: np.ndarray):
-    """Step 3: (N, H, W, 3) uint8 -> (N, 3, 299, 299) float32 tensor in [-1, 1]."""
+def to_inception_input(images: np.ndarray, device: str = "cpu"):
+    """Step 3: (N, H, W, 3) uint8 -> (N, 3, 299, 299) float32 tensor in [-1, 1] on ``device`` (the uint8
+    pixels move first, so the resize runs on the GPU when there is one)."""
     import torch
     import torch.nn.functional as F
 
     arr = np.asarray(images)
     if arr.dtype != np.uint8 or arr.ndim != 4 or arr.shape[-1] != 3:
         raise ValueError(f"expected (N, H, W, 3) uint8 images, got {arr.dtype} {arr.shape}")
-    x = torch.from_numpy(np.array(arr, copy=True)).permute(0, 3, 1, 2).float() / 255.0
+    x = torch.from_numpy(np.array(arr, copy=True)).to(device).permute(0, 3, 1, 2).float() / 255.0
     if x.shape[-2:] != (INCEPTION_SIZE, INCEPTION_SIZE):
         x = F.interpolate(x, size=(INCEPTION_SIZE, INCEPTION_SIZE), mode="bilinear", align_corners=False,
                           antialias=False)
