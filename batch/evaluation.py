@@ -43,6 +43,7 @@ from typing import Any, Literal
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -505,7 +506,7 @@ def run_eval(spec: EvalSpec, coco_captions: str, coco_images: str, output: str, 
 def _run_eval(spec: EvalSpec, coco_captions: str, coco_images: str, output: str, out, n: int, record: dict,
               stats_cache: str | None, t0: float) -> EvalResult:
     from batch import pipeline
-    from batch.job import run_job
+    from batch.job import RunExistsError, run_job
     from batch.storage import SUCCESS_MARKER, read_metadata
 
     # 1. prompts
@@ -526,10 +527,17 @@ def _run_eval(spec: EvalSpec, coco_captions: str, coco_images: str, output: str,
         for m in spec.models:
             man_key, gen_key = f"manifests/{m.name}.parquet", f"generations/{m.name}"
             gen_uri = out.uri(gen_key)
+            manifest = build_manifest(prompts, spec.guidance_scales, m.name)
             if out.exists(f"{gen_key}/{SUCCESS_MARKER}"):
+                # a finished generation is reused only for exactly this manifest (prompts, seeds, scales)
+                cols = ["id", "prompt", "seed", "guidance_scale"]
+                earlier = pq.read_table(io.BytesIO(out.get(man_key))).select(cols) if out.exists(man_key) else None
+                if earlier is None or not earlier.equals(manifest.select(cols)):
+                    raise RunExistsError(f"{gen_uri} holds a finished generation for a different prompt sample or "
+                                         "scales; choose a new output prefix")
                 record.setdefault("reused_generations", []).append(m.name)
             else:
-                out.put_parquet(man_key, build_manifest(prompts, spec.guidance_scales, m.name))
+                out.put_parquet(man_key, manifest)
                 job = job_spec(spec, m, out.uri(man_key), gen_uri)
                 summary = run_job(job)  # raises RunExistsError on a partial earlier run (resume: issue 4)
                 record.setdefault("generations", {})[m.name] = {"output": gen_uri, "run_id": summary.run_id,

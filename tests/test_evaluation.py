@@ -238,6 +238,19 @@ def test_eval_end_to_end_with_cached_reference_stats(demo_inputs, ray_session, c
     scores = pq.read_table(out / "scores" / "tiny.parquet")
     assert scores.num_rows == 6 and scores.column("clip_score").null_count == 0
 
+    # metrics can be recomputed from the stored images: a rerun reuses the finished generation ...
+    eval_args = ["eval", str(ROOT / "configs/eval-pareto-tiny.yaml"), "--coco-captions", demo_inputs["captions"],
+                 "--coco-images", demo_inputs["images"], "--output", str(out), "--fid-stats", str(d / "stats"),
+                 "--quiet", *common, "--set", 'models=[{"name": "tiny", "model": "tiny"}]']
+    assert main([*eval_args, "--limit", "2"]) == 2  # a finished evaluation is never overwritten
+    (out / "eval.json").write_text(json.dumps({**record, "status": "crashed"}))
+    assert main([*eval_args, "--limit", "1"]) == 2  # ... but only for the same prompts, seeds and scales
+    assert "different prompt sample" in capsys.readouterr().err
+    assert main([*eval_args, "--limit", "2"]) == 0
+    again = json.loads((out / "eval.json").read_text())
+    assert again["reused_generations"] == ["tiny"] and "generations" not in again
+    assert [r["fid"] for r in again["results"]] == pytest.approx([r["fid"] for r in rows], rel=1e-6)
+
 
 def test_jobs_evaluate_maps_config_flag():
     import importlib.util
