@@ -92,22 +92,17 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_fid_stats(args: argparse.Namespace) -> int:
-    from batch import pipeline
-    from batch.evaluation import StatsSpec, _ray_spec, reference_statistics
+    from batch.evaluation import StatsSpec, reference_statistics
 
     spec = _eval_spec_from_args(args) if args.config else StatsSpec()
     spec = StatsSpec(fid=spec.fid, features=spec.features, storage_options=spec.storage_options,
                      ray_address=spec.ray_address, progress=not args.quiet)
     if args.weights:
         spec.fid.weights = args.weights
-    started = pipeline.init_ray(_ray_spec(spec))
     try:
         ref = reference_statistics(args.images, spec, args.output)
     except FileNotFoundError as err:
         raise SpecError(str(err)) from None
-    finally:
-        if started:
-            pipeline.shutdown()
     print(f"{'reused cached' if ref.cached else 'computed'} reference statistics of {ref.n} images: {ref.uri}")
     return 0
 

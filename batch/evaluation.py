@@ -296,7 +296,8 @@ def stats_key(weights_sha256: str, reference_size: int, images: list[tuple[str, 
 
 def reference_statistics(images_uri: str, spec: EvalSpec | StatsSpec, cache: str | None = None) -> ReferenceStats:
     """Reference (mu, sigma) of a folder of images: from the cache when present, else computed through the
-    feature stage and stored (``<cache>/<key>.npz`` plus ``<key>.json`` describing it). Ray must be up."""
+    feature stage and stored (``<cache>/<key>.npz`` plus ``<key>.json`` describing it). A cache hit starts
+    no Ray and loads no network."""
     from batch.metrics.fid import statistics
     from batch.metrics.inception import cache_dir, file_sha256, resolve_weights
     from batch.storage import open_output
@@ -330,22 +331,28 @@ def reference_statistics(images_uri: str, spec: EvalSpec | StatsSpec, cache: str
 
 
 def _run_features(table: pa.Table, kwargs: dict, spec: EvalSpec | StatsSpec, desc: str) -> pa.Table:
-    """Run the feature stage over ``table`` (Ray must be initialised); results in input order."""
+    """Run the feature stage over ``table``; results in input order. Uses the running Ray if there is one,
+    else starts (and afterwards stops) one as the job does."""
     from tqdm.auto import tqdm
 
     from batch import pipeline
 
     f = spec.features
-    res = pipeline.resolve_resources(
-        parse_spec({"device": f.device, "actors": f.actors, "gpus_per_actor": f.gpus_per_actor,
-                    "cpus_per_actor": f.cpus_per_actor, "writer_cpus": 0.25}),
-        pipeline.cluster_resources(), local=pipeline.is_local(_ray_spec(spec)))
-    table = table.append_column("_order", pa.array(range(table.num_rows), pa.int64()))
-    out = []
-    with tqdm(total=table.num_rows, unit="img", desc=desc, disable=not spec.progress, file=sys.stderr) as bar:
-        for b in pipeline.run_features(table, kwargs, res, f.rows_per_block):
-            out.append(b)
-            bar.update(b.num_rows)
+    started = pipeline.init_ray(_ray_spec(spec))
+    try:
+        res = pipeline.resolve_resources(
+            parse_spec({"device": f.device, "actors": f.actors, "gpus_per_actor": f.gpus_per_actor,
+                        "cpus_per_actor": f.cpus_per_actor, "writer_cpus": 0.25}),
+            pipeline.cluster_resources(), local=pipeline.is_local(_ray_spec(spec)))
+        table = table.append_column("_order", pa.array(range(table.num_rows), pa.int64()))
+        out = []
+        with tqdm(total=table.num_rows, unit="img", desc=desc, disable=not spec.progress, file=sys.stderr) as bar:
+            for b in pipeline.run_features(table, kwargs, res, f.rows_per_block):
+                out.append(b)
+                bar.update(b.num_rows)
+    finally:
+        if started:
+            pipeline.shutdown()
     result = pa.concat_tables(out)
     return result.take(pc.sort_indices(result, [("_order", "ascending")])).drop_columns(["_order"])
 

@@ -174,7 +174,8 @@ def test_feature_stage_in_process_marks_unreadable_images(tmp_path):
     batch = pa.table({"uri": uris, "prompt": ["a", "b", "c"]})
     out = FeatureExtractor(str(w), str(clip), reference=True, reference_size=64, batch_size=2)(batch).to_pylist()
     assert [r["feature_error"] is None for r in out] == [True, True, False]
-    assert "broken.png" not in out[2]["feature_error"] or "Error" in out[2]["feature_error"]
+    assert out[2]["feature_error"].startswith("uri: cannot read") and "broken.png" in out[2]["feature_error"]
+    assert "UnidentifiedImageError" in out[2]["feature_error"]
     assert len(out[0]["inception"]) == 2048 and out[0]["inception"] != out[1]["inception"]
     assert 0 <= out[0]["clip_score"] <= 100 and out[2]["clip_score"] is None
 

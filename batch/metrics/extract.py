@@ -76,7 +76,7 @@ class FeatureExtractor:
                     raise ValueError("uri: missing")
                 images[i] = self._load(uri)
             except Exception as err:
-                errors[i] = f"{type(err).__name__}: {err}"[:2000]
+                errors[i] = f"uri: cannot read {uri!r}: {type(err).__name__}: {err}"[:2000]
         # 2. networks in sub-batches of batch_size
         ok = sorted(images)
         for start in range(0, len(ok), self.batch_size):
