@@ -1,4 +1,5 @@
-"""``sdbatch`` command line: run, resume, retry-failed, status, compact, validate, grid, make-tiny-model."""
+"""``sdbatch`` command line: run, resume, retry-failed, status, compact, validate, grid, make-tiny-model, eval,
+fid-stats."""
 
 from __future__ import annotations
 
@@ -160,6 +161,50 @@ def cmd_grid(args: argparse.Namespace) -> int:
     return 0
 
 
+def _eval_spec_from_args(args: argparse.Namespace):
+    from batch.evaluation import load_eval_spec
+
+    overrides = {}
+    if getattr(args, "quiet", False):
+        overrides["progress"] = False
+    for text in getattr(args, "set", None) or []:
+        key, value = parse_set_option(text)
+        overrides[key] = value
+    return load_eval_spec(args.config, overrides)
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from batch.evaluation import run_eval
+
+    try:
+        result = run_eval(_eval_spec_from_args(args), args.coco_captions, args.coco_images, args.output,
+                          limit=args.limit, stats_cache=args.fid_stats)
+    except FileNotFoundError as err:  # weights or model files: a usage error, not a crash
+        raise SpecError(str(err)) from None
+    ref = result.reference
+    print(f"reference statistics: {ref.n} images, key {ref.key} ({'cached' if ref.cached else 'computed'})")
+    print(result.table_md)
+    print(f"wrote results.parquet, results.json, results.md, pareto.png, eval.json under {result.output} "
+          f"in {result.seconds:.1f}s")
+    return 0
+
+
+def cmd_fid_stats(args: argparse.Namespace) -> int:
+    from batch.evaluation import StatsSpec, reference_statistics
+
+    spec = _eval_spec_from_args(args) if args.config else StatsSpec()
+    spec = StatsSpec(fid=spec.fid, features=spec.features, storage_options=spec.storage_options,
+                     ray_address=spec.ray_address, progress=not args.quiet)
+    if args.weights:
+        spec.fid.weights = args.weights
+    try:
+        ref = reference_statistics(args.images, spec, args.output)
+    except FileNotFoundError as err:
+        raise SpecError(str(err)) from None
+    print(f"{'reused cached' if ref.cached else 'computed'} reference statistics of {ref.n} images: {ref.uri}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sdbatch", description="Batch Stable Diffusion generation on Ray.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -233,6 +278,28 @@ def build_parser() -> argparse.ArgumentParser:
                       help="which pipeline layout: txt2img, variation (image variations) or upscale (x4)")
     tiny.add_argument("--prediction-type", default="epsilon", choices=["epsilon", "v_prediction"])
     tiny.set_defaults(func=cmd_make_tiny_model)
+
+    ev = sub.add_parser("eval", help="guidance-scale Pareto evaluation: FID and CLIP score on COCO prompts")
+    ev.add_argument("config", help="evaluation spec (configs/eval-pareto-*.yaml)")
+    ev.add_argument("--coco-captions", required=True, help="COCO captions_*.json (fsspec URI)")
+    ev.add_argument("--coco-images", required=True, help="folder of COCO reference images (fsspec URI)")
+    ev.add_argument("--output", required=True, help="output prefix URI")
+    ev.add_argument("--limit", type=int, help="use only this many prompts (a quick look)")
+    ev.add_argument("--fid-stats", help="reference statistics cache (default: fid.stats_cache, else "
+                    "~/.cache/sdbatch/fid-stats)")
+    ev.add_argument("--set", action="append", metavar="KEY=VALUE",
+                    help="override any evaluation spec field, e.g. --set fid.bootstrap=10 (repeatable)")
+    ev.add_argument("--quiet", action="store_true", help="no progress bars")
+    ev.set_defaults(func=cmd_eval)
+
+    fs = sub.add_parser("fid-stats", help="compute (or reuse) cached FID reference statistics of a folder of images")
+    fs.add_argument("images", help="folder of reference images (fsspec URI)")
+    fs.add_argument("--output", required=True, help="statistics cache folder/prefix (fsspec URI)")
+    fs.add_argument("--config", help="evaluation spec whose fid.* and features.* settings apply")
+    fs.add_argument("--weights", help="FID Inception weights path or URL (overrides fid.weights)")
+    fs.add_argument("--set", action="append", metavar="KEY=VALUE")
+    fs.add_argument("--quiet", action="store_true")
+    fs.set_defaults(func=cmd_fid_stats)
     return parser
 
 

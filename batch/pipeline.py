@@ -177,3 +177,36 @@ def shutdown() -> None:
     import ray
 
     ray.shutdown()
+
+
+def run_features(table: pa.Table, extractor_kwargs: dict[str, Any], res: Resources,
+                 rows_per_block: int) -> Iterator[pa.Table]:
+    """Feature extraction for the evaluation: ``table`` rows (``uri``, optional ``prompt``) ->
+    ``ActorPoolStrategy(size=res.actors)`` of :class:`batch.metrics.extract.FeatureExtractor` (one Inception
+    and/or CLIP replica per actor, ``num_gpus=res.gpus_per_actor``) -> result blocks streamed to the driver,
+    which only reduces them to statistics."""
+    import ray
+    from ray.data import ActorPoolStrategy, DataContext
+
+    from batch.metrics.extract import FeatureExtractor
+
+    if table.num_rows == 0:
+        return
+    blocks = [table.slice(i, rows_per_block) for i in range(0, table.num_rows, rows_per_block)]
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
+    logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
+    ctx = DataContext.get_current()
+    ctx.enable_progress_bars = False
+    ctx.enable_operator_progress_bars = False
+    kwargs = dict(extractor_kwargs, device=res.device,
+                  num_threads=res.threads_per_actor if res.device == "cpu" else None)
+    ds = ray.data.from_arrow(blocks).map_batches(
+        FeatureExtractor,
+        fn_constructor_kwargs=kwargs,
+        batch_size=None,
+        batch_format="pyarrow",
+        compute=ActorPoolStrategy(size=min(res.actors, len(blocks))),
+        num_gpus=res.gpus_per_actor,
+        num_cpus=res.cpus_per_actor,
+    )
+    yield from ds.iter_batches(batch_size=None, batch_format="pyarrow")

@@ -21,7 +21,8 @@ from batch.config import (
     parse_spec,
 )
 
-CONFIGS = sorted((Path(__file__).resolve().parent.parent / "configs").glob("*.yaml"))
+CONFIGS = sorted(p for p in (Path(__file__).resolve().parent.parent / "configs").glob("*.yaml")
+                 if not p.name.startswith("eval-"))  # evaluation specs: tests/test_evaluation.py
 
 
 def _write(tmp_path: Path, text: str, name: str = "spec.yaml") -> Path:

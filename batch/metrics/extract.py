@@ -1,0 +1,100 @@
+"""The feature stage: a callable class over pyarrow batches that reads images by URI and computes features.
+
+``__init__`` loads the networks once per actor (FID Inception and/or CLIP); ``__call__(batch)`` reads each
+row's ``uri`` with fsspec, decodes it to RGB uint8 and appends
+
+* ``inception``: the 2048 float32 pool features (see :mod:`batch.metrics.fid` for every preprocessing step;
+  ``reference=True`` applies the reference crop/resize first),
+* ``clip_score``: ``100 * max(cos, 0)`` against the row's ``prompt`` (when a CLIP model is given),
+* ``feature_error``: null, or why this image has no features (unreadable file, ...): failures are data.
+
+Ray-free: :func:`batch.pipeline.run_features` runs it as an actor pool; tests call it in-process.
+"""
+
+from __future__ import annotations
+
+import io
+import traceback
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+INCEPTION_TYPE = pa.list_(pa.float32(), 2048)
+
+
+def read_image(uri: str, storage_options: dict[str, Any] | None = None) -> np.ndarray:
+    """(H, W, 3) uint8 RGB of an image object (PNG/JPEG/...; PIL decoding, 8-bit)."""
+    import fsspec
+    from PIL import Image
+
+    with fsspec.open(uri, "rb", **(storage_options or {})) as f:
+        data = f.read()
+    return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"), dtype=np.uint8)
+
+
+class FeatureExtractor:
+    """Feature stage (see module docstring). ``inception``: weights path/URL or None; ``clip``: model or None."""
+
+    def __init__(self, inception: str | None, clip: str | None = None, clip_revision: str | None = None,
+                 device: str = "cpu", storage_options: dict[str, Any] | None = None, reference: bool = False,
+                 reference_size: int = 512, batch_size: int = 32, num_threads: int | None = None,
+                 weights_cache: str | None = None):
+        from batch.metrics.clip import ClipScorer
+        from batch.metrics.inception import load_inception
+
+        if num_threads:
+            torch.set_num_threads(num_threads)
+        self.device = device
+        self.inception = load_inception(inception, device=device, cache=weights_cache) if inception else None
+        self.clip = ClipScorer(clip, revision=clip_revision, device=device) if clip else None
+        self.storage_options = storage_options or {}
+        self.reference, self.reference_size, self.batch_size = reference, reference_size, batch_size
+
+    def _load(self, uri: str) -> np.ndarray:
+        from batch.metrics.fid import prepare_reference
+
+        img = read_image(uri, self.storage_options)
+        return prepare_reference(img, self.reference_size) if self.reference else img
+
+    @torch.no_grad()
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        from batch.metrics.fid import to_inception_input
+
+        uris = batch.column("uri").to_pylist()
+        prompts = batch.column("prompt").to_pylist() if self.clip else [None] * len(uris)
+        n = len(uris)
+        feats: list[list[float] | None] = [None] * n
+        scores: list[float | None] = [None] * n
+        errors: list[str | None] = [None] * n
+        # 1. read and decode; a bad image fails alone
+        images: dict[int, np.ndarray] = {}
+        for i, uri in enumerate(uris):
+            try:
+                if not uri:
+                    raise ValueError("uri: missing")
+                images[i] = self._load(uri)
+            except Exception as err:
+                errors[i] = f"uri: cannot read {uri!r}: {type(err).__name__}: {err}"[:2000]
+        # 2. networks in sub-batches of batch_size
+        ok = sorted(images)
+        for start in range(0, len(ok), self.batch_size):
+            idx = ok[start:start + self.batch_size]
+            try:
+                if self.inception is not None:
+                    x = torch.cat([to_inception_input(images[i][None], self.device) for i in idx])
+                    f = self.inception(x).float().cpu().numpy()
+                    for j, i in enumerate(idx):
+                        feats[i] = f[j].tolist()
+                if self.clip is not None:
+                    s = self.clip.scores([images[i] for i in idx], [prompts[i] for i in idx])
+                    for j, i in enumerate(idx):
+                        scores[i] = float(s[j])
+            except Exception as err:
+                traceback.print_exc()
+                for i in idx:
+                    feats[i], scores[i], errors[i] = None, None, f"{type(err).__name__}: {err}"[:2000]
+        return (batch.append_column("inception", pa.array(feats, INCEPTION_TYPE))
+                .append_column("clip_score", pa.array(scores, pa.float64()))
+                .append_column("feature_error", pa.array(errors, pa.string())))
