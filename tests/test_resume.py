@@ -121,7 +121,10 @@ def _sampler_pids() -> list[int]:
 
 
 def test_killed_sampler_actor_is_restarted_and_its_rows_redone(tmp_path, ray_session):
-    manifest = write_manifest(tmp_path / "m.parquet", ROWS)
+    # enough work (36 images x 16 steps) that the actor is still busy when the first part is committed
+    rows = [{"id": f"row-{i:02d}", "prompt": f"a small picture number {i}", "num_images": 1 + i % 2} for i in range(24)]
+    planned = sum(r["num_images"] for r in rows)
+    manifest = write_manifest(tmp_path / "m.parquet", rows)
     output = str(tmp_path / "out")
     out = open_output(output)
     killed: list[int] = []
@@ -137,14 +140,14 @@ def test_killed_sampler_actor_is_restarted_and_its_rows_redone(tmp_path, ray_ses
 
     thread = threading.Thread(target=killer)
     thread.start()
-    summary = run_job(spec_for(manifest, output))
+    summary = run_job(spec_for(manifest, output, defaults={"height": 64, "width": 64, "num_inference_steps": 16}))
     thread.join()
     assert killed, "no sampler actor process found to kill"
-    assert summary.images_ok == PLANNED and summary.exit_code == 0
+    assert summary.images_ok == planned and summary.exit_code == 0
     workers = set(read_metadata(output).column("worker").to_pylist())
     assert any(w.endswith(f":{killed[0]}") for w in workers)  # the killed actor committed rows first ...
     assert any(not w.endswith(f":{killed[0]}") for w in workers)  # ... and its replacement did the rest
-    assert_exactly_once(output)
+    assert_exactly_once(output, planned)
 
 
 # --- transient storage errors ----------------------------------------------------------------------------
