@@ -107,6 +107,7 @@ class _ImageSampler:
         error = [r.get("error") for r in rows]
         t_sample, sched_cfg = [0.0] * n, [None] * n
         redecoded: list[bool | None] = [None] * n
+        sampled_at: list[float | None] = [None] * n
         nsfw: list[bool | None] = [None] * n  # null: the model has no safety checker
         height, width = [r["height"] for r in rows], [r["width"] for r in rows]
         for i, r in enumerate(rows):  # per-row checks that need the model
@@ -137,6 +138,7 @@ class _ImageSampler:
                         images[j], nsfw[i] = kept[0], flag[0]
                         keep.append(ok[0])
                 dt = (time.perf_counter() - t0) / len(chunk)
+                done_at = time.time()
             except Exception as err:  # failures are data: this call's images fail, the job goes on
                 traceback.print_exc()
                 for i in chunk:
@@ -149,6 +151,7 @@ class _ImageSampler:
                 pixels[i] = np.ascontiguousarray(images[j]).tobytes()
                 height[i], width[i] = int(images[j].shape[0]), int(images[j].shape[1])
                 t_sample[i], sched_cfg[i] = dt, cfg
+                sampled_at[i] = done_at
                 redecoded[i] = rescued[j] if rescued else None
 
         out = batch.drop_columns(["_input"]) if "_input" in batch.column_names else batch
@@ -168,6 +171,7 @@ class _ImageSampler:
             ("device", [str(m.device)] * n, pa.string()),
             ("worker", [self.worker] * n, pa.string()),
             ("t_sample_s", t_sample, pa.float64()),
+            ("sampled_at", sampled_at, pa.float64()),
             ("optimizations", [self.optimized_json] * n, pa.string()),
             ("vae_redecoded_fp32", redecoded, pa.bool_()),
             ("nsfw", nsfw, pa.bool_()),

@@ -114,7 +114,7 @@ def run_items(items: pa.Table, spec: JobSpec, res: Resources, upload: bool) -> I
     import ray
     from ray.data import ActorPoolStrategy, DataContext
 
-    from batch.stages import Txt2ImgSampler, encode_and_write
+    from batch.stages import EncodeWriter, Txt2ImgSampler
 
     blocks = cut_blocks(items, spec.batch_size, res.actors)
     if not blocks:
@@ -155,13 +155,15 @@ def run_items(items: pa.Table, spec: JobSpec, res: Resources, upload: bool) -> I
         # actor pools default to max_restarts=-1, max_task_retries=-1 (tests/test_resume.py kills one).
     )
     ds = ds.map_batches(
-        encode_and_write,
-        fn_kwargs=dict(output=spec.output, storage_options=spec.storage_options, upload=upload,
-                       retries=spec.storage_retries,
-                       output_format=spec.output_format, image_format=spec.image_format,
-                       webp_lossless=spec.webp_lossless, jpeg_quality=spec.jpeg_quality),
+        EncodeWriter,
+        fn_constructor_kwargs=dict(output=spec.output, storage_options=spec.storage_options, upload=upload,
+                                   retries=spec.storage_retries, output_format=spec.output_format,
+                                   image_format=spec.image_format, webp_lossless=spec.webp_lossless,
+                                   jpeg_quality=spec.jpeg_quality),
         batch_size=None,
         batch_format="pyarrow",
+        # warm writer processes, one to start with, more while blocks queue up (PNG encoding of many GPUs)
+        compute=ActorPoolStrategy(min_size=1, max_size=max(1, 2 * res.actors)),
         num_cpus=spec.writer_cpus,
     )
     yield from ds.iter_batches(batch_size=None, batch_format="pyarrow")

@@ -99,6 +99,7 @@ class Txt2ImgSampler:
         status, error, t_sample = ["ok"] * n, [None] * n, [0.0] * n
         sched_cfg: list[str | None] = [None] * n
         redecoded: list[bool | None] = [None] * n
+        sampled_at: list[float | None] = [None] * n
         nsfw: list[bool | None] = [None] * n  # null: the model has no safety checker
 
         # 1. one sampler call per GPU batch (consecutive items with one batch number share a bucket)
@@ -122,6 +123,7 @@ class Txt2ImgSampler:
                     for j, i in enumerate(chunk):
                         nsfw[i] = flags[j]
                 dt = (time.perf_counter() - t0) / len(chunk)
+                done_at = time.time()
             except Exception as err:  # failures are data: this call's images fail, the job goes on
                 traceback.print_exc()
                 for i in chunk:
@@ -130,6 +132,7 @@ class Txt2ImgSampler:
             # 3. raw pixels travel to the CPU stage; encoding happens there, not here
             for j, i in enumerate(chunk):
                 t_sample[i], sched_cfg[i], redecoded[i] = dt, cfg, rescued[j]
+                sampled_at[i] = done_at
                 if not keep[j]:
                     status[i], error[i] = "failed", NSFW_ERROR
                     continue
@@ -152,6 +155,7 @@ class Txt2ImgSampler:
             ("device", [str(m.device)] * n, pa.string()),
             ("worker", [self.worker] * n, pa.string()),
             ("t_sample_s", t_sample, pa.float64()),
+            ("sampled_at", sampled_at, pa.float64()),
             ("warnings", warnings, pa.string()),
             ("vae_redecoded_fp32", redecoded, pa.bool_()),
             ("optimizations", [self.optimized_json] * n, pa.string()),
@@ -159,6 +163,18 @@ class Txt2ImgSampler:
         ):
             out = _set_column(out, name, values, type_)
         return out
+
+
+class EncodeWriter:
+    """The encode/write stage as a long-lived worker: ``__call__`` is :func:`encode_and_write` with the
+    settings given at construction. A pool of these keeps one warm process per writer instead of starting
+    (and importing into) a fresh worker for each block, which cost seconds of CPU per block."""
+
+    def __init__(self, **settings: Any):
+        self.settings = settings
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        return encode_and_write(batch, **self.settings)
 
 
 def encode_and_write(batch: pa.Table, output: str, storage_options: dict[str, Any], upload: bool = True,

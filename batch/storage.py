@@ -65,6 +65,7 @@ RESULT_FIELDS = [
     ("device", pa.string()),
     ("worker", pa.string()),
     ("t_sample_s", pa.float64()),  # sampler wall time of the image's batch / images in that batch
+    ("sampled_at", pa.float64()),  # unix time when the image's sampler call finished (throughput over time)
     ("t_write_s", pa.float64()),
     ("optimizations", pa.string()),  # JSON: the speed switches the sampler ran with (batch/speed.py)
     ("vae_redecoded_fp32", pa.bool_()),  # an fp16/bf16 decode gave NaN/black and was redone in fp32
