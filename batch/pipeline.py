@@ -8,7 +8,9 @@
    model replica with ``num_gpus=gpus_per_actor``; it returns raw pixels, never encodes or uploads.
    Image tasks (variation, upscale) first fetch their input images in a CPU stage
    (:func:`batch.image_stages.fetch_inputs`), then sample with ``VariationSampler``/``UpscaleSampler``.
-3. CPU stage: :func:`batch.stages.encode_and_write` tasks encode PNGs and write objects via fsspec.
+3. CPU stage: a small autoscaling pool of :class:`batch.stages.EncodeWriter` (warm processes running
+   :func:`batch.stages.encode_and_write`) encodes images and writes objects via fsspec; as Ray tasks, each
+   block paid a fresh worker's start-up and imports (``BENCHMARKS.md``).
 4. The driver streams finished blocks back (``iter_batches``) and commits metadata as they arrive.
 
 Resources: actor CPUs are chosen so that at least ``writer_cpus`` stay free for the CPU stage; a pool
@@ -87,7 +89,7 @@ def resolve_resources(spec: JobSpec, cluster: dict[str, float], local: bool) -> 
     if local and need > cpus + 1e-9:
         raise SpecError(
             f"cpus_per_actor={cpa:g} x actors={actors} + writer_cpus={spec.writer_cpus:g} = {need:g} CPUs, but "
-            f"Ray has {cpus:g}: the actors would hold every CPU and the encode/write tasks would never run. "
+            f"Ray has {cpus:g}: the actors would hold every CPU and the encode/write stage would never run. "
             "Lower actors or cpus_per_actor (fractions are fine)."
         )
     if device == "cuda" and local and gpus < actors * gpa:
