@@ -25,11 +25,11 @@ import torch
 
 from batch.config import Optimizations
 from batch.images import ImageError, fetch_image
-from batch.models import load_model, make_scheduler, scheduler_class_name
+from batch.models import load_model, make_scheduler
 from batch.safety import NSFW_ERROR, apply_policy
 from batch.sampling import SamplingParams
 from batch.speed import apply_optimizations
-from batch.stages import _error_text, _set_column, assign_batches
+from batch.stages import _error_text, _set_column, assign_batches, with_sampler_columns
 
 
 def fetch_inputs(batch: pa.Table, storage_options: dict[str, Any], max_pixels: int,
@@ -155,29 +155,10 @@ class _ImageSampler:
                 redecoded[i] = rescued[j] if rescued else None
 
         out = batch.drop_columns(["_input"]) if "_input" in batch.column_names else batch
-        out = _set_column(out, "scheduler", [r["scheduler"] for r in rows], pa.string())
-        for name, values, type_ in (
-            ("height", height, pa.int32()),
-            ("width", width, pa.int32()),
-            ("_pixels", pixels, pa.binary()),
-            ("status", status, pa.string()),
-            ("error", error, pa.string()),
-            ("model", [m.model_id] * n, pa.string()),
-            ("model_revision", [m.revision] * n, pa.string()),
-            ("prediction_type", [m.prediction_type] * n, pa.string()),
-            ("scheduler_class", [scheduler_class_name(r["scheduler"]) for r in rows], pa.string()),
-            ("scheduler_config", sched_cfg, pa.string()),
-            ("dtype", [str(m.dtype).replace("torch.", "")] * n, pa.string()),
-            ("device", [str(m.device)] * n, pa.string()),
-            ("worker", [self.worker] * n, pa.string()),
-            ("t_sample_s", t_sample, pa.float64()),
-            ("sampled_at", sampled_at, pa.float64()),
-            ("optimizations", [self.optimized_json] * n, pa.string()),
-            ("vae_redecoded_fp32", redecoded, pa.bool_()),
-            ("nsfw", nsfw, pa.bool_()),
-        ):
-            out = _set_column(out, name, values, type_)
-        return out
+        return with_sampler_columns(out, m, self.worker, self.optimized_json, rows, {
+            "height": height, "width": width, "_pixels": pixels, "status": status, "error": error,
+            "scheduler_config": sched_cfg, "t_sample_s": t_sample, "sampled_at": sampled_at,
+            "vae_redecoded_fp32": redecoded, "nsfw": nsfw})
 
 
 class VariationSampler(_ImageSampler):

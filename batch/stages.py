@@ -25,6 +25,8 @@ from batch.models import load_model, make_scheduler, scheduler_class_name
 from batch.safety import NSFW_ERROR, apply_policy
 from batch.sampling import SamplingParams, truncation_warnings, txt2img
 from batch.speed import apply_optimizations
+from batch.storage import METADATA_SCHEMA
+from batch.storage import set_column as _set_column
 
 _SAMPLER_INPUTS = ["prompt", "negative_prompt", "seed", "height", "width", "num_inference_steps",
                    "guidance_scale", "scheduler"]
@@ -49,12 +51,26 @@ def assign_batches(items: pa.Table, batch_size: int) -> list[int]:
     return ids
 
 
-def _set_column(table: pa.Table, name: str, values: list, type_: pa.DataType) -> pa.Table:
-    arr = pa.array(values, type=type_)
-    i = table.schema.get_field_index(name)
-    if i >= 0:
-        return table.set_column(i, pa.field(name, type_), arr)
-    return table.append_column(pa.field(name, type_), arr)
+def with_sampler_columns(batch: pa.Table, model: Any, worker: str, optimized_json: str, rows: list[dict],
+                         per_image: dict[str, list]) -> pa.Table:
+    """``batch`` plus what a sampler adds: the effective ``scheduler``, the ``per_image`` outputs
+    (``_pixels``, status, error, timings, ...) and the model's identity (same for every row)."""
+    n = len(rows)
+    out = _set_column(batch, "scheduler", [r["scheduler"] for r in rows], pa.string())
+    identity = {
+        "model": [model.model_id] * n,
+        "model_revision": [model.revision] * n,
+        "prediction_type": [model.prediction_type] * n,
+        "scheduler_class": [scheduler_class_name(r["scheduler"]) for r in rows],
+        "dtype": [str(model.dtype).replace("torch.", "")] * n,
+        "device": [str(model.device)] * n,
+        "worker": [worker] * n,
+        "optimizations": [optimized_json] * n,
+    }
+    for name, values in {**per_image, **identity}.items():
+        type_ = pa.binary() if name == "_pixels" else METADATA_SCHEMA.field(name).type
+        out = _set_column(out, name, values, type_)
+    return out
 
 
 def _error_text(err: BaseException) -> str:
@@ -141,28 +157,10 @@ class Txt2ImgSampler:
         # 4. texts longer than the encoder's window are cut (as diffusers does); say so per row
         warnings = [truncation_warnings(m.tokenizer, {"prompt": r["prompt"], "negative_prompt": r["negative_prompt"]})
                     for r in rows]
-        out = _set_column(batch, "scheduler", [r["scheduler"] for r in rows], pa.string())
-        for name, values, type_ in (
-            ("_pixels", pixels, pa.binary()),
-            ("status", status, pa.string()),
-            ("error", error, pa.string()),
-            ("model", [m.model_id] * n, pa.string()),
-            ("model_revision", [m.revision] * n, pa.string()),
-            ("prediction_type", [m.prediction_type] * n, pa.string()),
-            ("scheduler_class", [scheduler_class_name(r["scheduler"]) for r in rows], pa.string()),
-            ("scheduler_config", sched_cfg, pa.string()),
-            ("dtype", [str(m.dtype).replace("torch.", "")] * n, pa.string()),
-            ("device", [str(m.device)] * n, pa.string()),
-            ("worker", [self.worker] * n, pa.string()),
-            ("t_sample_s", t_sample, pa.float64()),
-            ("sampled_at", sampled_at, pa.float64()),
-            ("warnings", warnings, pa.string()),
-            ("vae_redecoded_fp32", redecoded, pa.bool_()),
-            ("optimizations", [self.optimized_json] * n, pa.string()),
-            ("nsfw", nsfw, pa.bool_()),
-        ):
-            out = _set_column(out, name, values, type_)
-        return out
+        return with_sampler_columns(batch, m, self.worker, self.optimized_json, rows, {
+            "_pixels": pixels, "status": status, "error": error, "scheduler_config": sched_cfg,
+            "t_sample_s": t_sample, "sampled_at": sampled_at, "warnings": warnings,
+            "vae_redecoded_fp32": redecoded, "nsfw": nsfw})
 
 
 class EncodeWriter:

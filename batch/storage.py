@@ -232,6 +232,15 @@ def open_output(uri: str, storage_options: dict[str, Any] | None = None, retries
     return Output(fs=fs, root=root, retry=policy)
 
 
+def set_column(table: pa.Table, name: str, values: list, type_: pa.DataType) -> pa.Table:
+    """``table`` with column ``name`` replaced (or appended) by ``values`` of type ``type_``."""
+    arr = pa.array(values, type=type_)
+    i = table.schema.get_field_index(name)
+    if i >= 0:
+        return table.set_column(i, pa.field(name, type_), arr)
+    return table.append_column(pa.field(name, type_), arr)
+
+
 def conform(table: pa.Table, carried: pa.Schema) -> pa.Table:
     """Give ``table`` the full metadata schema: missing columns become nulls, carried columns go last."""
     cols, fields = [], []

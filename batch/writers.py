@@ -38,6 +38,7 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from batch.storage import Output, image_key, open_output
+from batch.storage import set_column as _set_column
 
 SHARDS_DIR = "shards"
 EXTENSIONS = {"png": "png", "webp": "webp", "jpeg": "jpg"}
@@ -269,14 +270,6 @@ def write_block(batch: pa.Table, output: str, storage_options: dict[str, Any], u
 
 def _stats_bytes(stats: dict) -> bytes:
     return (json.dumps(stats, indent=2, sort_keys=True) + "\n").encode()
-
-
-def _set_column(table: pa.Table, name: str, values: list, type_: pa.DataType) -> pa.Table:
-    arr = pa.array(values, type=type_)
-    i = table.schema.get_field_index(name)
-    if i >= 0:
-        return table.set_column(i, pa.field(name, type_), arr)
-    return table.append_column(pa.field(name, type_), arr)
 
 
 class ImageReader:
