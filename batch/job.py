@@ -93,7 +93,7 @@ class Summary:
     seconds: float = 0.0
     generate_seconds: float = 0.0
     first_result_seconds: float = 0.0  # from the start of generation to the first finished block (start-up)
-    steady_images_per_second: float = 0.0  # images after the first block / time after it (start-up excluded)
+    steady_images_per_second: float = 0.0  # the samplers' pace after their first batch (start-up excluded)
     failure_reasons: dict[str, int] = field(default_factory=dict)
     exit_code: int = 0
 
@@ -110,7 +110,7 @@ class Summary:
             f"this attempt {self.images_this_attempt} ({self.images_skipped} already committed), "
             f"{self.images_per_second:.3f} images/s over {self.generate_seconds:.1f}s of generation, "
             f"of which {self.first_result_seconds:.1f}s until the first block (actor start-up); "
-            f"{self.steady_images_per_second:.3f} images/s after it; "
+            f"{self.steady_images_per_second:.3f} images/s at steady state; "
             f"{self.seconds:.1f}s in all",
         ]
         if self.images_redecoded_fp32:
@@ -118,6 +118,15 @@ class Summary:
         for reason, count in sorted(self.failure_reasons.items(), key=lambda kv: -kv[1])[:20]:
             lines.append(f"  failed x{count}: {reason}")
         return "\n".join(lines)
+
+
+def steady_rate(batch_ends: Counter) -> float:
+    """Images per second after the first sampler batch: images of the later batches over the time from
+    the first batch's end to the last one's (the ``sampled_at`` stamps); 0 with fewer than two batches."""
+    ends = sorted(batch_ends.items())
+    if len(ends) < 2 or ends[-1][0] <= ends[0][0]:
+        return 0.0
+    return sum(n for _, n in ends[1:]) / (ends[-1][0] - ends[0][0])
 
 
 def tally(meta: pa.Table, rows: int, images_planned: int) -> dict[str, Any]:
@@ -396,7 +405,7 @@ def run_job(spec: JobSpec, mode: Mode = "run", force: bool = False) -> Summary:
             committer.add(failed.append_column("status", pa.array(["failed"] * failed.num_rows)))
 
         # 5. generate, write, commit as blocks finish
-        t_gen, t_first, first_block = time.perf_counter(), 0.0, 0
+        t_gen, t_first, batch_ends = time.perf_counter(), 0.0, Counter()
         with _progress(items.num_rows, spec.progress) as bar, _record_failure(out, record, entry, log):
             batches = pipeline.run_items(items, spec, res, upload=not out.is_process_local) if res else iter(())
             done = 0
@@ -408,8 +417,9 @@ def run_job(spec: JobSpec, mode: Mode = "run", force: bool = False) -> Summary:
                 done += batch.num_rows
                 _log_block(log, batch, done, committer.parts if committer.parts != parts_before else None)
                 bar.update(batch.num_rows)
+                batch_ends.update(t for t in batch.column("sampled_at").to_pylist() if t is not None)
                 if not t_first:
-                    t_first, first_block = time.perf_counter() - t_gen, batch.num_rows
+                    t_first = time.perf_counter() - t_gen
             parts_before = committer.parts
             committer.flush()
             if committer.parts != parts_before:
@@ -427,8 +437,7 @@ def run_job(spec: JobSpec, mode: Mode = "run", force: bool = False) -> Summary:
                       images_this_attempt=items.num_rows, images_skipped=job_plan.items.num_rows - items.num_rows,
                       seconds=time.perf_counter() - t_start, generate_seconds=gen_seconds,
                       first_result_seconds=t_first,
-                      steady_images_per_second=(items.num_rows - first_block) / (gen_seconds - t_first)
-                      if gen_seconds > t_first > 0 and items.num_rows > first_block else 0.0)
+                      steady_images_per_second=steady_rate(batch_ends))
     frac = summary.rows_failed / summary.rows if summary.rows else 0.0
     summary.exit_code = 0 if frac <= spec.max_failed_fraction else 1
     entry.update(status="finished", finished_at=_now(), metadata_parts=committer.parts,

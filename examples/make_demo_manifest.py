@@ -11,7 +11,7 @@ ROWS = [
      "source": "demo"},
     {"id": "astronaut", "prompt": "an astronaut riding a horse on mars", "seed": None, "num_images": None,
      "source": "demo"},
-    {"id": "city/night", "prompt": "a neon city street at night, rain", "seed": 7, "num_images": None,
+    {"id": "city-night", "prompt": "a neon city street at night, rain", "seed": 7, "num_images": None,
      "source": "demo"},
     {"id": "teapot", "prompt": "a porcelain teapot, studio photograph", "seed": None, "num_images": None,
      "source": "demo", "guidance_scale": 3.0},

@@ -247,3 +247,13 @@ def test_local_model_folder_is_checked_before_ray_starts(tmp_path):
     with pytest.raises(ModelError, match="model_index.json"):
         run_job(spec_for(manifest, str(tmp_path / "out"), model=str(tmp_path / "notamodel")))
     assert not (tmp_path / "out").exists()
+
+
+def test_steady_rate_counts_images_after_the_first_sampler_batch():
+    from collections import Counter
+
+    from batch.job import steady_rate
+
+    # batches of 2, 2 and 3 images ending at t = 10, 12, 13: 5 images in the 3 s after the first batch
+    assert steady_rate(Counter({10.0: 2, 12.0: 2, 13.0: 3})) == pytest.approx(5 / 3)
+    assert steady_rate(Counter({10.0: 4})) == 0.0 and steady_rate(Counter()) == 0.0
