@@ -164,7 +164,10 @@ class JobSpec(_Strict):
     actors: int | Literal["auto"] = "auto"  # sampler replicas; auto: one per GPU (cuda), 1 (cpu)
     gpus_per_actor: float | None = Field(None, ge=0)  # None: 1 on cuda, 0 on cpu
     cpus_per_actor: float | None = Field(None, gt=0)  # None: chosen so CPU stages always keep a CPU free
-    writer_cpus: float = Field(0.25, gt=0)  # CPU per encode/upload task
+    writer_cpus: float = Field(0.25, gt=0)  # CPU per encode/write actor
+    # Wait (seconds) for every sampler actor to load its model before handing out work, so blocks spread
+    # over all of them; 0 starts work on the first ready actor. Raise it for clusters that autoscale GPUs.
+    wait_for_actors_s: int = Field(900, ge=0)
     ray_address: str | None = None  # None: $RAY_ADDRESS, else an embedded local Ray
 
     # Identity, seeding and verdict.

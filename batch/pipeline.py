@@ -126,6 +126,9 @@ def run_items(items: pa.Table, spec: JobSpec, res: Resources, upload: bool) -> I
     ctx = DataContext.get_current()
     ctx.enable_progress_bars = False  # the driver shows one bar over images instead
     ctx.enable_operator_progress_bars = False
+    # every sampler actor is up before blocks are handed out: otherwise the first one to load its model
+    # takes the queued blocks and the others idle (a timeout here means the cluster cannot host the pool)
+    ctx.wait_for_min_actors_s = spec.wait_for_actors_s or -1
 
     ds = ray.data.from_arrow(blocks)
     sampler = Txt2ImgSampler
