@@ -35,8 +35,8 @@ import pyarrow as pa
 
 from batch.config import MAX_SEED, SCHEDULER_NAMES, JobSpec
 from batch.locations import InputLocationError, check_input_uri, input_rules
-from batch.manifest import ITEM_SCHEMA, ManifestError, Plan, RowError, _is_int, _is_number, _with_carried, check_id
-from batch.seeds import derive_row_seed, image_seed
+from batch.manifest import ITEM_SCHEMA, ManifestError, Plan, RowError, _is_int, _is_number, check_id, expand_rows
+from batch.seeds import derive_row_seed
 
 TASK_COLUMNS = {
     "variation": ("id", "image_uri", "seed", "guidance_scale", "num_inference_steps", "height", "width",
@@ -177,44 +177,19 @@ def validate_image_row(raw: dict[str, Any], spec: JobSpec,
 
 def plan_images(table: pa.Table, spec: JobSpec, reserved: set[str]) -> Plan:
     """:func:`batch.manifest.plan` for the image tasks (same steps: columns, duplicate ids, rows, items
-    with seeds ``row_seed + k``, stable bucket sort)."""
-    from batch.manifest import bucket_key
-
+    with seeds ``row_seed + k``, stable bucket sort: :func:`batch.manifest.expand_rows`)."""
     task = spec.task
     if task not in TASK_COLUMNS:
         raise ManifestError(f"task {task!r} has no image manifest")
     carried = check_image_columns(table, task, reserved)
     rows = table.select([c for c in TASK_COLUMNS[task] if c in table.column_names]).to_pylist()
-    positions: dict[Any, list[int]] = {}
-    for i, r in enumerate(rows):
-        if isinstance(r.get("id"), str):
-            positions.setdefault(r["id"], []).append(i)
-
-    items, item_rows, failed, failed_rows = [], [], [], []
     # planning in isolation (no manifest URI, no listed prefixes) cannot judge locations; a job always can,
     # and its fetch stage checks every read again
     rules = input_rules(spec) if spec.manifest or spec.allowed_input_prefixes else None
-    for i, raw in enumerate(rows):
-        try:
-            eff = validate_image_row(raw, spec, rules)
-            dup = positions.get(raw["id"], [])
-            if len(dup) > 1:
-                raise RowError([("id", f"duplicate id, got {raw['id']!r} at manifest rows {dup[:10]}")])
-        except RowError as err:
-            rid = raw.get("id")
-            failed.append({"id": rid if isinstance(rid, str) else None, "manifest_row": i, "error": str(err),
-                           "task": task, "image_uri": raw.get("image_uri") if isinstance(raw.get("image_uri"), str) else None})
-            failed_rows.append(i)
-            continue
-        for k in range(eff["num_images"]):
-            items.append({**eff, "manifest_row": i, "image_index": k, "seed": image_seed(eff["row_seed"], k)})
-            item_rows.append(i)
 
-    order = sorted(range(len(items)), key=lambda j: (bucket_key(items[j]), j))
-    items = [items[j] for j in order]
-    item_rows = [item_rows[j] for j in order]
-    extra = table.select(carried)
-    item_table = _with_carried(pa.Table.from_pylist(items, schema=IMAGE_ITEM_SCHEMA), extra, item_rows)
-    failed_schema = IMAGE_ITEM_SCHEMA.append(pa.field("error", pa.string()))
-    failed_table = _with_carried(pa.Table.from_pylist(failed, schema=failed_schema), extra, failed_rows)
-    return Plan(items=item_table, failed=failed_table, carried=carried, num_rows=len(rows))
+    def failed_fields(raw: dict[str, Any]) -> dict[str, Any]:
+        uri = raw.get("image_uri")
+        return {"task": task, "image_uri": uri if isinstance(uri, str) else None}
+
+    return expand_rows(table, rows, carried, IMAGE_ITEM_SCHEMA, lambda raw: validate_image_row(raw, spec, rules),
+                       failed_fields)

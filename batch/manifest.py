@@ -29,7 +29,7 @@ import unicodedata
 import urllib.parse
 from collections import Counter
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -294,6 +294,16 @@ def plan(table: pa.Table, spec: JobSpec, reserved: set[str]) -> Plan:
     carried = check_columns(table, reserved)
     rows = table.select([c for c in TXT2IMG_COLUMNS if c in table.column_names]).to_pylist()
 
+    return expand_rows(table, rows, carried, ITEM_SCHEMA, lambda raw: validate_row(raw, spec))
+
+
+def expand_rows(table: pa.Table, rows: list[dict[str, Any]], carried: list[str], schema: pa.Schema,
+                validate: Callable[[dict[str, Any]], dict[str, Any]],
+                failed_fields: Callable[[dict[str, Any]], dict[str, Any]] = lambda raw: {}) -> Plan:
+    """Steps 2-5 of :func:`plan`, shared by every task: duplicate ids fail every occurrence, ``validate``
+    gives a row's effective values (or raises :class:`RowError`), good rows expand into ``num_images``
+    items seeded ``row_seed + k``, items are sorted by bucket (stable), carried columns are attached.
+    ``failed_fields`` adds task-specific fields to a failed row's record."""
     positions: dict[Any, list[int]] = {}
     for i, r in enumerate(rows):
         if isinstance(r.get("id"), str):
@@ -305,13 +315,14 @@ def plan(table: pa.Table, spec: JobSpec, reserved: set[str]) -> Plan:
     failed_rows: list[int] = []
     for i, raw in enumerate(rows):
         try:
-            eff = validate_row(raw, spec)
+            eff = validate(raw)
             dup = positions.get(raw["id"], [])
             if len(dup) > 1:
                 raise RowError([("id", f"duplicate id, got {raw['id']!r} at manifest rows {dup[:10]}")])
         except RowError as err:
             rid = raw.get("id")
-            failed.append({"id": rid if isinstance(rid, str) else None, "manifest_row": i, "error": str(err)})
+            failed.append({"id": rid if isinstance(rid, str) else None, "manifest_row": i, "error": str(err),
+                           **failed_fields(raw)})
             failed_rows.append(i)
             continue
         for k in range(eff["num_images"]):
@@ -323,8 +334,8 @@ def plan(table: pa.Table, spec: JobSpec, reserved: set[str]) -> Plan:
     item_rows = [item_rows[j] for j in order]
 
     extra = table.select(carried)
-    item_table = _with_carried(pa.Table.from_pylist(items, schema=ITEM_SCHEMA), extra, item_rows)
-    failed_schema = ITEM_SCHEMA.append(pa.field("error", pa.string()))
+    item_table = _with_carried(pa.Table.from_pylist(items, schema=schema), extra, item_rows)
+    failed_schema = schema.append(pa.field("error", pa.string()))
     failed_table = _with_carried(pa.Table.from_pylist(failed, schema=failed_schema), extra, failed_rows)
     return Plan(items=item_table, failed=failed_table, carried=carried, num_rows=len(rows))
 
