@@ -27,14 +27,11 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
-class Txt2ImgDefaults(_Strict):
-    """Per-row values used where a manifest row leaves a column missing or null."""
+class _SamplingDefaults(_Strict):
+    """What every task's per-row defaults share; each task sets its own guidance and step defaults."""
 
-    negative_prompt: str | None = None
     guidance_scale: float = Field(7.5, gt=0)
     num_inference_steps: int = Field(50, ge=1, le=1000)
-    height: int = Field(512, ge=8, multiple_of=8)
-    width: int = Field(512, ge=8, multiple_of=8)
     num_images: int = Field(1, ge=1)
     scheduler: SchedulerName = "model"
 
@@ -46,7 +43,15 @@ class Txt2ImgDefaults(_Strict):
         return v
 
 
-class VariationDefaults(_Strict):
+class Txt2ImgDefaults(_SamplingDefaults):
+    """Per-row values used where a manifest row leaves a column missing or null."""
+
+    negative_prompt: str | None = None
+    height: int = Field(512, ge=8, multiple_of=8)
+    width: int = Field(512, ge=8, multiple_of=8)
+
+
+class VariationDefaults(_SamplingDefaults):
     """Per-row defaults of an image-variation job (``task: variation``).
 
     ``preprocessing`` picks how an input image becomes the CLIP image encoder's 224x224 input: ``card``
@@ -55,23 +60,13 @@ class VariationDefaults(_Strict):
     ``CLIPImageProcessor``: PIL bicubic resize of the short side, centre crop, same mean/std).
     """
 
-    guidance_scale: float = Field(3.0, gt=0)
-    num_inference_steps: int = Field(50, ge=1, le=1000)
+    guidance_scale: float = Field(3.0, gt=0)  # the model card's example
     height: int = Field(512, ge=8, multiple_of=8)
     width: int = Field(512, ge=8, multiple_of=8)
-    num_images: int = Field(1, ge=1)
-    scheduler: SchedulerName = "model"
     preprocessing: Literal["card", "pipeline"] = "card"
 
-    @field_validator("guidance_scale")
-    @classmethod
-    def _finite(cls, v: float) -> float:
-        if not math.isfinite(v):
-            raise ValueError("must be a finite number")
-        return v
 
-
-class UpscaleDefaults(_Strict):
+class UpscaleDefaults(_SamplingDefaults):
     """Per-row defaults of an x4 upscaling job (``task: upscale``).
 
     Inputs larger than ``tile_size`` (low-res pixels; the x4 upscaler was trained on 128 px crops) are
@@ -84,8 +79,6 @@ class UpscaleDefaults(_Strict):
     noise_level: int = Field(20, ge=0, le=350)
     guidance_scale: float = Field(9.0, gt=0)
     num_inference_steps: int = Field(75, ge=1, le=1000)
-    num_images: int = Field(1, ge=1)
-    scheduler: SchedulerName = "model"
     tile_size: int = Field(128, ge=16, multiple_of=8)
     tile_overlap: int = Field(32, ge=0)
 
@@ -94,13 +87,6 @@ class UpscaleDefaults(_Strict):
         if self.tile_overlap >= self.tile_size:
             raise ValueError(f"tile_overlap ({self.tile_overlap}) must be smaller than tile_size ({self.tile_size})")
         return self
-
-    @field_validator("guidance_scale")
-    @classmethod
-    def _finite(cls, v: float) -> float:
-        if not math.isfinite(v):
-            raise ValueError("must be a finite number")
-        return v
 
 
 DEFAULTS_FOR_TASK: dict[str, type[_Strict]] = {
@@ -128,7 +114,8 @@ class Optimizations(_Strict):
     channels_last: bool = False  # UNet/VAE convolutions in NHWC memory layout (faster on tensor cores)
     fuse_qkv: bool = False  # one matmul for the q/k/v projections of self-attention
     compile: bool = False  # torch.compile the UNet (first batch of each shape pays the compile cost)
-    compile_mode: Literal["default", "reduce-overhead", "max-autotune"] = "default"
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = "default"
+    cudnn_benchmark: bool = False  # let cuDNN time its convolution algorithms per shape (process-wide; GPU only)
     vae_dtype: Literal["model", "float32"] = "model"  # float32: decode in fp32 always (SD2.1/x4 fp16 safety)
     nan_fallback: bool = True  # fp16/bf16 decodes with NaN/inf or all-black output are re-decoded in fp32
 

@@ -28,15 +28,14 @@ fetch stage; a bad image fails its row there, with its reason, and the job goes 
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import pyarrow as pa
 
-from batch.config import MAX_SEED, SCHEDULER_NAMES, JobSpec
+from batch.config import JobSpec
 from batch.locations import InputLocationError, check_input_uri, input_rules
-from batch.manifest import ITEM_SCHEMA, ManifestError, Plan, RowError, _is_int, _is_number, check_id, expand_rows
-from batch.seeds import derive_row_seed
+from batch.manifest import (ITEM_SCHEMA, ManifestError, Plan, RowError, begin_row, check_numbers,
+                            check_scheduler_and_seed, expand_rows)
 
 TASK_COLUMNS = {
     "variation": ("id", "image_uri", "seed", "guidance_scale", "num_inference_steps", "height", "width",
@@ -90,19 +89,9 @@ def validate_image_row(raw: dict[str, Any], spec: JobSpec,
     ``image_uri`` outside the allowed locations fails the row, and a good one becomes its resolved location.
     """
     task, d, lim = spec.task, spec.defaults, spec.limits
-    problems: list[tuple[str, str]] = []
-    out: dict[str, Any] = {"task": task}
-
-    def take(field: str) -> Any:
-        v = raw.get(field)
-        return getattr(d, field) if v is None else v
-
     # 1. identity and input
-    rid = raw.get("id")
-    id_problem = check_id(rid)
-    if id_problem:
-        problems.append(("id", id_problem))
-    out["id"] = rid
+    take, problems, out = begin_row(raw, spec)
+    out = {"task": task, **out}
     uri = raw.get("image_uri")
     if not isinstance(uri, str) or not uri.strip():
         problems.append(("image_uri", f"missing or empty, got {uri!r}"))
@@ -128,47 +117,13 @@ def validate_image_row(raw: dict[str, Any], spec: JobSpec,
     else:
         out["prompt"], out["negative_prompt"], out["preprocessing"] = None, None, d.preprocessing
 
-    # 3. numbers
-    g = take("guidance_scale")
-    if not _is_number(g) or not math.isfinite(g) or g <= 0:
-        problems.append(("guidance_scale", f"must be a finite number > 0, got {g!r}"))
-    out["guidance_scale"] = float(g) if _is_number(g) else None
+    # 3. numbers, scheduler and seed (as for txt2img)
     ranges = [("num_inference_steps", 1, 1000), ("num_images", 1, lim.max_images_per_row)]
     ranges += [("height", 8, lim.max_side), ("width", 8, lim.max_side)] if task == "variation" else [("noise_level", 0, 350)]
-    for field, lo, hi in ranges:
-        v = take(field)
-        if not _is_int(v):
-            if isinstance(v, float) and math.isfinite(v) and v.is_integer():
-                v = int(v)
-            else:
-                problems.append((field, f"must be an integer, got {v!r}"))
-                out[field] = None
-                continue
-        if not lo <= v <= hi:
-            problems.append((field, f"must be in [{lo}, {hi}], got {v}"))
-        elif field in ("height", "width") and v % 8:
-            problems.append((field, f"must be a multiple of 8, got {v}"))
-        out[field] = v
+    check_numbers(take, ranges, problems, out)
     if task == "upscale":
         out["height"] = out["width"] = None  # 4x the input: known once the image is read
-
-    sched = take("scheduler")
-    if sched not in ("model",) + SCHEDULER_NAMES:
-        problems.append(("scheduler", f"must be one of {['model', *SCHEDULER_NAMES]}, got {sched!r}"))
-    out["scheduler"] = sched
-
-    # 4. seed (as for txt2img)
-    seed = raw.get("seed")
-    if seed is None:
-        out["seed_source"] = "derived"
-        out["row_seed"] = derive_row_seed(spec.seed, rid) if isinstance(rid, str) else None
-    elif _is_int(seed) and 0 <= seed < MAX_SEED:
-        out["seed_source"], out["row_seed"] = "manifest", seed
-    elif isinstance(seed, float) and seed.is_integer() and 0 <= seed < 2**53:
-        out["seed_source"], out["row_seed"] = "manifest", int(seed)
-    else:
-        problems.append(("seed", f"must be an integer in [0, 2**63) (whole floats below 2**53 accepted), got {seed!r}"))
-        out["seed_source"], out["row_seed"] = "manifest", None
+    check_scheduler_and_seed(raw, take, spec, problems, out)
 
     if problems:
         raise RowError(problems)

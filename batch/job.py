@@ -51,6 +51,7 @@ from batch.storage import (
     row_key,
 )
 from batch.runlog import RunLog
+from batch.safety import NSFW_ERROR
 from batch.writers import OutputFormat, apply_driver_writes, format_warnings
 
 VERSIONED_PACKAGES = ("sdbatch", "torch", "diffusers", "transformers", "ray", "pyarrow", "fsspec", "safetensors",
@@ -94,6 +95,7 @@ class Summary:
     generate_seconds: float = 0.0
     first_result_seconds: float = 0.0  # from the start of generation to the first finished block (start-up)
     steady_images_per_second: float = 0.0  # the samplers' pace after their first batch (start-up excluded)
+    warmup_seconds: float = 0.0  # first sampler call per actor and shape over later calls (compile included)
     failure_reasons: dict[str, int] = field(default_factory=dict)
     exit_code: int = 0
 
@@ -113,11 +115,46 @@ class Summary:
             f"{self.steady_images_per_second:.3f} images/s at steady state; "
             f"{self.seconds:.1f}s in all",
         ]
+        if self.warmup_seconds >= 1:
+            lines.append(f"  sampler warm-up: each actor's first call per image shape took {self.warmup_seconds:.1f}s "
+                         "longer than its later calls (GPU warm-up; torch.compile when optimizations.compile)")
         if self.images_redecoded_fp32:
             lines.append(f"  {self.images_redecoded_fp32} image(s) re-decoded in fp32 after a NaN/black fp16 decode")
         for reason, count in sorted(self.failure_reasons.items(), key=lambda kv: -kv[1])[:20]:
             lines.append(f"  failed x{count}: {reason}")
         return "\n".join(lines)
+
+
+def sampler_calls(batch: pa.Table) -> dict[tuple, tuple[int, float]]:
+    """The sampler calls in a finished block: (worker, height, width, sampled_at) -> (images, seconds).
+
+    Images of one call share the actor's ``worker`` and ``sampled_at`` stamp; ``t_sample_s`` is the call's
+    time per image."""
+    calls: dict[tuple, tuple[int, float]] = {}
+    cols = batch.select(["worker", "height", "width", "sampled_at", "t_sample_s"]).to_pylist()
+    for r in cols:
+        if r["sampled_at"] is None:
+            continue
+        key = (r["worker"], r["height"], r["width"], r["sampled_at"])
+        n, _ = calls.get(key, (0, 0.0))
+        calls[key] = (n + 1, (n + 1) * (r["t_sample_s"] or 0.0))
+    return calls
+
+
+def warmup_seconds(calls: dict[tuple, tuple[int, float]]) -> float:
+    """Extra time of each actor's first sampler call for an image shape over its later calls' median
+    (CUDA/cuDNN warm-up, and the ``torch.compile`` of the UNet when that switch is on), averaged over the
+    (actor, shape) pairs that had later calls; 0 when none did."""
+    by_shape: dict[tuple, list[tuple[float, float]]] = {}
+    for (worker, h, w, at), (_, seconds) in calls.items():
+        by_shape.setdefault((worker, h, w), []).append((at, seconds))
+    extra = []
+    for timeline in by_shape.values():
+        timeline.sort()
+        if len(timeline) > 1:
+            later = sorted(t for _, t in timeline[1:])
+            extra.append(max(0.0, timeline[0][1] - later[len(later) // 2]))
+    return sum(extra) / len(extra) if extra else 0.0
 
 
 def steady_rate(batch_ends: Counter) -> float:
@@ -324,15 +361,17 @@ def select_work(job_plan: Plan, committed: pa.Table, mode: Mode) -> tuple[pa.Tab
     """The items to generate and the failed rows to commit in this attempt.
 
     ``run``: everything without a committed record. ``retry_failed``: only images whose latest record
-    failed (rows that failed validation would fail again and are left as they are).
+    failed, except those that would fail the same way again: rows that failed validation, and images the
+    safety checker dropped (same seed and parameters, same image, same verdict).
     """
-    status = {row_key(r, k): st for r, k, st in zip(committed.column("manifest_row").to_pylist(),
-                                                    committed.column("image_index").to_pylist(),
-                                                    committed.column("status").to_pylist())}
+    keys = [row_key(r, k) for r, k in zip(committed.column("manifest_row").to_pylist(),
+                                          committed.column("image_index").to_pylist())]
+    status = dict(zip(keys, committed.column("status").to_pylist()))
+    dropped = {k for k, err in zip(keys, committed.column("error").to_pylist()) if err == NSFW_ERROR}
     item_keys = [row_key(r, k) for r, k in zip(job_plan.items.column("manifest_row").to_pylist(),
                                                job_plan.items.column("image_index").to_pylist())]
     if mode == "retry_failed":
-        keep = [status.get(k, "ok") != "ok" for k in item_keys]
+        keep = [status.get(k, "ok") != "ok" and k not in dropped for k in item_keys]
         failed_keep = [False] * job_plan.failed.num_rows
     else:
         keep = [k not in status for k in item_keys]
@@ -405,7 +444,7 @@ def run_job(spec: JobSpec, mode: Mode = "run", force: bool = False) -> Summary:
             committer.add(failed.append_column("status", pa.array(["failed"] * failed.num_rows)))
 
         # 5. generate, write, commit as blocks finish
-        t_gen, t_first, batch_ends = time.perf_counter(), 0.0, Counter()
+        t_gen, t_first, batch_ends, calls = time.perf_counter(), 0.0, Counter(), {}
         with _progress(items.num_rows, spec.progress) as bar, _record_failure(out, record, entry, log):
             batches = pipeline.run_items(items, spec, res, upload=not out.is_process_local) if res else iter(())
             done = 0
@@ -418,6 +457,7 @@ def run_job(spec: JobSpec, mode: Mode = "run", force: bool = False) -> Summary:
                 _log_block(log, batch, done, committer.parts if committer.parts != parts_before else None)
                 bar.update(batch.num_rows)
                 batch_ends.update(t for t in batch.column("sampled_at").to_pylist() if t is not None)
+                calls.update(sampler_calls(batch))
                 if not t_first:
                     t_first = time.perf_counter() - t_gen
             parts_before = committer.parts
@@ -437,7 +477,7 @@ def run_job(spec: JobSpec, mode: Mode = "run", force: bool = False) -> Summary:
                       images_this_attempt=items.num_rows, images_skipped=job_plan.items.num_rows - items.num_rows,
                       seconds=time.perf_counter() - t_start, generate_seconds=gen_seconds,
                       first_result_seconds=t_first,
-                      steady_images_per_second=steady_rate(batch_ends))
+                      steady_images_per_second=steady_rate(batch_ends), warmup_seconds=warmup_seconds(calls))
     frac = summary.rows_failed / summary.rows if summary.rows else 0.0
     summary.exit_code = 0 if frac <= spec.max_failed_fraction else 1
     entry.update(status="finished", finished_at=_now(), metadata_parts=committer.parts,

@@ -184,47 +184,32 @@ def _is_number(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
-def validate_row(raw: dict[str, Any], spec: JobSpec) -> dict[str, Any]:
-    """Effective parameters of one manifest row, or :class:`RowError` listing every bad field."""
-    d, lim = spec.defaults, spec.limits
+def begin_row(raw: dict[str, Any], spec: JobSpec) -> tuple[Callable[[str], Any], list[tuple[str, str]], dict[str, Any]]:
+    """Start checking one row: ``take(field)`` (the row's value, or the spec's default where null), the
+    list of problems (the ``id`` checked first) and the effective values so far (``{"id": ...}``)."""
+    d = spec.defaults
     problems: list[tuple[str, str]] = []
-    out: dict[str, Any] = {}
 
     def take(field: str) -> Any:
-        v = raw.get(field)  # null takes the default; NaN is a value and is reported below
+        v = raw.get(field)  # null takes the default; NaN is a value and is reported where the field is checked
         return getattr(d, field) if v is None else v
 
-    # 1. Identity and text.
     rid = raw.get("id")
     id_problem = check_id(rid)
     if id_problem:
         problems.append(("id", id_problem))
-    out["id"] = rid
+    return take, problems, {"id": rid}
 
-    prompt = raw.get("prompt")
-    if not isinstance(prompt, str) or not prompt.strip():
-        problems.append(("prompt", f"missing or empty, got {prompt!r}"))
-    elif len(prompt) > lim.max_prompt_chars:
-        problems.append(("prompt", f"longer than limits.max_prompt_chars={lim.max_prompt_chars}, got {len(prompt)}"))
-    out["prompt"] = prompt
 
-    neg = take("negative_prompt")
-    if neg is not None and not isinstance(neg, str):
-        problems.append(("negative_prompt", f"must be a string or null, got {type(neg).__name__}"))
-    out["negative_prompt"] = neg
-
-    # 2. Numbers.
+def check_numbers(take: Any, ranges: list[tuple[str, int, int]], problems: list[tuple[str, str]],
+                  out: dict[str, Any]) -> None:
+    """Check ``guidance_scale`` (finite, > 0) and the integer fields ``(field, lo, hi)`` (height and width
+    also multiples of 8) of one row; ``take(field)`` gives the row's value or the default."""
     g = take("guidance_scale")
     if not _is_number(g) or not math.isfinite(g) or g <= 0:
         problems.append(("guidance_scale", f"must be a finite number > 0, got {g!r}"))
     out["guidance_scale"] = float(g) if _is_number(g) else None
-
-    for field, lo, hi in (
-        ("num_inference_steps", 1, 1000),
-        ("num_images", 1, lim.max_images_per_row),
-        ("height", 8, lim.max_side),
-        ("width", 8, lim.max_side),
-    ):
+    for field, lo, hi in ranges:
         v = take(field)
         if not _is_int(v):
             if isinstance(v, float) and math.isfinite(v) and v.is_integer():
@@ -239,12 +224,17 @@ def validate_row(raw: dict[str, Any], spec: JobSpec) -> dict[str, Any]:
             problems.append((field, f"must be a multiple of 8, got {v}"))
         out[field] = v
 
+
+def check_scheduler_and_seed(raw: dict[str, Any], take: Any, spec: JobSpec, problems: list[tuple[str, str]],
+                             out: dict[str, Any]) -> None:
+    """Check the row's scheduler name and seed; a missing seed is derived from the run seed and the id
+    (``batch.seeds``), so ``out["id"]`` must be set first."""
     sched = take("scheduler")
     if sched not in ("model",) + SCHEDULER_NAMES:
         problems.append(("scheduler", f"must be one of {['model', *SCHEDULER_NAMES]}, got {sched!r}"))
     out["scheduler"] = sched
 
-    seed = raw.get("seed")
+    rid, seed = out["id"], raw.get("seed")
     if seed is None:
         out["seed_source"] = "derived"
         out["row_seed"] = derive_row_seed(spec.seed, rid) if isinstance(rid, str) else None
@@ -255,6 +245,29 @@ def validate_row(raw: dict[str, Any], spec: JobSpec) -> dict[str, Any]:
     else:
         problems.append(("seed", f"must be an integer in [0, 2**63) (whole floats below 2**53 accepted), got {seed!r}"))
         out["seed_source"], out["row_seed"] = "manifest", None
+
+
+def validate_row(raw: dict[str, Any], spec: JobSpec) -> dict[str, Any]:
+    """Effective parameters of one manifest row, or :class:`RowError` listing every bad field."""
+    lim = spec.limits
+    # 1. Identity and text.
+    take, problems, out = begin_row(raw, spec)
+    prompt = raw.get("prompt")
+    if not isinstance(prompt, str) or not prompt.strip():
+        problems.append(("prompt", f"missing or empty, got {prompt!r}"))
+    elif len(prompt) > lim.max_prompt_chars:
+        problems.append(("prompt", f"longer than limits.max_prompt_chars={lim.max_prompt_chars}, got {len(prompt)}"))
+    out["prompt"] = prompt
+
+    neg = take("negative_prompt")
+    if neg is not None and not isinstance(neg, str):
+        problems.append(("negative_prompt", f"must be a string or null, got {type(neg).__name__}"))
+    out["negative_prompt"] = neg
+
+    # 2. Numbers, scheduler and seed (shared with the image tasks).
+    check_numbers(take, [("num_inference_steps", 1, 1000), ("num_images", 1, lim.max_images_per_row),
+                         ("height", 8, lim.max_side), ("width", 8, lim.max_side)], problems, out)
+    check_scheduler_and_seed(raw, take, spec, problems, out)
 
     if problems:
         raise RowError(problems)

@@ -8,7 +8,8 @@ diffusers; with them on, outputs stay within 1/255 on CPU fp32 (``tests/test_spe
 2. channels_last: NHWC layout for the UNet and VAE, which cuDNN's tensor-core convolutions prefer.
 3. fuse_qkv: ``unet.fuse_qkv_projections()``: one GEMM instead of three per self-attention.
 4. compile: ``torch.compile`` of the UNet's forward; recompiles per new latent shape, so buckets help.
-5. vae_dtype float32: the VAE runs in fp32 whatever the model dtype (the SD2.1 / x4 fp16 NaN failure mode).
+5. cudnn_benchmark: cuDNN times its convolution algorithms for each new shape and keeps the fastest.
+6. vae_dtype float32: the VAE runs in fp32 whatever the model dtype (the SD2.1 / x4 fp16 NaN failure mode).
 """
 
 from __future__ import annotations
@@ -43,6 +44,9 @@ def apply_optimizations(model: Any, opts: Optimizations) -> dict[str, Any]:
     if opts.vae_dtype == "float32" and model.vae.dtype != torch.float32:
         model.vae.to(dtype=torch.float32)
         done["vae_dtype"] = "float32"
+    if opts.cudnn_benchmark:
+        torch.backends.cudnn.benchmark = True  # process-wide: the actor holds one model, so one setting
+        done["cudnn_benchmark"] = True
     if opts.compile:
         t0 = time.perf_counter()
         model.unet = torch.compile(model.unet, mode=opts.compile_mode, fullgraph=False)

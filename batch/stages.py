@@ -13,7 +13,7 @@ import socket
 import time
 import traceback
 from itertools import groupby
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import pyarrow as pa
@@ -77,13 +77,17 @@ def _error_text(err: BaseException) -> str:
     return f"{type(err).__name__}: {err}".strip()[:2000]
 
 
-class Txt2ImgSampler:
-    """GPU stage: ``__init__`` loads one model replica, ``__call__(batch)`` generates its images.
+class Sampler:
+    """GPU stage: ``__init__`` loads one model replica, ``__call__(batch)`` generates a block's images.
 
     A block is split into sampler calls by its ``_batch`` column (see :func:`assign_batches`; computed
     here when absent): at most ``batch_size`` images sharing a bucket (shape, steps, guidance,
-    scheduler). A call that raises marks only its own images failed; the rest go on.
+    scheduler). A call that raises marks only its own images failed; the rest go on. Items that arrive
+    failed (an image that could not be fetched) pass through untouched. Each task says how to read its
+    rows (:meth:`_rows`) and how to sample one GPU batch (:meth:`_sample`).
     """
+
+    task = "txt2img"
 
     def __init__(self, model: str, revision: str | None, dtype: str, device: str, batch_size: int,
                  allow_pickle: bool = False, variant: str | None = None, num_threads: int | None = None,
@@ -92,12 +96,50 @@ class Txt2ImgSampler:
             torch.set_num_threads(num_threads)
         self.batch_size = batch_size
         self.model = load_model(model, revision=revision, dtype=dtype, device=device,
-                                allow_pickle=allow_pickle, variant=variant)
+                                allow_pickle=allow_pickle, variant=variant, task=self.task)
         self.opts = Optimizations.model_validate(optimizations or {})
         self.optimized = apply_optimizations(self.model, self.opts)
         self.optimized_json = json.dumps(self.optimized, sort_keys=True, default=str)
         self.worker = f"{socket.gethostname()}:{os.getpid()}"
         self.safety_policy = safety_policy
+
+    # -- what each task defines ---------------------------------------------------------------------------
+    def _rows(self, batch: pa.Table) -> list[dict]:
+        """The block's items as dicts (the columns the sampler reads)."""
+        raise NotImplementedError
+
+    def _row_error(self, row: dict) -> str | None:
+        """A per-item problem only the loaded model can see (e.g. a noise level above its maximum)."""
+        return None
+
+    def _sample(self, rows: list[dict], new_scheduler: Callable[[], Any], rescued: list[bool]) -> Any:
+        """Images (uint8 HxWx3) of one GPU batch; may append one fp32-re-decode flag per image to ``rescued``."""
+        raise NotImplementedError
+
+    def _extra_columns(self, rows: list[dict]) -> dict[str, list]:
+        return {}
+
+    # -- the shared loop ----------------------------------------------------------------------------------
+    def _safety(self, images: Any, chunk: list[int], nsfw: list[bool | None]) -> tuple[Any, list[bool]]:
+        """``batch.safety`` policy (flag, blackout or drop): the images to keep and whether each is kept."""
+        m = self.model
+        if m.safety_checker is None:
+            return images, [True] * len(chunk)
+        if isinstance(images, np.ndarray):  # one shape: one checker call
+            flags = m.safety_checker(images)
+            images, keep = apply_policy(images, flags, self.safety_policy)
+        else:  # outputs of one batch may differ in size (upscales): one by one
+            flags, keep, kept_images = [], [], []
+            for img in images:
+                flag = m.safety_checker(img[None])
+                kept, ok = apply_policy(img[None], flag, self.safety_policy)
+                flags.append(flag[0])
+                keep.append(ok[0])
+                kept_images.append(kept[0])
+            images = kept_images
+        for j, i in enumerate(chunk):
+            nsfw[i] = flags[j]
+        return images, keep
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         m = self.model
@@ -106,38 +148,38 @@ class Txt2ImgSampler:
             batch = batch.drop_columns(["_batch"])
         else:
             batch_ids = assign_batches(batch, self.batch_size)
-        rows = batch.select(_SAMPLER_INPUTS).to_pylist()
+        rows = self._rows(batch)
         for r in rows:
             if r["scheduler"] == "model":
                 r["scheduler"] = m.default_scheduler
         n = len(rows)
         pixels: list[bytes | None] = [None] * n
-        status, error, t_sample = ["ok"] * n, [None] * n, [0.0] * n
-        sched_cfg: list[str | None] = [None] * n
+        status = [r.get("status") or "ok" for r in rows]
+        error = [r.get("error") for r in rows]
+        t_sample, sched_cfg = [0.0] * n, [None] * n
         redecoded: list[bool | None] = [None] * n
         sampled_at: list[float | None] = [None] * n
         nsfw: list[bool | None] = [None] * n  # null: the model has no safety checker
+        height, width = [r["height"] for r in rows], [r["width"] for r in rows]
+        for i, r in enumerate(rows):
+            problem = self._row_error(r) if status[i] == "ok" else None
+            if problem:
+                status[i], error[i] = "failed", problem
 
         # 1. one sampler call per GPU batch (consecutive items with one batch number share a bucket)
         for _, group in groupby(range(n), key=lambda i: batch_ids[i]):
-            chunk = list(group)
-            # 2. a fresh scheduler per call: schedulers keep per-run state
-            h, w, steps, g, name = bucket_key(rows[chunk[0]])
+            chunk = [i for i in group if status[i] == "ok"]
+            if not chunk:
+                continue
+            name = rows[chunk[0]]["scheduler"]
             try:
-                scheduler = make_scheduler(name, m.scheduler_config)
-                cfg = json.dumps(dict(scheduler.config), sort_keys=True, default=str)
+                # 2. a fresh scheduler per call (schedulers keep per-run state); its config is metadata
+                cfg = json.dumps(dict(make_scheduler(name, m.scheduler_config).config), sort_keys=True, default=str)
                 t0 = time.perf_counter()
                 rescued: list[bool] = []
-                images = txt2img(m, scheduler, [rows[i]["prompt"] for i in chunk],
-                                 [rows[i]["negative_prompt"] for i in chunk], [rows[i]["seed"] for i in chunk],
-                                 SamplingParams(height=h, width=w, num_inference_steps=steps, guidance_scale=g),
-                                 nan_fallback=self.opts.nan_fallback, rescued=rescued)
-                keep = [True] * len(chunk)
-                if m.safety_checker is not None:  # batch.safety: flag, blackout or drop
-                    flags = m.safety_checker(images)
-                    images, keep = apply_policy(images, flags, self.safety_policy)
-                    for j, i in enumerate(chunk):
-                        nsfw[i] = flags[j]
+                images = self._sample([rows[i] for i in chunk], lambda: make_scheduler(name, m.scheduler_config),
+                                      rescued)
+                images, keep = self._safety(images, chunk, nsfw)
                 dt = (time.perf_counter() - t0) / len(chunk)
                 done_at = time.time()
             except Exception as err:  # failures are data: this call's images fail, the job goes on
@@ -147,20 +189,42 @@ class Txt2ImgSampler:
                 continue
             # 3. raw pixels travel to the CPU stage; encoding happens there, not here
             for j, i in enumerate(chunk):
-                t_sample[i], sched_cfg[i], redecoded[i] = dt, cfg, rescued[j]
-                sampled_at[i] = done_at
+                t_sample[i], sched_cfg[i], sampled_at[i] = dt, cfg, done_at
+                redecoded[i] = rescued[j] if rescued else None
                 if not keep[j]:
                     status[i], error[i] = "failed", NSFW_ERROR
                     continue
                 pixels[i] = np.ascontiguousarray(images[j]).tobytes()
+                height[i], width[i] = int(images[j].shape[0]), int(images[j].shape[1])
 
-        # 4. texts longer than the encoder's window are cut (as diffusers does); say so per row
-        warnings = [truncation_warnings(m.tokenizer, {"prompt": r["prompt"], "negative_prompt": r["negative_prompt"]})
-                    for r in rows]
-        return with_sampler_columns(batch, m, self.worker, self.optimized_json, rows, {
-            "_pixels": pixels, "status": status, "error": error, "scheduler_config": sched_cfg,
-            "t_sample_s": t_sample, "sampled_at": sampled_at, "warnings": warnings,
-            "vae_redecoded_fp32": redecoded, "nsfw": nsfw})
+        out = batch.drop_columns(["_input"]) if "_input" in batch.column_names else batch
+        return with_sampler_columns(out, m, self.worker, self.optimized_json, rows, {
+            "height": height, "width": width, "_pixels": pixels, "status": status, "error": error,
+            "scheduler_config": sched_cfg, "t_sample_s": t_sample, "sampled_at": sampled_at,
+            "vae_redecoded_fp32": redecoded, "nsfw": nsfw, **self._extra_columns(rows)})
+
+
+class Txt2ImgSampler(Sampler):
+    """GPU stage of ``task: txt2img`` (:func:`batch.sampling.txt2img`, diffusers' ``StableDiffusionPipeline``
+    math); the images of one GPU batch share a bucket (shape, steps, guidance, scheduler)."""
+
+    task = "txt2img"
+
+    def _rows(self, batch: pa.Table) -> list[dict]:
+        return batch.select(_SAMPLER_INPUTS).to_pylist()
+
+    def _sample(self, rows, new_scheduler, rescued):
+        h, w, steps, g, _ = bucket_key(rows[0])
+        return txt2img(self.model, new_scheduler(), [r["prompt"] for r in rows],
+                       [r["negative_prompt"] for r in rows], [r["seed"] for r in rows],
+                       SamplingParams(height=h, width=w, num_inference_steps=steps, guidance_scale=g),
+                       nan_fallback=self.opts.nan_fallback, rescued=rescued)
+
+    def _extra_columns(self, rows):
+        # texts longer than the encoder's window are cut (as diffusers does); say so per row
+        return {"warnings": [truncation_warnings(self.model.tokenizer, {"prompt": r["prompt"],
+                                                                         "negative_prompt": r["negative_prompt"]})
+                             for r in rows]}
 
 
 class EncodeWriter:

@@ -7,7 +7,8 @@ Runs only where a GPU is present (``--smoke`` runs a tiny CPU version of the txt
 x4 upscaler is too big for a CPU check).
 
     .venv/bin/python bench/gpu_throughput.py [--arch sd1 sd2 x4] [--dtype float16 bfloat16]
-        [--batch 1 8 16 32] [--steps 50] [--channels-last] [--fuse-qkv] [--compile] [--peak-tflops N]
+        [--batch 1 8 16 32] [--steps 50] [--impl sdbatch diffusers] [--channels-last] [--fuse-qkv] [--compile]
+        [--compile-mode M] [--cudnn-benchmark] [--peak-tflops N]
 """
 
 from __future__ import annotations
@@ -55,11 +56,11 @@ def _timed(fn, repeats: int) -> tuple[float, float]:
 
 
 def bench_txt2img(folder: Path, arch: str, dtype: str, batch: int, steps: int, opts: Optimizations, device: str,
-                  repeats: int, peak: float | None) -> None:
+                  repeats: int, peak: float | None, impls: tuple[str, ...] = ("sdbatch", "diffusers")) -> None:
     size = SIZES[arch]
     prompts = [f"a photograph of an astronaut riding a horse, {i}" for i in range(batch)]
     params = SamplingParams(height=size, width=size, num_inference_steps=steps, guidance_scale=7.5)
-    for impl in ("sdbatch", "diffusers"):
+    for impl in impls:
         if device == "cuda":
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
@@ -147,9 +148,14 @@ def main() -> None:
     ap.add_argument("--batch", nargs="+", type=int, default=[1, 8, 16, 32])
     ap.add_argument("--steps", type=int, default=50)
     ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--impl", nargs="+", default=["sdbatch", "diffusers"], choices=["sdbatch", "diffusers"],
+                    help="txt2img implementations to time (the x4 upscaler runs through diffusers only)")
     ap.add_argument("--channels-last", action="store_true")
     ap.add_argument("--fuse-qkv", action="store_true")
     ap.add_argument("--compile", action="store_true")
+    ap.add_argument("--compile-mode", default="default",
+                    choices=["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"])
+    ap.add_argument("--cudnn-benchmark", action="store_true")
     ap.add_argument("--peak-tflops", type=float, help="dense fp16 peak of this GPU, if not in the table")
     ap.add_argument("--smoke", action="store_true", help="tiny CPU run of every code path (no GPU needed)")
     args = ap.parse_args()
@@ -160,7 +166,8 @@ def main() -> None:
         if not torch.cuda.is_available():
             raise SystemExit("gpu_throughput: no CUDA GPU here (use --smoke for a CPU check of the code paths)")
         device, archs, dtypes, batches, steps, repeats = "cuda", args.arch, args.dtype, args.batch, args.steps, args.repeats
-    opts = Optimizations(channels_last=args.channels_last, fuse_qkv=args.fuse_qkv, compile=args.compile)
+    opts = Optimizations(channels_last=args.channels_last, fuse_qkv=args.fuse_qkv, compile=args.compile,
+                         compile_mode=args.compile_mode, cudnn_benchmark=args.cudnn_benchmark)
     peak = peak_tflops(args.peak_tflops)
     with tempfile.TemporaryDirectory() as tmp:
         for arch in archs:
@@ -173,7 +180,8 @@ def main() -> None:
             for dtype in dtypes:
                 for batch in batches:
                     try:
-                        bench_txt2img(folder, arch, dtype, batch, steps, opts, device, repeats, peak)
+                        bench_txt2img(folder, arch, dtype, batch, steps, opts, device, repeats, peak,
+                                      tuple(args.impl))
                     except torch.cuda.OutOfMemoryError as err:
                         emit({"bench": "gpu_throughput", "arch": arch, "dtype": dtype, "batch": batch,
                               "error": f"out of memory: {err}"[:200]})

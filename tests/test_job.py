@@ -257,3 +257,43 @@ def test_steady_rate_counts_images_after_the_first_sampler_batch():
     # batches of 2, 2 and 3 images ending at t = 10, 12, 13: 5 images in the 3 s after the first batch
     assert steady_rate(Counter({10.0: 2, 12.0: 2, 13.0: 3})) == pytest.approx(5 / 3)
     assert steady_rate(Counter({10.0: 4})) == 0.0 and steady_rate(Counter()) == 0.0
+
+
+def test_warmup_is_the_first_call_per_actor_and_shape_over_the_later_ones():
+    """The summary's warm-up figure (compile cost when optimizations.compile) comes from the metadata's
+    worker / shape / sampled_at / t_sample_s columns: a call's images share one stamp."""
+    import pyarrow as pa
+
+    from batch.job import sampler_calls, warmup_seconds
+
+    def call(worker, size, at, per_image, n):
+        return [{"worker": worker, "height": size, "width": size, "sampled_at": at, "t_sample_s": per_image}] * n
+
+    rows = (call("a", 64, 1.0, 30.0, 2) + call("a", 64, 2.0, 5.0, 2) + call("a", 64, 3.0, 6.0, 2)  # 60 s vs 10-12
+            + call("b", 64, 1.5, 20.0, 2) + call("b", 64, 2.5, 5.0, 2)  # 40 s vs 10
+            + call("a", 96, 4.0, 50.0, 1)  # a shape seen once: no later call to compare with
+            + [{"worker": "a", "height": 64, "width": 64, "sampled_at": None, "t_sample_s": 0.0}])  # failed
+    calls = sampler_calls(pa.Table.from_pylist(rows))
+    assert calls[("a", 64, 64, 1.0)] == (2, 60.0) and len(calls) == 6
+    assert warmup_seconds(calls) == pytest.approx(((60 - 12) + (40 - 10)) / 2)
+    assert warmup_seconds({}) == 0.0
+
+
+def test_retry_failed_leaves_images_the_safety_checker_dropped():
+    """Same seed, same image, same verdict: retrying a dropped image would only drop it again."""
+    import pyarrow as pa
+
+    from batch.job import select_work
+    from batch.manifest import Plan
+    from batch.safety import NSFW_ERROR
+
+    items = pa.table({"manifest_row": [0, 1, 2, 3], "image_index": [0, 0, 0, 0]})
+    failed = pa.table({"manifest_row": pa.array([4], pa.int64()), "error": ["prompt: missing"]})
+    committed = pa.table({"manifest_row": [0, 1, 2], "image_index": [0, 0, 0],
+                          "status": ["ok", "failed", "failed"],
+                          "error": [None, "OSError: disk full", NSFW_ERROR]})
+    job_plan = Plan(items=items, failed=failed, carried=[], num_rows=5)
+    todo, again = select_work(job_plan, committed, "retry_failed")
+    assert todo.column("manifest_row").to_pylist() == [1] and again.num_rows == 0
+    todo, again = select_work(job_plan, committed, "run")  # a resume: only what has no record yet
+    assert todo.column("manifest_row").to_pylist() == [3] and again.column("manifest_row").to_pylist() == [4]

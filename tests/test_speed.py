@@ -36,9 +36,11 @@ def test_default_switches_change_nothing(plain):
     Optimizations(attention="math"),
     Optimizations(channels_last=True),
     Optimizations(fuse_qkv=True),
-    Optimizations(attention="math", channels_last=True, fuse_qkv=True, vae_dtype="float32"),
-], ids=["math-attention", "channels-last", "fused-qkv", "all"])
-def test_switches_on_stay_within_one_level(plain, opts):
+    Optimizations(attention="math", channels_last=True, fuse_qkv=True, vae_dtype="float32", cudnn_benchmark=True),
+    Optimizations(compile=True),  # inductor's C++ backend on CPU: about a minute to compile the tiny UNet
+], ids=["math-attention", "channels-last", "fused-qkv", "all-eager", "compile"])
+def test_switches_on_stay_within_one_level(plain, opts, monkeypatch):
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)  # process-wide switch: restored after
     assert np.abs(_generate(opts).astype(int) - plain).max() <= 1
 
 
