@@ -117,7 +117,8 @@ class Summary:
         ]
         if self.warmup_seconds >= 1:
             lines.append(f"  sampler warm-up: each actor's first call per image shape took {self.warmup_seconds:.1f}s "
-                         "longer than its later calls (GPU warm-up; torch.compile when optimizations.compile)")
+                         "longer than its later calls (kernel and allocator warm-up, and torch.compile when "
+                         "optimizations.compile is on)")
         if self.images_redecoded_fp32:
             lines.append(f"  {self.images_redecoded_fp32} image(s) re-decoded in fp32 after a NaN/black fp16 decode")
         for reason, count in sorted(self.failure_reasons.items(), key=lambda kv: -kv[1])[:20]:
