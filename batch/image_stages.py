@@ -18,7 +18,9 @@ import pyarrow as pa
 
 from batch.images import ImageError, fetch_image
 from batch.sampling import SamplingParams
-from batch.stages import Sampler, _error_text, _set_column
+from batch.stages import Sampler
+from batch.storage import error_text
+from batch.storage import set_column as _set_column
 
 
 def fetch_inputs(batch: pa.Table, storage_options: dict[str, Any], max_pixels: int,
@@ -34,7 +36,7 @@ def fetch_inputs(batch: pa.Table, storage_options: dict[str, Any], max_pixels: i
         except ImageError as err:
             cache[uri] = (None, {}, f"image_uri: {err}")
         except Exception as err:  # anything unexpected still fails only this image
-            cache[uri] = (None, {}, f"image_uri: {_error_text(err)}")
+            cache[uri] = (None, {}, f"image_uri: {error_text(err)}")
     cols: dict[str, list] = {k: [] for k in ("_input", "input_sha256", "input_width", "input_height", "input_mode",
                                              "status", "error")}
     for uri in uris:

@@ -25,7 +25,7 @@ from batch.models import load_model, make_scheduler, scheduler_class_name
 from batch.safety import NSFW_ERROR, apply_policy
 from batch.sampling import SamplingParams, truncation_warnings, txt2img
 from batch.speed import apply_optimizations
-from batch.storage import METADATA_SCHEMA
+from batch.storage import METADATA_SCHEMA, error_text
 from batch.storage import set_column as _set_column
 
 _SAMPLER_INPUTS = ["prompt", "negative_prompt", "seed", "height", "width", "num_inference_steps",
@@ -71,10 +71,6 @@ def with_sampler_columns(batch: pa.Table, model: Any, worker: str, optimized_jso
         type_ = pa.binary() if name == "_pixels" else METADATA_SCHEMA.field(name).type
         out = _set_column(out, name, values, type_)
     return out
-
-
-def _error_text(err: BaseException) -> str:
-    return f"{type(err).__name__}: {err}".strip()[:2000]
 
 
 class Sampler:
@@ -185,7 +181,7 @@ class Sampler:
             except Exception as err:  # failures are data: this call's images fail, the job goes on
                 traceback.print_exc()
                 for i in chunk:
-                    status[i], error[i] = "failed", _error_text(err)
+                    status[i], error[i] = "failed", error_text(err)
                 continue
             # 3. raw pixels travel to the CPU stage; encoding happens there, not here
             for j, i in enumerate(chunk):

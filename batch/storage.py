@@ -34,10 +34,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import fsspec
-import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-from PIL import Image
 
 from batch.image_manifest import IMAGE_ITEM_FIELDS, INPUT_FIELDS
 from batch.manifest import ITEM_SCHEMA
@@ -88,17 +86,6 @@ def image_key(row_id: str, image_index: int, ext: str = "png") -> str:
     slug = _SLUG.sub("_", row_id).strip("_")[:48]
     name = f"{slug}-{digest}" if slug else digest
     return f"{IMAGES_DIR}/{name}/{int(image_index)}.{ext}"
-
-
-def encode_png(pixels: np.ndarray) -> bytes:
-    """Lossless PNG of an (H, W, 3) uint8 array; deterministic for equal pixels."""
-    buf = io.BytesIO()
-    Image.fromarray(pixels, mode="RGB").save(buf, format="PNG")
-    return buf.getvalue()
-
-
-def decode_png(data: bytes) -> np.ndarray:
-    return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
 
 
 # Transient storage errors: retried with bounded exponential backoff; anything else fails at once.
@@ -230,6 +217,11 @@ def open_output(uri: str, storage_options: dict[str, Any] | None = None, retries
     fs, root = fsspec.core.url_to_fs(uri, **(storage_options or {}))
     policy = DEFAULT_RETRY if retries is None else dataclasses.replace(DEFAULT_RETRY, attempts=retries)
     return Output(fs=fs, root=root, retry=policy)
+
+
+def error_text(err: BaseException) -> str:
+    """The metadata ``error`` text of an exception that failed an image or a row (bounded length)."""
+    return f"{type(err).__name__}: {err}".strip()[:2000]
 
 
 def set_column(table: pa.Table, name: str, values: list, type_: pa.DataType) -> pa.Table:

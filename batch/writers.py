@@ -37,7 +37,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
-from batch.storage import Output, image_key, open_output
+from batch.storage import Output, error_text, image_key, open_output
 from batch.storage import set_column as _set_column
 
 SHARDS_DIR = "shards"
@@ -153,10 +153,6 @@ def build_parquet(samples: list[tuple[str, dict, bytes]], ext: str) -> bytes:
     return out.getvalue().to_pybytes()
 
 
-def _error_text(err: BaseException) -> str:
-    return f"{type(err).__name__}: {err}".strip()[:2000]
-
-
 def write_block(batch: pa.Table, output: str, storage_options: dict[str, Any], upload: bool,
                 fmt: OutputFormat, retries: int | None = None) -> pa.Table:
     """Encode and write one block's images in ``fmt``; return the block with result columns.
@@ -202,7 +198,7 @@ def write_block(batch: pa.Table, output: str, storage_options: dict[str, Any], u
             arr = np.frombuffer(r["_pixels"], dtype=np.uint8).reshape(r["height"], r["width"], 3)
             encoded[i] = encode_image(arr, fmt)
         except Exception as err:  # failures are data: this image fails, the block goes on
-            status[i], error[i] = "failed", _error_text(err)
+            status[i], error[i] = "failed", error_text(err)
         t_enc[i] = time.perf_counter() - t0
 
     # 2. write
@@ -217,7 +213,7 @@ def write_block(batch: pa.Table, output: str, storage_options: dict[str, Any], u
             try:
                 put(i, key, data)
             except Exception as err:  # a storage error fails this image only
-                status[i], error[i] = "failed", _error_text(err)
+                status[i], error[i] = "failed", error_text(err)
                 continue
             uri_key[i], t_write[i] = key, t_enc[i] + time.perf_counter() - t0
     elif encoded:
@@ -239,7 +235,7 @@ def write_block(batch: pa.Table, output: str, storage_options: dict[str, Any], u
             put(first, f"{SHARDS_DIR}/{name}_stats.json", _stats_bytes(stats))
         except Exception as err:  # the shard failed: every image in it fails
             for i in encoded:
-                status[i], error[i] = "failed", _error_text(err)
+                status[i], error[i] = "failed", error_text(err)
         else:
             dt = (time.perf_counter() - t0) / len(samples)
             for i in encoded:

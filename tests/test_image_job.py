@@ -20,7 +20,8 @@ from batch.cli import main as cli_main
 from batch.config import SpecError, parse_spec
 from batch.job import run_job
 from batch.manifest import plan
-from batch.storage import RESERVED_COLUMNS, decode_png, open_output, read_metadata
+from batch.storage import RESERVED_COLUMNS, open_output, read_metadata
+from batch.writers import decode_image
 
 
 def write_png(path, arr, mode=None) -> str:
@@ -192,7 +193,7 @@ def test_variation_job_end_to_end_equals_diffusers(variation_run, tiny_variation
         ref = pipe(image=card_preprocess([img]), height=r["height"], width=r["width"],
                    num_inference_steps=r["num_inference_steps"], guidance_scale=r["guidance_scale"],
                    generator=torch.Generator("cpu").manual_seed(r["seed"]), output_type="np").images[0]
-        stored = decode_png(out.fs.cat_file(out.fs._strip_protocol(r["uri"])))
+        stored = decode_image(out.fs.cat_file(out.fs._strip_protocol(r["uri"])))
         assert stored.shape == (64, 64, 3)
         assert np.abs(stored.astype(int) - (ref * 255).round()).max() <= 1, key
 
@@ -226,7 +227,7 @@ def test_upscale_job_end_to_end(upscale_run, tiny_upscale_dir):
     out = open_output(out_uri)
     for rid, (h, w) in (("small", (16, 16)), ("tiled", (40, 24)), ("gray16", (16, 16))):
         r = rows[rid]
-        stored = decode_png(out.fs.cat_file(out.fs._strip_protocol(r["uri"])))
+        stored = decode_image(out.fs.cat_file(out.fs._strip_protocol(r["uri"])))
         assert r["status"] == "ok" and (r["input_height"], r["input_width"]) == (h, w)
         assert stored.shape == (4 * h, 4 * w, 3) and (r["height"], r["width"]) == (4 * h, 4 * w)
         assert r["tile_size"] == 16 and r["tile_overlap"] == 4 and r["task"] == "upscale"
@@ -243,5 +244,5 @@ def test_upscale_job_end_to_end(upscale_run, tiny_upscale_dir):
                num_inference_steps=r["num_inference_steps"], guidance_scale=r["guidance_scale"],
                noise_level=r["noise_level"], generator=torch.Generator("cpu").manual_seed(r["seed"]),
                output_type="np").images[0]
-    stored = decode_png(out.fs.cat_file(out.fs._strip_protocol(r["uri"])))
+    stored = decode_image(out.fs.cat_file(out.fs._strip_protocol(r["uri"])))
     assert np.abs(stored.astype(int) - (ref * 255).round()).max() <= 1

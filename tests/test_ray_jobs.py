@@ -21,7 +21,8 @@ from pathlib import Path
 import pytest
 from conftest import write_manifest
 
-from batch.storage import RUN_RECORD, SUCCESS_MARKER, decode_png, open_output, read_metadata
+from batch.storage import RUN_RECORD, SUCCESS_MARKER, open_output, read_metadata
+from batch.writers import decode_image
 
 REPO = Path(__file__).resolve().parent.parent
 AUTH_TOKEN = Path.home() / ".ray" / "auth_token"
@@ -129,6 +130,6 @@ def test_ray_job_submit_runs_generate_on_a_local_head(ray_head, tmp_path):
     assert sorted((r["id"], r["image_index"], r["status"]) for r in meta) == [
         ("job-a", 0, "ok"), ("job-a", 1, "ok"), ("job-b", 0, "ok")]
     for r in meta:
-        assert decode_png(out.fs.cat_file(out.fs._strip_protocol(r["uri"]))).shape == (64, 64, 3)
+        assert decode_image(out.fs.cat_file(out.fs._strip_protocol(r["uri"]))).shape == (64, 64, 3)
     events = [json.loads(x) for x in (tmp_path / "out" / "logs" / f"{record['run_id']}.jsonl").read_text().splitlines()]
     assert events[0]["event"] == "start" and events[-1]["event"] == "finish"

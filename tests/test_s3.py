@@ -12,7 +12,8 @@ import pytest
 
 from batch.config import parse_spec
 from batch.job import run_job
-from batch.storage import RUN_RECORD, SUCCESS_MARKER, decode_png, open_output, read_metadata
+from batch.storage import RUN_RECORD, SUCCESS_MARKER, open_output, read_metadata
+from batch.writers import decode_image
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +57,7 @@ def test_full_run_on_loopback_s3(s3_options, ray_session):
         assert r["uri"].startswith("s3://sdbatch-test/runs/one/images/")
         data = fs.cat_file(r["uri"])
         assert hashlib.sha256(data).hexdigest() == r["sha256"]
-        assert decode_png(data).shape == (64, 64, 3)
+        assert decode_image(data).shape == (64, 64, 3)
 
 
 def test_status_and_resume_on_s3_use_recorded_spec_and_given_credentials(s3_options, ray_session, capsys):

@@ -11,7 +11,8 @@ import pytest
 import batch.stages as stages
 from batch.config import parse_spec
 from batch.manifest import plan
-from batch.storage import RESERVED_COLUMNS, decode_png, open_output
+from batch.storage import RESERVED_COLUMNS, open_output
+from batch.writers import decode_image
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +57,7 @@ def test_encode_and_write_hashes_what_it_writes(sampler, tmp_path):
         data = out.fs.cat_file(out.fs._strip_protocol(r["uri"]))
         assert hashlib.sha256(data).hexdigest() == r["sha256"] and r["file_size"] == len(data)
         expected = np.frombuffer(gen["_pixels"], np.uint8).reshape(64, 64, 3)
-        assert np.array_equal(decode_png(data), expected)  # PNG is lossless
+        assert np.array_equal(decode_image(data), expected)  # PNG is lossless
 
 
 def test_encode_and_write_failure_is_per_image(sampler, tmp_path):

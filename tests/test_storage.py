@@ -16,8 +16,6 @@ from batch.storage import (
     RESERVED_COLUMNS,
     RESULT_FIELDS,
     conform,
-    decode_png,
-    encode_png,
     RetryPolicy,
     compact,
     image_key,
@@ -29,6 +27,7 @@ from batch.storage import (
     read_parts,
     retrying,
 )
+from batch.writers import OutputFormat, decode_image, encode_image
 from batch import storage as storage_mod
 
 HOSTILE_IDS = [
@@ -228,25 +227,29 @@ def test_transient_errors_are_retried_with_backoff_and_permanent_ones_are_not(mo
 # --- PNG ----------------------------------------------------------------------------------------------------
 
 
+def _png(pixels):
+    return encode_image(pixels, OutputFormat(image_format="png"))
+
+
 @pytest.mark.parametrize("shape", [(1, 1, 3), (64, 64, 3), (8, 24, 3), (37, 5, 3)])
 def test_png_round_trip_exact(shape):
     rng = np.random.default_rng(sum(shape))
     pixels = rng.integers(0, 256, size=shape, dtype=np.uint8)
-    data = encode_png(pixels)
+    data = _png(pixels)
     assert data[:8] == b"\x89PNG\r\n\x1a\n"
-    back = decode_png(data)
+    back = decode_image(data)
     assert back.dtype == np.uint8 and back.shape == shape
     assert np.array_equal(back, pixels)
-    assert encode_png(pixels.copy()) == data  # deterministic bytes
+    assert _png(pixels.copy()) == data  # deterministic bytes
 
 
 def test_png_extreme_values_and_non_contiguous():
     pixels = np.zeros((16, 16, 3), dtype=np.uint8)
     pixels[::2] = 255
     pixels[:, :, 1] = np.arange(16, dtype=np.uint8)[None, :] * 17
-    assert np.array_equal(decode_png(encode_png(pixels)), pixels)
+    assert np.array_equal(decode_image(_png(pixels)), pixels)
     view = pixels[:, ::-1]  # negative strides
-    assert np.array_equal(decode_png(encode_png(view)), view)
+    assert np.array_equal(decode_image(_png(view)), view)
 
 
 # --- conform ------------------------------------------------------------------------------------------------
