@@ -111,21 +111,29 @@ def cut_blocks(items: pa.Table, batch_size: int, actors: int) -> list[pa.Table]:
     return [items.slice(a, b - a) for a, b in zip(bounds, bounds[1:])]
 
 
+def _quiet_data_context():
+    """Ray Data's context with its own logs and progress bars quieted: the driver shows one bar instead."""
+    from ray.data import DataContext
+
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
+    logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)  # "bars disabled": we show ours
+    ctx = DataContext.get_current()
+    ctx.enable_progress_bars = False
+    ctx.enable_operator_progress_bars = False
+    return ctx
+
+
 def run_items(items: pa.Table, spec: JobSpec, res: Resources, upload: bool) -> Iterator[pa.Table]:
     """Generate and write every item; yield result tables (metadata rows) as blocks finish."""
     import ray
-    from ray.data import ActorPoolStrategy, DataContext
+    from ray.data import ActorPoolStrategy
 
     from batch.stages import EncodeWriter, Txt2ImgSampler
 
     blocks = cut_blocks(items, spec.batch_size, res.actors)
     if not blocks:
         return
-    logging.getLogger("ray.data").setLevel(logging.WARNING)
-    logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)  # "bars disabled": we show ours
-    ctx = DataContext.get_current()
-    ctx.enable_progress_bars = False  # the driver shows one bar over images instead
-    ctx.enable_operator_progress_bars = False
+    ctx = _quiet_data_context()
     # every sampler actor is up before blocks are handed out: otherwise the first one to load its model
     # takes the queued blocks and the others idle (a timeout here means the cluster cannot host the pool)
     ctx.wait_for_min_actors_s = spec.wait_for_actors_s or -1
@@ -193,18 +201,14 @@ def run_features(table: pa.Table, extractor_kwargs: dict[str, Any], res: Resourc
     and/or CLIP replica per actor, ``num_gpus=res.gpus_per_actor``) -> result blocks streamed to the driver,
     which only reduces them to statistics."""
     import ray
-    from ray.data import ActorPoolStrategy, DataContext
+    from ray.data import ActorPoolStrategy
 
     from batch.metrics.extract import FeatureExtractor
 
     if table.num_rows == 0:
         return
     blocks = [table.slice(i, rows_per_block) for i in range(0, table.num_rows, rows_per_block)]
-    logging.getLogger("ray.data").setLevel(logging.WARNING)
-    logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
-    ctx = DataContext.get_current()
-    ctx.enable_progress_bars = False
-    ctx.enable_operator_progress_bars = False
+    _quiet_data_context()
     kwargs = dict(extractor_kwargs, device=res.device,
                   num_threads=res.threads_per_actor if res.device == "cpu" else None)
     ds = ray.data.from_arrow(blocks).map_batches(
