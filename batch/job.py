@@ -142,6 +142,14 @@ def sampler_calls(batch: pa.Table) -> dict[tuple, tuple[int, float]]:
     return calls
 
 
+def call_ends(calls: dict[tuple, tuple[int, float]]) -> Counter:
+    """Images finished at each sampler-call end stamp (the input of :func:`steady_rate`)."""
+    ends: Counter = Counter()
+    for (_, _, _, at), (n, _) in calls.items():
+        ends[at] += n
+    return ends
+
+
 def warmup_seconds(calls: dict[tuple, tuple[int, float]]) -> float:
     """Extra time of each actor's first sampler call for an image shape over its later calls' median
     (CUDA/cuDNN warm-up, and the ``torch.compile`` of the UNet when that switch is on), averaged over the
@@ -250,7 +258,8 @@ class MetadataCommitter:
         self.parts = 0
         self.committed: list[pa.Table] = []  # slim copies (keys and status) of what this attempt committed
 
-    def add(self, table: pa.Table) -> None:
+    def add(self, table: pa.Table) -> bool:
+        """Buffer ``table``'s rows; commit a part when enough rows or time have gathered (then True)."""
         n = table.num_rows
         table = table.append_column("run_id", pa.array([self.run_id] * n, pa.string()))
         table = table.append_column("attempt", pa.array([self.attempt] * n, pa.string()))
@@ -258,16 +267,19 @@ class MetadataCommitter:
         self.oldest = self.oldest or time.monotonic()
         self.pending_rows += n
         if self.pending_rows >= self.every or time.monotonic() - self.oldest >= self.seconds:
-            self.flush()
+            return self.flush()
+        return False
 
-    def flush(self) -> None:
+    def flush(self) -> bool:
+        """Commit the buffered rows as one part; False when there were none."""
         if not self.pending:
-            return
+            return False
         table = pa.concat_tables(self.pending)
         self.out.put_parquet(part_key(self.attempt, self.parts), table)
         self.committed.append(table.select(SLIM_COLUMNS))
         self.parts += 1
         self.pending, self.pending_rows, self.oldest = [], 0, 0.0
+        return True
 
 
 def _progress(total: int, enabled: bool):
@@ -445,25 +457,21 @@ def run_job(spec: JobSpec, mode: Mode = "run", force: bool = False) -> Summary:
             committer.add(failed.append_column("status", pa.array(["failed"] * failed.num_rows)))
 
         # 5. generate, write, commit as blocks finish
-        t_gen, t_first, batch_ends, calls = time.perf_counter(), 0.0, Counter(), {}
+        t_gen, t_first, calls = time.perf_counter(), 0.0, {}
         with _progress(items.num_rows, spec.progress) as bar, _record_failure(out, record, entry, log):
             batches = pipeline.run_items(items, spec, res, upload=not out.is_process_local) if res else iter(())
             done = 0
             for batch in batches:
                 if "_puts" in batch.column_names:  # process-local filesystem: the driver writes (batch.writers)
                     batch = apply_driver_writes(out, batch)
-                parts_before = committer.parts
-                committer.add(batch)
+                committed_part = committer.add(batch)
                 done += batch.num_rows
-                _log_block(log, batch, done, committer.parts if committer.parts != parts_before else None)
+                _log_block(log, batch, done, committer.parts if committed_part else None)
                 bar.update(batch.num_rows)
-                batch_ends.update(t for t in batch.column("sampled_at").to_pylist() if t is not None)
                 calls.update(sampler_calls(batch))
                 if not t_first:
                     t_first = time.perf_counter() - t_gen
-            parts_before = committer.parts
-            committer.flush()
-            if committer.parts != parts_before:
+            if committer.flush():
                 log.event("commit", parts=committer.parts, images_done=done)
         gen_seconds = time.perf_counter() - t_gen
     finally:
@@ -478,7 +486,7 @@ def run_job(spec: JobSpec, mode: Mode = "run", force: bool = False) -> Summary:
                       images_this_attempt=items.num_rows, images_skipped=job_plan.items.num_rows - items.num_rows,
                       seconds=time.perf_counter() - t_start, generate_seconds=gen_seconds,
                       first_result_seconds=t_first,
-                      steady_images_per_second=steady_rate(batch_ends), warmup_seconds=warmup_seconds(calls))
+                      steady_images_per_second=steady_rate(call_ends(calls)), warmup_seconds=warmup_seconds(calls))
     frac = summary.rows_failed / summary.rows if summary.rows else 0.0
     summary.exit_code = 0 if frac <= spec.max_failed_fraction else 1
     entry.update(status="finished", finished_at=_now(), metadata_parts=committer.parts,

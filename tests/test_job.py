@@ -16,7 +16,8 @@ from batch.cli import main as cli_main
 from batch.config import SpecError, parse_spec
 from batch.job import RunExistsError, run_job
 from batch.pipeline import cut_blocks, resolve_resources
-from batch.storage import LEASE, RUN_RECORD, SUCCESS_MARKER, decode_png, open_output, read_metadata
+from batch.storage import LEASE, RUN_RECORD, SUCCESS_MARKER, open_output, read_metadata
+from batch.writers import decode_image
 
 GOOD = [
     {"id": "a", "prompt": "a red cube", "seed": 11, "num_images": 2, "tag": "x"},
@@ -84,7 +85,7 @@ def test_objects_match_metadata_and_stay_under_prefix(mixed_run):
         assert r["uri"].startswith(out.fs.unstrip_protocol(out.root) + "/images/")
         data = out.fs.cat_file(out.fs._strip_protocol(r["uri"]))
         assert hashlib.sha256(data).hexdigest() == r["sha256"] and len(data) == r["file_size"]
-        assert decode_png(data).shape == (r["height"], r["width"], 3)
+        assert decode_image(data).shape == (r["height"], r["width"], 3)
         assert r["seed"] == r["row_seed"] + r["image_index"]
         assert r["model"] == "tiny" and r["model_revision"] == "tiny-v1" and r["dtype"] == "float32"
     files = out.list("")
@@ -114,7 +115,7 @@ def test_stored_png_equals_plain_diffusers_from_metadata_row_alone(mixed_run, ti
                    num_inference_steps=r["num_inference_steps"], guidance_scale=r["guidance_scale"],
                    generator=torch.Generator("cpu").manual_seed(r["seed"]), output_type="np").images[0]
         ref = (ref * 255).round().astype(np.uint8)
-        stored = decode_png(out.fs.cat_file(out.fs._strip_protocol(r["uri"])))
+        stored = decode_image(out.fs.cat_file(out.fs._strip_protocol(r["uri"])))
         assert np.abs(stored.astype(int) - ref).max() <= 1, r["id"]
         checked += 1
     assert checked == 5
@@ -264,7 +265,9 @@ def test_warmup_is_the_first_call_per_actor_and_shape_over_the_later_ones():
     worker / shape / sampled_at / t_sample_s columns: a call's images share one stamp."""
     import pyarrow as pa
 
-    from batch.job import sampler_calls, warmup_seconds
+    from collections import Counter
+
+    from batch.job import call_ends, sampler_calls, warmup_seconds
 
     def call(worker, size, at, per_image, n):
         return [{"worker": worker, "height": size, "width": size, "sampled_at": at, "t_sample_s": per_image}] * n
@@ -277,6 +280,7 @@ def test_warmup_is_the_first_call_per_actor_and_shape_over_the_later_ones():
     assert calls[("a", 64, 64, 1.0)] == (2, 60.0) and len(calls) == 6
     assert warmup_seconds(calls) == pytest.approx(((60 - 12) + (40 - 10)) / 2)
     assert warmup_seconds({}) == 0.0
+    assert call_ends(calls) == Counter({1.0: 2, 2.0: 2, 3.0: 2, 1.5: 2, 2.5: 2, 4.0: 1})  # steady_rate's input
 
 
 def test_retry_failed_leaves_images_the_safety_checker_dropped():
