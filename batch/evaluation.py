@@ -555,7 +555,7 @@ def _run_eval(spec: EvalSpec, coco_captions: str, coco_images: str, output: str,
                                                             "images_per_second": summary.images_per_second}
             meta = read_metadata(gen_uri, spec.storage_options)
             metas.append(meta.filter(pc.equal(meta.column("status"), "ok"))
-                         .select(["id", "prompt", "guidance_scale", "seed", "uri", "eval_model",
+                         .select(["id", "prompt", "guidance_scale", "seed", "uri", "member", "eval_model",
                                   "coco_annotation_id"]))
         record["timings"]["generation_s"] = time.perf_counter() - t
 

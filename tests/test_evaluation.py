@@ -28,6 +28,7 @@ from batch.evaluation import (
     stats_key,
 )
 from batch.seeds import derive_row_seed
+from batch.writers import OutputFormat, encode_image
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -178,6 +179,27 @@ def test_feature_stage_in_process_marks_unreadable_images(tmp_path):
     assert "UnidentifiedImageError" in out[2]["feature_error"]
     assert len(out[0]["inception"]) == 2048 and out[0]["inception"] != out[1]["inception"]
     assert 0 <= out[0]["clip_score"] <= 100 and out[2]["clip_score"] is None
+
+
+def test_feature_stage_reads_images_inside_shards(tmp_path):
+    """Generations stored as WebDataset/Parquet shards: ``uri`` is the shard, ``member`` the image in it."""
+    from batch.metrics.extract import FeatureExtractor
+    from batch.metrics.tiny import save_random_inception
+    from batch.writers import build_parquet, build_webdataset
+
+    w = save_random_inception(tmp_path / "inc.pth")
+    rng = np.random.default_rng(0)
+    pngs = [encode_image(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8), OutputFormat()) for _ in range(2)]
+    samples = [(f"k{i}", {"id": f"r{i}", "image_index": 0, "width": 32, "height": 32, "prompt": "p"}, d)
+               for i, d in enumerate(pngs)]
+    (tmp_path / "s.tar").write_bytes(build_webdataset(samples, "png"))
+    (tmp_path / "s.parquet").write_bytes(build_parquet(samples, "png"))
+    (tmp_path / "plain.png").write_bytes(pngs[1])
+    batch = pa.table({"uri": [str(tmp_path / "s.tar"), str(tmp_path / "s.parquet"), str(tmp_path / "plain.png")],
+                      "member": ["k1.png", "k1", None]})
+    out = FeatureExtractor(str(w), batch_size=3)(batch).to_pylist()
+    assert [r["feature_error"] for r in out] == [None, None, None]
+    assert out[0]["inception"] == out[1]["inception"] == out[2]["inception"]  # the same image, three ways
 
 
 @pytest.fixture(scope="module")

@@ -1,7 +1,8 @@
 """The feature stage: a callable class over pyarrow batches that reads images by URI and computes features.
 
 ``__init__`` loads the networks once per actor (FID Inception and/or CLIP); ``__call__(batch)`` reads each
-row's ``uri`` with fsspec, decodes it to RGB uint8 and appends
+row's image (``uri``, and ``member`` inside a WebDataset/Parquet shard: :class:`batch.writers.ImageReader`),
+decodes it to RGB uint8 and appends
 
 * ``inception``: the 2048 float32 pool features (see :mod:`batch.metrics.fid` for every preprocessing step;
   ``reference=True`` applies the reference crop/resize first),
@@ -13,7 +14,6 @@ Ray-free: :func:`batch.pipeline.run_features` runs it as an actor pool; tests ca
 
 from __future__ import annotations
 
-import io
 import traceback
 from typing import Any
 
@@ -21,17 +21,9 @@ import numpy as np
 import pyarrow as pa
 import torch
 
+from batch.writers import ImageReader
+
 INCEPTION_TYPE = pa.list_(pa.float32(), 2048)
-
-
-def read_image(uri: str, storage_options: dict[str, Any] | None = None) -> np.ndarray:
-    """(H, W, 3) uint8 RGB of an image object (PNG/JPEG/...; PIL decoding, 8-bit)."""
-    import fsspec
-    from PIL import Image
-
-    with fsspec.open(uri, "rb", **(storage_options or {})) as f:
-        data = f.read()
-    return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"), dtype=np.uint8)
 
 
 class FeatureExtractor:
@@ -49,13 +41,13 @@ class FeatureExtractor:
         self.device = device
         self.inception = load_inception(inception, device=device, cache=weights_cache) if inception else None
         self.clip = ClipScorer(clip, revision=clip_revision, device=device) if clip else None
-        self.storage_options = storage_options or {}
+        self.reader = ImageReader(storage_options)  # files, or members of the shard it last opened
         self.reference, self.reference_size, self.batch_size = reference, reference_size, batch_size
 
-    def _load(self, uri: str) -> np.ndarray:
+    def _load(self, uri: str, member: str | None) -> np.ndarray:
         from batch.metrics.fid import prepare_reference
 
-        img = read_image(uri, self.storage_options)
+        img = self.reader.read({"uri": uri, "member": member})
         return prepare_reference(img, self.reference_size) if self.reference else img
 
     @torch.no_grad()
@@ -63,6 +55,7 @@ class FeatureExtractor:
         from batch.metrics.fid import to_inception_input
 
         uris = batch.column("uri").to_pylist()
+        members = batch.column("member").to_pylist() if "member" in batch.column_names else [None] * len(uris)
         prompts = batch.column("prompt").to_pylist() if self.clip else [None] * len(uris)
         n = len(uris)
         feats: list[list[float] | None] = [None] * n
@@ -74,7 +67,7 @@ class FeatureExtractor:
             try:
                 if not uri:
                     raise ValueError("uri: missing")
-                images[i] = self._load(uri)
+                images[i] = self._load(uri, members[i])
             except Exception as err:
                 errors[i] = f"uri: cannot read {uri!r}: {type(err).__name__}: {err}"[:2000]
         # 2. networks in sub-batches of batch_size
