@@ -43,20 +43,20 @@ class RunLog:
         self.failures = 0
         self.flush_seconds = flush_seconds
         self._last_flush = 0.0
-        self._local = _is_local(out)
-        if self._local:
+        if out.is_local:
             out.fs.makedirs(out.path(LOGS_DIR), exist_ok=True)
 
     def event(self, event: str, force: bool = False, **fields: Any) -> None:
         rec = {"ts": dt.datetime.now(dt.timezone.utc).isoformat(timespec="milliseconds"), "event": event,
                "run_id": self.run_id, **fields}
         line = json.dumps(rec, sort_keys=False, default=str)
-        self.lines.append(line)
-        if self._local:
+        if self.out.is_local:  # append to the file as we go
             with open(self.out.path(self.key), "a", encoding="utf-8") as f:
                 f.write(line + "\n")
-        elif force or time.monotonic() - self._last_flush >= self.flush_seconds:
-            self.flush()
+        else:  # object stores cannot append: keep the lines, rewrite the object now and then
+            self.lines.append(line)
+            if force or time.monotonic() - self._last_flush >= self.flush_seconds:
+                self.flush()
 
     def warning(self, message: str) -> None:
         logger.warning(message)
@@ -68,7 +68,7 @@ class RunLog:
             self.event("failure", **fields)
 
     def flush(self) -> None:
-        if not self._local and self.lines:
+        if not self.out.is_local and self.lines:
             self.out.put(self.key, ("\n".join(self.lines) + "\n").encode())
             self._last_flush = time.monotonic()
 
@@ -76,9 +76,3 @@ class RunLog:
 def read_log(out: Output, run_id: str) -> list[dict]:
     """The events of a run's log, in order."""
     return [json.loads(line) for line in out.get(log_key(run_id)).decode().splitlines() if line.strip()]
-
-
-def _is_local(out: Output) -> bool:
-    from fsspec.implementations.local import LocalFileSystem
-
-    return isinstance(out.fs, LocalFileSystem)

@@ -144,6 +144,11 @@ class Output:
     retry: RetryPolicy = DEFAULT_RETRY
 
     @property
+    def is_local(self) -> bool:
+        """A local filesystem (files can be appended to and renamed)."""
+        return _is_local(self.fs)
+
+    @property
     def is_process_local(self) -> bool:
         """True for filesystems other processes cannot see (``memory://``): writes must stay in-process."""
         from fsspec.implementations.memory import MemoryFileSystem
@@ -169,7 +174,7 @@ class Output:
         path = self.path(key)
         parent = path.rsplit("/", 1)[0]
         self.fs.makedirs(parent, exist_ok=True)
-        if _is_local(self.fs):
+        if self.is_local:
             tmp = f"{path}.tmp-{uuid.uuid4().hex}"
             self.fs.pipe_file(tmp, data)
             self.fs.mv(tmp, path)
