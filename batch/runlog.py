@@ -12,7 +12,8 @@ Events (each has ``ts`` (UTC ISO time), ``event``, ``run_id``):
 
 On a local filesystem lines are appended as they happen. Object stores have no append: the whole log is
 rewritten (one atomic put) at most every ``flush_seconds`` and at finish/crash, so a reader always sees
-a complete prefix of the events.
+a complete prefix of the events; a resumed attempt starts from the stored log, so earlier attempts'
+events stay.
 """
 
 from __future__ import annotations
@@ -45,6 +46,8 @@ class RunLog:
         self._last_flush = 0.0
         if out.is_local:
             out.fs.makedirs(out.path(LOGS_DIR), exist_ok=True)
+        elif out.exists(self.key):  # an earlier attempt's events: the rewrite keeps them
+            self.lines = out.get(self.key).decode().splitlines()
 
     def event(self, event: str, force: bool = False, **fields: Any) -> None:
         rec = {"ts": dt.datetime.now(dt.timezone.utc).isoformat(timespec="milliseconds"), "event": event,

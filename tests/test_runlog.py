@@ -32,3 +32,15 @@ def test_remote_log_is_rewritten_whole_and_throttled():
     events = read_log(out, "r2")
     assert [e["event"] for e in events][:2] == ["start", "block"] and events[-1]["event"] == "finish"
     assert sum(e["event"] == "failure" for e in events) == MAX_FAILURES and log.failures == MAX_FAILURES + 5
+
+
+def test_remote_log_of_a_resumed_run_keeps_earlier_attempts():
+    out = open_output(f"memory://sdbatch-log-{uuid.uuid4().hex}/run")
+    first = RunLog(out, "r3")
+    first.event("start", attempt="a1", force=True)
+    first.event("crashed", force=True)
+    second = RunLog(out, "r3")  # the next attempt of the same run
+    second.event("start", attempt="a2", force=True)
+    second.event("finish", force=True)
+    assert [(e["event"], e.get("attempt")) for e in read_log(out, "r3")] == [
+        ("start", "a1"), ("crashed", None), ("start", "a2"), ("finish", None)]
