@@ -88,7 +88,9 @@ def allowed_prefixes(spec_prefixes: list[str], manifest_uri: str | None,
 def input_rules(spec) -> tuple[list[str], str | None]:
     """(allowed prefixes, base folder for relative paths) of a job spec (``spec.manifest`` may be None)."""
     base = manifest_folder(spec.manifest, spec.storage_options) if spec.manifest else None
-    return allowed_prefixes(spec.allowed_input_prefixes, spec.manifest, spec.storage_options), base
+    if spec.allowed_input_prefixes:
+        return allowed_prefixes(spec.allowed_input_prefixes, None), base
+    return ([base] if base else []), base  # allowed_prefixes' default, without looking the folder up twice
 
 
 def check_input_uri(uri: str, allowed: list[str], base: str | None = None) -> str:
