@@ -28,7 +28,6 @@ Output layout under OUT::
 
 from __future__ import annotations
 
-import datetime as dt
 import hashlib
 import io
 import json
@@ -45,9 +44,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
-from batch.config import MAX_SEED, JobSpec, SchedulerName, SpecError, parse_spec
+from batch.config import MAX_SEED, JobSpec, SchedulerName, SpecError, _Strict, parse_spec
+from batch.job import _now
 from batch.metrics.clip import DEFAULT_CLIP
 from batch.metrics.inception import FID_WEIGHTS_URL
 from batch.seeds import derive_row_seed
@@ -58,10 +58,6 @@ EVAL_RECORD = "eval.json"
 # Fields an evaluation sets itself; ``generation`` may not override them.
 _EVAL_OWNED = {"task", "model", "revision", "variant", "manifest", "output", "defaults", "run_id", "seed",
                "storage_options", "ray_address", "progress"}
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
 class EvalModel(_Strict):
@@ -373,10 +369,6 @@ def feature_matrix(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
 
 def _ray_spec(spec: EvalSpec | StatsSpec) -> JobSpec:
     return parse_spec({"ray_address": spec.ray_address})
-
-
-def _now() -> str:
-    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
 
 
 # ---------------------------------------------------------------------------------------- 5. reduction
