@@ -24,12 +24,7 @@ def _spec_from_args(args: argparse.Namespace):
         "task": getattr(args, "task", None) if getattr(args, "command", None) == "validate" else None,
     }
     overrides = {k: v for k, v in overrides.items() if v is not None}  # flags not given
-    if getattr(args, "quiet", False):
-        overrides["progress"] = False
-    for text in getattr(args, "set", None) or []:
-        key, value = parse_set_option(text)
-        overrides[key] = value
-    return load_spec(args.config, overrides)
+    return load_spec(args.config, overrides | _quiet_and_set_overrides(args))
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -42,6 +37,11 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def _set_overrides(args: argparse.Namespace) -> dict:
     return dict(parse_set_option(t) for t in getattr(args, "set", None) or [])
+
+
+def _quiet_and_set_overrides(args: argparse.Namespace) -> dict:
+    """``--quiet`` (progress off), then every ``--set key=value`` in order (a later one wins)."""
+    return ({"progress": False} if getattr(args, "quiet", False) else {}) | _set_overrides(args)
 
 
 def _open_run(args: argparse.Namespace):
@@ -146,8 +146,7 @@ def cmd_grid(args: argparse.Namespace) -> int:
     from batch.grid import make_grid
 
     options = {}
-    for text in args.set or []:
-        key, value = parse_set_option(text)
+    for key, value in _set_overrides(args).items():
         if not key.startswith("storage_options."):
             raise SpecError(f"grid --set takes storage_options.* only, got {key!r}")
         options[key.split(".", 1)[1]] = value
@@ -164,13 +163,7 @@ def cmd_grid(args: argparse.Namespace) -> int:
 def _eval_spec_from_args(args: argparse.Namespace):
     from batch.evaluation import load_eval_spec
 
-    overrides = {}
-    if getattr(args, "quiet", False):
-        overrides["progress"] = False
-    for text in getattr(args, "set", None) or []:
-        key, value = parse_set_option(text)
-        overrides[key] = value
-    return load_eval_spec(args.config, overrides)
+    return load_eval_spec(args.config, _quiet_and_set_overrides(args))
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
