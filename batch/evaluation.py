@@ -111,8 +111,9 @@ class StatsSpec(_Strict):
     progress: bool = True
 
 
-class EvalSpec(_Strict):
-    """A Pareto evaluation (``configs/eval-pareto-*.yaml``); unknown keys are errors."""
+class EvalSpec(StatsSpec):
+    """A Pareto evaluation (``configs/eval-pareto-*.yaml``); unknown keys are errors. Its FID, feature,
+    storage and Ray settings are :class:`StatsSpec`'s."""
 
     models: list[EvalModel] = Field(min_length=1)
     guidance_scales: list[float] = Field(default_factory=lambda: list(DEFAULT_SCALES), min_length=1)
@@ -122,13 +123,8 @@ class EvalSpec(_Strict):
     height: int = Field(512, ge=8, multiple_of=8)
     width: int = Field(512, ge=8, multiple_of=8)
     negative_prompt: str | None = None
-    fid: FidSettings = Field(default_factory=FidSettings)
     clip: ClipSettings = Field(default_factory=ClipSettings)
-    features: FeatureSettings = Field(default_factory=FeatureSettings)
     generation: dict[str, Any] = Field(default_factory=dict)  # job-spec fields: dtype, device, batch_size, ...
-    storage_options: dict[str, Any] = Field(default_factory=dict)
-    ray_address: str | None = None
-    progress: bool = True
 
     @field_validator("guidance_scales")
     @classmethod
@@ -290,7 +286,7 @@ def stats_key(weights_sha256: str, reference_size: int, images: list[tuple[str, 
     return f"inception-{weights_sha256[:12]}_{PREPROCESSING.replace('512', str(reference_size))}_{len(images)}img-{images_hash}"
 
 
-def reference_statistics(images_uri: str, spec: EvalSpec | StatsSpec, cache: str | None = None) -> ReferenceStats:
+def reference_statistics(images_uri: str, spec: StatsSpec, cache: str | None = None) -> ReferenceStats:
     """Reference (mu, sigma) of a folder of images: from the cache when present, else computed through the
     feature stage and stored (``<cache>/<key>.npz`` plus ``<key>.json`` describing it). A cache hit starts
     no Ray and loads no network."""
@@ -326,7 +322,7 @@ def reference_statistics(images_uri: str, spec: EvalSpec | StatsSpec, cache: str
     return ReferenceStats(mu, sigma, good.num_rows, key, store.uri(f"{key}.npz"), cached=False)
 
 
-def _run_features(table: pa.Table, kwargs: dict, spec: EvalSpec | StatsSpec, desc: str) -> pa.Table:
+def _run_features(table: pa.Table, kwargs: dict, spec: StatsSpec, desc: str) -> pa.Table:
     """Run the feature stage over ``table``; results in input order. Uses the running Ray if there is one,
     else starts (and afterwards stops) one as the job does."""
     from tqdm.auto import tqdm
@@ -334,12 +330,11 @@ def _run_features(table: pa.Table, kwargs: dict, spec: EvalSpec | StatsSpec, des
     from batch import pipeline
 
     f = spec.features
-    started = pipeline.init_ray(_ray_spec(spec))
+    compute = parse_spec({"ray_address": spec.ray_address, "device": f.device, "actors": f.actors,
+                          "gpus_per_actor": f.gpus_per_actor, "cpus_per_actor": f.cpus_per_actor, "writer_cpus": 0.25})
+    started = pipeline.init_ray(compute)
     try:
-        res = pipeline.resolve_resources(
-            parse_spec({"device": f.device, "actors": f.actors, "gpus_per_actor": f.gpus_per_actor,
-                        "cpus_per_actor": f.cpus_per_actor, "writer_cpus": 0.25}),
-            pipeline.cluster_resources(), local=pipeline.is_local(_ray_spec(spec)))
+        res = pipeline.resolve_resources(compute, pipeline.cluster_resources(), local=pipeline.is_local(compute))
         table = table.append_column("_order", pa.array(range(table.num_rows), pa.int64()))
         out = []
         with tqdm(total=table.num_rows, unit="img", desc=desc, disable=not spec.progress, file=sys.stderr) as bar:
@@ -367,7 +362,7 @@ def feature_matrix(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
     return arr.flatten().to_numpy(zero_copy_only=False).astype(np.float32, copy=False).reshape(len(arr), width)
 
 
-def _ray_spec(spec: EvalSpec | StatsSpec) -> JobSpec:
+def _ray_spec(spec: StatsSpec) -> JobSpec:
     return parse_spec({"ray_address": spec.ray_address})
 
 
