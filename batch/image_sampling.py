@@ -38,7 +38,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from batch.sampling import SamplingParams, _step_kwargs, decode, denoise, encode_text, initial_latents, uses_guidance
+from batch.sampling import SamplingParams, decode, denoise, encode_text, initial_latents, uses_guidance
 from batch.seeds import derive_row_seed, generator_for
 from batch.tiny import CLIP_MEAN, CLIP_STD
 
@@ -163,22 +163,14 @@ def upscale_tiles(model, scheduler, low_res: torch.Tensor, image_noise: torch.Te
     standard normal draws; ``cond``/``uncond`` text embeddings per tile (``uncond`` None: no guidance).
     """
     dev = model.device
-    scheduler.set_timesteps(num_inference_steps, device=dev)
     levels = torch.tensor(noise_levels, dtype=torch.long, device=dev)
     image = model.low_res_scheduler.add_noise(low_res.to(dev, cond.dtype), image_noise.to(dev, cond.dtype), levels)
-    embeds = cond
     if uncond is not None:
-        image, levels, embeds = torch.cat([image] * 2), torch.cat([levels] * 2), torch.cat([uncond, cond])
-    latents = latents.to(dev, cond.dtype) * scheduler.init_noise_sigma
-    step_kwargs = _step_kwargs(scheduler, generators)
-    for t in scheduler.timesteps:
-        model_in = torch.cat([latents] * 2) if uncond is not None else latents
-        model_in = torch.cat([scheduler.scale_model_input(model_in, t), image], dim=1)
-        eps = model.unet(model_in, t, encoder_hidden_states=embeds, class_labels=levels, return_dict=False)[0]
-        if uncond is not None:
-            eps_u, eps_t = eps.chunk(2)
-            eps = eps_u + guidance_scale * (eps_t - eps_u)
-        latents = scheduler.step(eps, t, latents, **step_kwargs, return_dict=False)[0]
+        image, levels = torch.cat([image] * 2), torch.cat([levels] * 2)
+    params = SamplingParams(height=4 * low_res.shape[-2], width=4 * low_res.shape[-1],
+                            num_inference_steps=num_inference_steps, guidance_scale=guidance_scale)
+    latents = denoise(model.unet, scheduler, latents.to(dev, cond.dtype), cond, uncond, params, generators,
+                      image=image, class_labels=levels)
     vae = model.vae
     return vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor, return_dict=False)[0].float().cpu()
 
@@ -209,7 +201,7 @@ def upscale(model, new_scheduler: Callable[[], object], requests: list[UpscaleRe
     if not 0 <= tile_overlap < tile_size:
         raise ValueError(f"tile_overlap must be in [0, tile_size), got {tile_overlap} for tile_size {tile_size}")
     lat_ch = model.vae.config.latent_channels
-    use_cfg = guidance_scale > 1.0
+    use_cfg = uses_guidance(model.unet, guidance_scale)
     dev = model.device
 
     # 1. text embeddings per image (one encoder call for all)

@@ -80,16 +80,24 @@ def _step_kwargs(scheduler, generators: list[torch.Generator]) -> dict:
 
 @torch.no_grad()
 def denoise(unet, scheduler, latents: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor | None,
-            params: SamplingParams, generators: list[torch.Generator]) -> torch.Tensor:
-    """Run the reverse diffusion; ``uncond`` is None when guidance is off (``guidance_scale <= 1``)."""
+            params: SamplingParams, generators: list[torch.Generator], *, image: torch.Tensor | None = None,
+            class_labels: torch.Tensor | None = None) -> torch.Tensor:
+    """Run the reverse diffusion; ``uncond`` is None when guidance is off (``guidance_scale <= 1``).
+
+    ``image``/``class_labels``: the x4 upscaler's extra UNet inputs (the noised low-res image, concatenated
+    to the scaled latents' channels, and its noise levels), already doubled by the caller under guidance.
+    """
     scheduler.set_timesteps(params.num_inference_steps, device=latents.device)
     latents = latents * scheduler.init_noise_sigma
     embeds = torch.cat([uncond, cond]) if uncond is not None else cond
     step_kwargs = _step_kwargs(scheduler, generators)
+    unet_kwargs = {} if class_labels is None else {"class_labels": class_labels}
     for t in scheduler.timesteps:
         model_in = torch.cat([latents] * 2) if uncond is not None else latents
         model_in = scheduler.scale_model_input(model_in, t)
-        eps = unet(model_in, t, encoder_hidden_states=embeds, return_dict=False)[0]
+        if image is not None:
+            model_in = torch.cat([model_in, image], dim=1)
+        eps = unet(model_in, t, encoder_hidden_states=embeds, **unet_kwargs, return_dict=False)[0]
         if uncond is not None:
             eps_u, eps_t = eps.chunk(2)
             eps = eps_u + params.guidance_scale * (eps_t - eps_u)
