@@ -164,20 +164,25 @@ def check_weight_format(folder: Path, allow_pickle: bool) -> None:
     except (OSError, ValueError):
         pass
     for comp in components:
-        d = folder / comp
-        if not d.is_dir():
-            raise ModelError(f"model folder {folder}: missing component folder {comp}/")
-        files = [p.name for p in d.iterdir()]
-        if any(f.endswith(".safetensors") for f in files):
-            continue
-        pickled = [f for f in files if f.endswith(PICKLE_SUFFIXES)]
-        if not pickled:
-            raise ModelError(f"model folder {folder}: {comp}/ has no weights")
-        if not allow_pickle:
-            raise ModelError(
-                f"model folder {folder}: {comp}/ has only pickled weights {pickled}; refusing to unpickle "
-                "(it can run arbitrary code). Convert to safetensors, or set allow_pickle: true if you trust it."
-            )
+        check_component_weights(folder, comp, allow_pickle)
+
+
+def check_component_weights(folder: Path, comp: str, allow_pickle: bool) -> None:
+    """``folder/comp`` must exist and hold .safetensors weights, or pickled ones where ``allow_pickle``."""
+    d = folder / comp
+    if not d.is_dir():
+        raise ModelError(f"model folder {folder}: missing component folder {comp}/")
+    files = [p.name for p in d.iterdir()]
+    if any(f.endswith(".safetensors") for f in files):
+        return
+    pickled = [f for f in files if f.endswith(PICKLE_SUFFIXES)]
+    if not pickled:
+        raise ModelError(f"model folder {folder}: {comp}/ has no weights")
+    if not allow_pickle:
+        raise ModelError(
+            f"model folder {folder}: {comp}/ has only pickled weights {pickled}; refusing to unpickle "
+            "(it can run arbitrary code). Convert to safetensors, or set allow_pickle: true if you trust it."
+        )
 
 
 def fingerprint(folder: Path) -> str:

@@ -57,12 +57,10 @@ class SafetyChecker:
         """Load ``folder/safety_checker`` and ``folder/feature_extractor`` (safetensors unless allowed)."""
         from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
 
-        from batch.models import ModelError
+        from batch.models import ModelError, check_component_weights
 
         sc_dir = Path(folder) / "safety_checker"
-        if not any(p.suffix == ".safetensors" for p in sc_dir.iterdir()) and not allow_pickle:
-            raise ModelError(f"model folder {folder}: safety_checker/ has no safetensors weights; refusing to "
-                             "unpickle (set allow_pickle: true if you trust it)")
+        check_component_weights(Path(folder), "safety_checker", allow_pickle)
         kwargs: dict[str, Any] = {"use_safetensors": None if allow_pickle else True}
         if variant and any(f".{variant}." in p.name for p in sc_dir.iterdir()):
             kwargs["variant"] = variant
