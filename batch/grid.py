@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import fsspec
+import pyarrow.compute as pc
 from PIL import Image, ImageDraw, ImageFont
 
 from batch.storage import read_metadata
@@ -51,6 +52,11 @@ class Layout:
         """(width, height) of the sheet in pixels."""
         return self.columns * self.cell, max(1, self.rows) * self.cell_height
 
+    @classmethod
+    def square(cls, count: int, cell: int, columns: int | None = None) -> "Layout":
+        """``count`` cells, ``columns`` wide (default: the smallest square that holds them)."""
+        return cls(count, columns or max(1, math.ceil(math.sqrt(count))), cell)
+
     def origin(self, i: int) -> tuple[int, int]:
         """Top-left corner of cell ``i`` (row-major)."""
         return (i % self.columns) * self.cell, (i // self.columns) * self.cell_height
@@ -80,7 +86,7 @@ def captions(row: dict) -> list[str]:
 
 def contact_sheet(rows: list[dict], reader: ImageReader, cell: int = 128, columns: int | None = None) -> Image.Image:
     """Render ``rows`` (metadata rows of stored images) as a captioned grid."""
-    layout = Layout(len(rows), columns or max(1, math.ceil(math.sqrt(len(rows)))), cell)
+    layout = Layout.square(len(rows), cell, columns)
     sheet = Image.new("RGB", layout.size, BACKGROUND)
     draw = ImageDraw.Draw(sheet)
     font = ImageFont.load_default()
@@ -95,10 +101,11 @@ def contact_sheet(rows: list[dict], reader: ImageReader, cell: int = 128, column
 
 def select_rows(output: str, n: int, storage_options: dict[str, Any] | None = None) -> list[dict]:
     """The first ``n`` stored images of a run, ordered by (id, image_index)."""
-    meta = read_metadata(output, storage_options).to_pylist()
-    ok = [r for r in meta if r.get("status") == "ok" and r.get("uri")]
-    ok.sort(key=lambda r: (r["id"], r["image_index"]))
-    return ok[:n]
+    meta = read_metadata(output, storage_options)  # filtered and sorted in Arrow: only n rows become dicts
+    ok = meta.filter(pc.and_(pc.equal(meta.column("status"), "ok"),
+                             pc.not_equal(pc.fill_null(meta.column("uri"), ""), "")))
+    ok = ok.take(pc.sort_indices(ok, [("id", "ascending"), ("image_index", "ascending")]))
+    return ok.slice(0, n).to_pylist()
 
 
 def make_grid(output: str, out: str, n: int = 64, cell: int = 128, columns: int | None = None,
@@ -114,4 +121,4 @@ def make_grid(output: str, out: str, n: int = 64, cell: int = 128, columns: int 
     sheet.save(buf, format="PNG")
     with fsspec.open(out, "wb", **(storage_options or {}) if "://" in out else {}) as f:
         f.write(buf.getvalue())
-    return Layout(len(rows), columns or max(1, math.ceil(math.sqrt(len(rows)))), cell), rows
+    return Layout.square(len(rows), cell, columns), rows
