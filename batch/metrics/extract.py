@@ -31,15 +31,14 @@ class FeatureExtractor:
 
     def __init__(self, inception: str | None, clip: str | None = None, clip_revision: str | None = None,
                  device: str = "cpu", storage_options: dict[str, Any] | None = None, reference: bool = False,
-                 reference_size: int = 512, batch_size: int = 32, num_threads: int | None = None,
-                 weights_cache: str | None = None):
+                 reference_size: int = 512, batch_size: int = 32, num_threads: int | None = None):
         from batch.metrics.clip import ClipScorer
         from batch.metrics.inception import load_inception
 
         if num_threads:
             torch.set_num_threads(num_threads)
         self.device = device
-        self.inception = load_inception(inception, device=device, cache=weights_cache) if inception else None
+        self.inception = load_inception(inception, device=device) if inception else None
         self.clip = ClipScorer(clip, revision=clip_revision, device=device) if clip else None
         self.reader = ImageReader(storage_options)  # files, or members of the shard it last opened
         self.reference, self.reference_size, self.batch_size = reference, reference_size, batch_size
