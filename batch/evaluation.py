@@ -279,11 +279,11 @@ def list_images(uri: str, storage_options: dict[str, Any] | None = None) -> list
 
 def stats_key(weights_sha256: str, reference_size: int, images: list[tuple[str, int]]) -> str:
     """Cache key: the Inception weights (sha256), the preprocessing, and the image set (names and sizes)."""
-    from batch.metrics.fid import PREPROCESSING
+    from batch.metrics.fid import preprocessing_tag
 
     names = "\n".join(f"{u.rsplit('/', 1)[-1]}\t{s}" for u, s in images)
     images_hash = hashlib.sha256(names.encode()).hexdigest()[:12]
-    return f"inception-{weights_sha256[:12]}_{PREPROCESSING.replace('512', str(reference_size))}_{len(images)}img-{images_hash}"
+    return f"inception-{weights_sha256[:12]}_{preprocessing_tag(reference_size)}_{len(images)}img-{images_hash}"
 
 
 def reference_statistics(images_uri: str, spec: StatsSpec, cache: str | None = None) -> ReferenceStats:

@@ -25,7 +25,14 @@ import numpy as np
 
 INCEPTION_SIZE = 299
 REFERENCE_SIZE = 512
-PREPROCESSING = "crop-center-bicubic512-u8_bilinear299-noaa_pm1"  # names steps 2-3 in cache keys
+
+
+def preprocessing_tag(reference_size: int = REFERENCE_SIZE) -> str:
+    """Names preprocessing steps 2-3 (reference crop/resize to ``reference_size``, then 299) in cache keys."""
+    return f"crop-center-bicubic{reference_size}-u8_bilinear{INCEPTION_SIZE}-noaa_pm1"
+
+
+PREPROCESSING = preprocessing_tag()
 
 
 def prepare_reference(image, size: int = REFERENCE_SIZE) -> np.ndarray:
