@@ -140,7 +140,7 @@ def locate(model: str, revision: str | None, allow_pickle: bool, variant: str | 
     weights = [f"*.{variant}.{x}" if variant else f"*.{x}" for x in suffixes]
     patterns = ["model_index.json"] + [f"{c}/*.json" for c in COMPONENTS + IMAGE_TASK_COMPONENTS] + ["tokenizer/*.txt"]
     patterns += [f"{c}/{w}" for c in WEIGHT_COMPONENTS + ("image_encoder",) for w in weights]
-    patterns += ["safety_checker/*.json", "feature_extractor/*.json"] + [f"safety_checker/{w}" for w in weights]
+    patterns += ["safety_checker/*.json"] + [f"safety_checker/{w}" for w in weights]  # feature_extractor: above
     ignore = None if variant else ["*.fp16.*", "*.non_ema.*", "*.ema.*"]
     try:
         folder = Path(snapshot_download(model, revision=revision, allow_patterns=patterns, ignore_patterns=ignore))
