@@ -19,12 +19,20 @@ def _spec_from_args(args: argparse.Namespace):
         "seed": getattr(args, "seed", None),
         "batch_size": getattr(args, "batch_size", None),
         "actors": getattr(args, "actors", None),
-        "device": getattr(args, "device", None),
         "dtype": getattr(args, "dtype", None),
         "task": getattr(args, "task", None) if getattr(args, "command", None) == "validate" else None,
     }
     overrides = {k: v for k, v in overrides.items() if v is not None}  # flags not given
+    overrides |= _device_overrides(getattr(args, "device", None))
     return load_spec(args.config, overrides | _quiet_and_set_overrides(args))
+
+
+def _device_overrides(device: str | None) -> dict:
+    """``--device``; ``--device cpu`` makes the run a CPU run, so it also clears the spec's ``gpus_per_actor``
+    (the shipped GPU configs set it to 1, and a CPU run requests no GPUs from Ray)."""
+    if device is None:
+        return {}
+    return {"device": device} | ({"gpus_per_actor": None} if device == "cpu" else {})
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -66,9 +74,9 @@ def _recorded_spec(args: argparse.Namespace):
     data = _open_run(args).get_json(RUN_RECORD)["spec"]
     data["storage_options"] = {k: v for k, v in data.get("storage_options", {}).items() if v != "***"}
     data["output"] = args.output
-    flags = {"actors": args.actors, "batch_size": args.batch_size, "device": args.device,
-             "progress": False if args.quiet else None}
-    overrides = {k: v for k, v in flags.items() if v is not None} | _set_overrides(args)
+    flags = {"actors": args.actors, "batch_size": args.batch_size, "progress": False if args.quiet else None}
+    overrides = {k: v for k, v in flags.items() if v is not None} | _device_overrides(args.device)
+    overrides |= _set_overrides(args)
     return parse_spec(apply_overrides(data, overrides), f"{args.output}/{RUN_RECORD}")
 
 
@@ -216,7 +224,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--run-id")
     run.add_argument("--batch-size", type=int)
     run.add_argument("--actors", type=int)
-    run.add_argument("--device", choices=["auto", "cpu", "cuda"])
+    run.add_argument("--device", choices=["auto", "cpu", "cuda"],
+                     help="where the sampler computes; cpu also clears gpus_per_actor (no GPUs requested)")
     run.add_argument("--dtype", choices=["auto", "float32", "float16", "bfloat16"])
     run.add_argument("--quiet", action="store_true", help="no progress bar")
     run.add_argument("--force", action="store_true", help="take over the run's lease even if it looks alive")

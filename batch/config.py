@@ -186,6 +186,14 @@ class JobSpec(_Strict):
             v = v.model_dump(exclude_unset=True) if not isinstance(v, kind) else v
         return v if isinstance(v, kind) else kind.model_validate(v if v is not None else {})
 
+    @model_validator(mode="after")
+    def _cpu_requests_no_gpus(self) -> "JobSpec":
+        if self.device == "cpu" and self.gpus_per_actor:
+            raise ValueError(f"device: cpu with gpus_per_actor: {self.gpus_per_actor:g}: a CPU run requests no "
+                             "GPUs from Ray; set gpus_per_actor: 0 (or leave it unset), or device: cuda "
+                             "(the --device cpu flag clears gpus_per_actor)")
+        return self
+
     @field_validator("actors")
     @classmethod
     def _positive_actors(cls, v: int | str) -> int | str:
@@ -202,7 +210,10 @@ def _format_errors(err: ValidationError, source: str, task: str = "txt2img") -> 
         if e["type"] == "extra_forbidden":
             msg = f"unknown field; allowed here: {', '.join(sorted(_allowed_at(e['loc'], task)))}"
         got = e.get("input")
-        lines.append(f"  {field}: {msg} (got {got!r})" if e["type"] != "extra_forbidden" else f"  {field}: {msg}")
+        if not e["loc"]:  # a rule across fields: its message names them
+            lines.append(f"  {msg.removeprefix('Value error, ')}")
+        else:
+            lines.append(f"  {field}: {msg} (got {got!r})" if e["type"] != "extra_forbidden" else f"  {field}: {msg}")
     return "\n".join(lines)
 
 

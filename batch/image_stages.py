@@ -18,7 +18,7 @@ import pyarrow as pa
 
 from batch.images import ImageError, fetch_image
 from batch.sampling import SamplingParams
-from batch.stages import Sampler
+from batch.stages import Sampler, pack_batches, unpack_batches
 from batch.storage import error_text
 from batch.storage import set_column as _set_column
 
@@ -52,6 +52,11 @@ def fetch_inputs(batch: pa.Table, storage_options: dict[str, Any], max_pixels: i
                         ("error", pa.string())):
         out = _set_column(out, name, cols[name], type_)
     return out
+
+
+def fetch_packed_inputs(packed: pa.Table, **kwargs: Any) -> pa.Table:
+    """:func:`fetch_inputs` over whole GPU batches packed one per row (:func:`batch.stages.pack_batches`)."""
+    return pack_batches(fetch_inputs(unpack_batches(packed), **kwargs))
 
 
 class _ImageSampler(Sampler):

@@ -6,6 +6,9 @@
    so a one-file manifest still spreads over every actor and batch composition is deterministic.
 2. GPU stage: ``ActorPoolStrategy(size=actors)`` of :class:`batch.stages.Txt2ImgSampler`, each actor one
    model replica with ``num_gpus=gpus_per_actor``; it returns raw pixels, never encodes or uploads.
+   Blocks travel as whole GPU batches packed one per row (:func:`batch.stages.pack_batches`) and the
+   sampler is called with ``batch_size=1``: Ray Data requires an integer batch size whenever GPUs are
+   requested, and merges or slices blocks to honour it, which must never split a GPU batch.
    Image tasks (variation, upscale) first fetch their input images in a CPU stage
    (:func:`batch.image_stages.fetch_inputs`), then sample with ``VariationSampler``/``UpscaleSampler``.
 3. CPU stage: a small autoscaling pool of :class:`batch.stages.EncodeWriter` (warm processes running
@@ -31,7 +34,7 @@ import pyarrow as pa
 
 from batch.config import JobSpec, SpecError
 from batch.locations import input_rules
-from batch.stages import assign_batches
+from batch.stages import assign_batches, pack_batches
 
 MAX_BATCHES_PER_BLOCK = 8
 BLOCKS_PER_ACTOR = 4
@@ -74,7 +77,9 @@ def resolve_resources(spec: JobSpec, cluster: dict[str, float], local: bool) -> 
     """Turn the spec's ``auto`` compute settings into numbers for this cluster (pure)."""
     cpus, gpus = float(cluster.get("CPU", 0)), float(cluster.get("GPU", 0))
     device = spec.device if spec.device != "auto" else ("cuda" if gpus > 0 else "cpu")
-    gpa = spec.gpus_per_actor if spec.gpus_per_actor is not None else (1.0 if device == "cuda" else 0.0)
+    # a CPU run requests no GPUs (device: auto resolving to cpu ignores the spec's gpus_per_actor; an explicit
+    # device: cpu with GPUs is refused by the spec)
+    gpa = (spec.gpus_per_actor if spec.gpus_per_actor is not None else 1.0) if device == "cuda" else 0.0
     if spec.actors == "auto":
         actors = max(1, int(gpus // gpa)) if device == "cuda" and gpa > 0 else 1
     else:
@@ -138,20 +143,22 @@ def run_items(items: pa.Table, spec: JobSpec, res: Resources, upload: bool) -> I
     # takes the queued blocks and the others idle (a timeout here means the cluster cannot host the pool)
     ctx.wait_for_min_actors_s = spec.wait_for_actors_s or -1
 
-    ds = ray.data.from_arrow(blocks)
+    # whole GPU batches, one per Ray row: Ray's integer batch_size (required with GPUs) can then never
+    # split a GPU batch across sampler calls, whatever it merges or slices (stages.pack_batches)
+    ds = ray.data.from_arrow([pack_batches(b) for b in blocks])
     sampler = Txt2ImgSampler
     if spec.task != "txt2img":  # image tasks: fetch inputs in a CPU stage first, never inside the actors
-        from batch.image_stages import SAMPLER_FOR_TASK, fetch_inputs
+        from batch.image_stages import SAMPLER_FOR_TASK, fetch_packed_inputs
 
         sampler = SAMPLER_FOR_TASK[spec.task]
         fetch_kwargs = dict(storage_options=spec.storage_options, max_pixels=spec.limits.max_input_pixels,
                             allowed=input_rules(spec)[0])
         if any(str(u).startswith("memory://") for u in items.column("image_uri").to_pylist()):
             # memory:// exists only in this process: fetch here (still before, and outside, the actors)
-            ds = ray.data.from_arrow([fetch_inputs(b, **fetch_kwargs) for b in blocks])
+            ds = ray.data.from_arrow([fetch_packed_inputs(pack_batches(b), **fetch_kwargs) for b in blocks])
         else:
-            ds = ds.map_batches(fetch_inputs, fn_kwargs=fetch_kwargs, batch_size=None, batch_format="pyarrow",
-                                num_cpus=spec.writer_cpus)
+            ds = ds.map_batches(fetch_packed_inputs, fn_kwargs=fetch_kwargs, batch_size=None,
+                                batch_format="pyarrow", num_cpus=spec.writer_cpus)
     ds = ds.map_batches(
         sampler,
         fn_constructor_kwargs=dict(model=spec.model, revision=spec.revision, dtype=spec.dtype, device=res.device,
@@ -159,7 +166,7 @@ def run_items(items: pa.Table, spec: JobSpec, res: Resources, upload: bool) -> I
                                    num_threads=res.threads_per_actor if res.device == "cpu" else None,
                                    optimizations=spec.optimizations.model_dump(),
                                    safety_policy=spec.safety_policy),
-        batch_size=None,  # one block per call: block boundaries are batch boundaries
+        batch_size=1,  # one packed row = one whole GPU batch per sampler call (Ray requires an int with GPUs)
         batch_format="pyarrow",
         compute=ActorPoolStrategy(size=min(res.actors, len(blocks))),
         num_gpus=res.gpus_per_actor,
@@ -214,7 +221,7 @@ def run_features(table: pa.Table, extractor_kwargs: dict[str, Any], res: Resourc
     ds = ray.data.from_arrow(blocks).map_batches(
         FeatureExtractor,
         fn_constructor_kwargs=kwargs,
-        batch_size=None,
+        batch_size=rows_per_block,  # an int: Ray refuses None with num_gpus; images are scored independently
         batch_format="pyarrow",
         compute=ActorPoolStrategy(size=min(res.actors, len(blocks))),
         num_gpus=res.gpus_per_actor,

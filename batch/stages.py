@@ -8,8 +8,6 @@ never touches the model.
 from __future__ import annotations
 
 import json
-import os
-import socket
 import time
 import traceback
 from itertools import groupby
@@ -19,6 +17,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
+from batch.devices import torch_device, worker_id
 from batch.manifest import BUCKET_FIELDS, bucket_key
 from batch.config import Optimizations
 from batch.models import load_model, make_scheduler, scheduler_class_name
@@ -51,6 +50,29 @@ def assign_batches(items: pa.Table, batch_size: int) -> list[int]:
     return ids
 
 
+PACKED = "_gpu_batch"  # one Ray row per GPU batch: list<struct> of the batch's items
+
+
+def pack_batches(items: pa.Table) -> pa.Table:
+    """One row per GPU batch (``_batch``, consecutive): a ``_gpu_batch`` list of the batch's item structs.
+
+    Ray Data needs an integer ``batch_size`` when GPUs are requested, and with one it merges and slices
+    blocks into calls of exactly that many rows. Packing makes a Ray row a whole GPU batch, so whatever
+    Ray merges or slices, a sampler call only ever receives whole batches (``batch_size=1``: one each).
+    """
+    ids = items.column("_batch").to_pylist()
+    starts = [i for i in range(len(ids)) if i == 0 or ids[i] != ids[i - 1]]
+    offsets = pa.array(starts + [len(ids)], pa.int32())
+    structs = items.combine_chunks().to_struct_array().combine_chunks()
+    return pa.table({PACKED: pa.ListArray.from_arrays(offsets, structs)})
+
+
+def unpack_batches(packed: pa.Table) -> pa.Table:
+    """The items of packed GPU batches (:func:`pack_batches`), in order, ``_batch`` included."""
+    lists = packed.column(PACKED).combine_chunks()
+    return pa.Table.from_struct_array(lists.flatten())
+
+
 def with_sampler_columns(batch: pa.Table, model: Any, worker: str, optimized_json: str, rows: list[dict],
                          per_image: dict[str, list]) -> pa.Table:
     """``batch`` plus what a sampler adds: the effective ``scheduler``, the ``per_image`` outputs
@@ -76,7 +98,8 @@ def with_sampler_columns(batch: pa.Table, model: Any, worker: str, optimized_jso
 class Sampler:
     """GPU stage: ``__init__`` loads one model replica, ``__call__(batch)`` generates a block's images.
 
-    A block is split into sampler calls by its ``_batch`` column (see :func:`assign_batches`; computed
+    ``batch`` holds items, or whole GPU batches packed one per row (:func:`pack_batches`, what the Ray
+    pipeline sends). Items are split into sampler calls by its ``_batch`` column (see :func:`assign_batches`; computed
     here when absent): at most ``batch_size`` images sharing a bucket (shape, steps, guidance,
     scheduler). A call that raises marks only its own images failed; the rest go on. Items that arrive
     failed (an image that could not be fetched) pass through untouched. Each task says how to read its
@@ -91,12 +114,12 @@ class Sampler:
         if num_threads:
             torch.set_num_threads(num_threads)
         self.batch_size = batch_size
-        self.model = load_model(model, revision=revision, dtype=dtype, device=device,
+        self.model = load_model(model, revision=revision, dtype=dtype, device=torch_device(device),
                                 allow_pickle=allow_pickle, variant=variant, task=self.task)
         self.opts = Optimizations.model_validate(optimizations or {})
         self.optimized = apply_optimizations(self.model, self.opts)
         self.optimized_json = json.dumps(self.optimized, sort_keys=True, default=str)
-        self.worker = f"{socket.gethostname()}:{os.getpid()}"
+        self.worker = worker_id()
         self.safety_policy = safety_policy
 
     # -- what each task defines ---------------------------------------------------------------------------
@@ -139,6 +162,8 @@ class Sampler:
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         m = self.model
+        if PACKED in batch.column_names:  # whole GPU batches packed one per row (the Ray pipeline's input)
+            batch = unpack_batches(batch)
         if "_batch" in batch.column_names:
             batch_ids = batch.column("_batch").to_pylist()
             batch = batch.drop_columns(["_batch"])

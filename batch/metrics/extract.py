@@ -7,7 +7,8 @@ decodes it to RGB uint8 and appends
 * ``inception``: the 2048 float32 pool features (see :mod:`batch.metrics.fid` for every preprocessing step;
   ``reference=True`` applies the reference crop/resize first),
 * ``clip_score``: ``100 * max(cos, 0)`` against the row's ``prompt`` (when a CLIP model is given),
-* ``feature_error``: null, or why this image has no features (unreadable file, ...): failures are data.
+* ``feature_error``: null, or why this image has no features (unreadable file, ...): failures are data,
+* ``feature_worker``: the host, process and GPU that computed them (:func:`batch.devices.worker_id`).
 
 Ray-free: :func:`batch.pipeline.run_features` runs it as an actor pool; tests call it in-process.
 """
@@ -21,6 +22,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
+from batch.devices import torch_device, worker_id
 from batch.writers import ImageReader
 
 INCEPTION_TYPE = pa.list_(pa.float32(), 2048)
@@ -37,7 +39,9 @@ class FeatureExtractor:
 
         if num_threads:
             torch.set_num_threads(num_threads)
+        device = torch_device(device)
         self.device = device
+        self.worker = worker_id()
         self.inception = load_inception(inception, device=device) if inception else None
         self.clip = ClipScorer(clip, revision=clip_revision, device=device) if clip else None
         self.reader = ImageReader(storage_options)  # files, or members of the shard it last opened
@@ -93,4 +97,5 @@ class FeatureExtractor:
                                                       mask=pa.array(~has_feats))
         return (batch.append_column("inception", inception)
                 .append_column("clip_score", pa.array(scores, pa.float64()))
-                .append_column("feature_error", pa.array(errors, pa.string())))
+                .append_column("feature_error", pa.array(errors, pa.string()))
+                .append_column("feature_worker", pa.array([self.worker] * n, pa.string())))
