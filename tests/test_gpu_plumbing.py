@@ -134,3 +134,46 @@ def test_feature_stage_requests_one_gpu_per_actor(gpu_ray, tmp_path):
         np.testing.assert_allclose(got[u], np.array(f), rtol=1e-4, atol=1e-5)
     digest = hashlib.sha256(np.stack([got[u] for u in uris]).tobytes()).hexdigest()
     assert len(digest) == 64
+
+
+def test_cpu_device_with_gpus_is_a_spec_error_naming_both_fields():
+    from batch.config import SpecError
+
+    with pytest.raises(SpecError, match="device: cpu with gpus_per_actor: 1"):
+        parse_spec({"device": "cpu", "gpus_per_actor": 1})
+    assert parse_spec({"device": "cpu", "gpus_per_actor": 0}).gpus_per_actor == 0
+
+
+def test_device_cpu_flag_clears_the_configs_gpus(tmp_path):
+    """The shipped GPU configs set gpus_per_actor: 1; ``--device cpu`` makes the run a CPU run."""
+    from batch.cli import _spec_from_args, build_parser
+
+    args = build_parser().parse_args(["run", "configs/txt2img-sd14.yaml", "--device", "cpu", "--manifest", "m",
+                                      "--output", "o"])
+    spec = _spec_from_args(args)
+    assert (spec.device, spec.gpus_per_actor) == ("cpu", None)
+    res = resolve_resources(spec, {"CPU": 8.0, "GPU": 0.0}, local=False)
+    assert (res.device, res.gpus_per_actor) == ("cpu", 0.0)
+    gpu = _spec_from_args(build_parser().parse_args(["run", "configs/txt2img-sd14.yaml"]))
+    assert (gpu.device, gpu.gpus_per_actor) == ("cuda", 1)
+
+
+def test_device_branches_without_a_gpu(monkeypatch):
+    """Every place that branches on cuda: dtype default, actor CPUs/threads, auto device, the test switch."""
+    import torch
+
+    from batch.devices import torch_device
+    from batch.models import resolve_dtype
+
+    assert resolve_dtype("auto", "cuda") == torch.float16 and resolve_dtype("auto", "cpu") == torch.float32
+    cuda = resolve_resources(parse_spec({}), {"CPU": 16.0, "GPU": 4.0}, local=True)
+    assert (cuda.device, cuda.actors, cuda.gpus_per_actor, cuda.cpus_per_actor) == ("cuda", 4, 1.0, 1.0)
+    # device: auto on a cluster without GPUs is a CPU run: the spec's gpus_per_actor is not requested
+    auto = resolve_resources(parse_spec({"gpus_per_actor": 1}), {"CPU": 4.0}, local=True)
+    assert (auto.device, auto.gpus_per_actor, auto.actors) == ("cpu", 0.0, 1)
+    with pytest.raises(Exception, match="needs 2 GPUs; Ray has 1"):
+        resolve_resources(parse_spec({"device": "cuda", "actors": 2}), {"CPU": 4.0, "GPU": 1.0}, local=True)
+    monkeypatch.delenv(CUDA_ON_CPU_ENV, raising=False)
+    assert torch_device("cuda") == "cuda"
+    monkeypatch.setenv(CUDA_ON_CPU_ENV, "1")
+    assert torch_device("cuda") == "cpu" and torch_device("cpu") == "cpu"
