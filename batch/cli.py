@@ -7,7 +7,7 @@ import argparse
 import json
 import sys
 
-from batch.config import SpecError, apply_overrides, load_spec, parse_set_option, parse_spec
+from batch.spec.config import SpecError, apply_overrides, load_spec, parse_set_option, parse_spec
 
 
 def _spec_from_args(args: argparse.Namespace):
@@ -36,7 +36,7 @@ def _device_overrides(device: str | None) -> dict:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from batch.job import run_job
+    from batch.run.job import run_job
 
     summary = run_job(_spec_from_args(args), force=args.force)
     print(summary.text())
@@ -54,7 +54,7 @@ def _quiet_and_set_overrides(args: argparse.Namespace) -> dict:
 
 def _open_run(args: argparse.Namespace):
     """The output prefix named on the command line (``--set storage_options.x=...`` opens it)."""
-    from batch.storage import RUN_RECORD, open_output
+    from batch.store.io import RUN_RECORD, open_output
 
     options = apply_overrides({}, _set_overrides(args)).get("storage_options") or {}
     out = open_output(args.output, options)
@@ -69,7 +69,7 @@ def _recorded_spec(args: argparse.Namespace):
     Secrets were redacted when recorded (``***``); they are dropped here, so credentials come from the
     environment or from ``--set storage_options.key=...`` again.
     """
-    from batch.storage import RUN_RECORD
+    from batch.store.io import RUN_RECORD
 
     data = _open_run(args).get_json(RUN_RECORD)["spec"]
     data["storage_options"] = {k: v for k, v in data.get("storage_options", {}).items() if v != "***"}
@@ -81,7 +81,7 @@ def _recorded_spec(args: argparse.Namespace):
 
 
 def cmd_resume(args: argparse.Namespace) -> int:
-    from batch.job import run_job
+    from batch.run.job import run_job
 
     summary = run_job(_recorded_spec(args), mode="retry_failed" if args.command == "retry-failed" else "run",
                       force=args.force)
@@ -90,8 +90,8 @@ def cmd_resume(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from batch.job import tally
-    from batch.storage import LEASE, RUN_RECORD, SUCCESS_MARKER, metadata_parts, read_metadata
+    from batch.run.job import tally
+    from batch.store.io import LEASE, RUN_RECORD, SUCCESS_MARKER, metadata_parts, read_metadata
 
     out = _open_run(args)
     record = out.get_json(RUN_RECORD)
@@ -115,7 +115,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_compact(args: argparse.Namespace) -> int:
-    from batch.storage import SUCCESS_MARKER, compact
+    from batch.store.io import SUCCESS_MARKER, compact
 
     out = _open_run(args)
     if not out.exists(SUCCESS_MARKER) and not args.force:
@@ -126,8 +126,8 @@ def cmd_compact(args: argparse.Namespace) -> int:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    from batch.manifest import plan, read_manifest
-    from batch.storage import RESERVED_COLUMNS
+    from batch.plan.manifest import plan, read_manifest
+    from batch.store.io import RESERVED_COLUMNS
 
     spec = _spec_from_args(args)  # --task, when given, overrides the config's task
     spec = spec.model_copy(update={"manifest": args.manifest})  # relative image URIs resolve against it
@@ -142,7 +142,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_make_tiny_model(args: argparse.Namespace) -> int:
-    from batch.tiny import save_tiny_model
+    from batch.models.tiny import save_tiny_model
 
     path = save_tiny_model(args.directory, task=args.task, prediction_type=args.prediction_type)
     kind = f" ({args.prediction_type})" if args.task == "txt2img" else ""
@@ -151,7 +151,7 @@ def cmd_make_tiny_model(args: argparse.Namespace) -> int:
 
 
 def cmd_grid(args: argparse.Namespace) -> int:
-    from batch.grid import make_grid
+    from batch.eval.grid import make_grid
 
     options = {}
     for key, value in _set_overrides(args).items():
@@ -169,13 +169,13 @@ def cmd_grid(args: argparse.Namespace) -> int:
 
 
 def _eval_spec_from_args(args: argparse.Namespace):
-    from batch.evaluation import load_eval_spec
+    from batch.eval.evaluation import load_eval_spec
 
     return load_eval_spec(args.config, _quiet_and_set_overrides(args))
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from batch.evaluation import run_eval
+    from batch.eval.evaluation import run_eval
 
     try:
         result = run_eval(_eval_spec_from_args(args), args.coco_captions, args.coco_images, args.output,
@@ -191,7 +191,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_fid_stats(args: argparse.Namespace) -> int:
-    from batch.evaluation import StatsSpec, reference_statistics
+    from batch.eval.evaluation import StatsSpec, reference_statistics
 
     spec = _eval_spec_from_args(args) if args.config else StatsSpec()
     spec = StatsSpec(fid=spec.fid, features=spec.features, storage_options=spec.storage_options,
@@ -307,9 +307,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from batch.job import RunExistsError, RunInProgressError
-    from batch.manifest import ManifestError
-    from batch.models import ModelError
+    from batch.run.job import RunExistsError, RunInProgressError
+    from batch.plan.manifest import ManifestError
+    from batch.models.load import ModelError
 
     try:
         return args.func(args)

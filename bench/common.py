@@ -42,7 +42,7 @@ def save_model(directory: Path, arch: str) -> Path:
     from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from batch.tiny import tiny_components
+    from batch.models.tiny import tiny_components
 
     torch.manual_seed(0)
     comps = tiny_components("v_prediction" if arch == "sd2" else "epsilon")

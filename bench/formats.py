@@ -14,7 +14,7 @@ import time
 import numpy as np
 from PIL import Image
 
-from batch.writers import OutputFormat, build_parquet, build_webdataset, encode_image, sample_key
+from batch.store.formats import OutputFormat, build_parquet, build_webdataset, encode_image, sample_key
 
 
 def smooth_images(n: int, side: int) -> np.ndarray:
@@ -30,8 +30,8 @@ def smooth_images(n: int, side: int) -> np.ndarray:
 
 
 def tiny_images(n: int, side: int) -> np.ndarray:
-    from batch.models import load_model, make_scheduler
-    from batch.sampling import SamplingParams, txt2img
+    from batch.models.load import load_model, make_scheduler
+    from batch.sampling.txt2img import SamplingParams, txt2img
 
     m = load_model("tiny", device="cpu", dtype="float32")
     imgs = txt2img(m, make_scheduler("pndm", m.scheduler_config), [f"p{i}" for i in range(n)], [None] * n,

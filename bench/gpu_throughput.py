@@ -21,10 +21,10 @@ from pathlib import Path
 import torch
 from common import emit, save_model
 
-from batch.config import Optimizations
-from batch.models import load_model, make_scheduler
-from batch.sampling import SamplingParams, txt2img
-from batch.speed import apply_optimizations
+from batch.spec.config import Optimizations
+from batch.models.load import load_model, make_scheduler
+from batch.sampling.txt2img import SamplingParams, txt2img
+from batch.models.speed import apply_optimizations
 
 SD1_TFLOP_PER_IMAGE = 82.9
 DENSE_FP16_TFLOPS = {"H100 SXM": 989.4, "H100 80GB HBM3": 989.4, "H100 PCIe": 756.0, "H100 NVL": 835.0,
@@ -106,7 +106,7 @@ def bench_upscaler(dtype: str, batch: int, steps: int, device: str, repeats: int
     from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, StableDiffusionUpscalePipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from batch.tiny import tiny_tokenizer
+    from batch.models.tiny import tiny_tokenizer
     from common import OPENCLIP_H
 
     tok = tiny_tokenizer()

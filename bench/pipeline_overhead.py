@@ -32,12 +32,12 @@ import pyarrow.parquet as pq
 import torch
 from common import emit, save_model
 
-from batch.config import parse_spec
-from batch.job import run_job, steady_rate
-from batch.models import load_model, make_scheduler
-from batch.pipeline import resolve_resources
-from batch.sampling import SamplingParams, txt2img
-from batch.storage import read_metadata
+from batch.spec.config import parse_spec
+from batch.run.job import run_job, steady_rate
+from batch.models.load import load_model, make_scheduler
+from batch.run.pipeline import resolve_resources
+from batch.sampling.txt2img import SamplingParams, txt2img
+from batch.store.io import read_metadata
 
 
 def main() -> None:

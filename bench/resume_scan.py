@@ -2,8 +2,8 @@
 
 Writes N rows in parts of ``--rows-per-part`` (as a long run with ``commit_every`` would), then times what
 a resuming driver does before generating anything: list and read every part, keep the latest record per
-image (:func:`batch.storage.latest_rows`), and select the missing work from a plan of N + 1,000 items
-(:func:`batch.job.select_work`). Then the same after ``compact``.
+image (:func:`batch.store.io.latest_rows`), and select the missing work from a plan of N + 1,000 items
+(:func:`batch.run.job.select_work`). Then the same after ``compact``.
 
     .venv/bin/python bench/resume_scan.py [--rows 100000] [--rows-per-part 256] [--output DIR_OR_URI]
 """
@@ -17,9 +17,9 @@ import time
 import pyarrow as pa
 from common import emit
 
-from batch.job import select_work
-from batch.manifest import ITEM_SCHEMA, Plan
-from batch.storage import compact, conform, latest_rows, metadata_parts, open_output, part_key, read_parts
+from batch.run.job import select_work
+from batch.plan.manifest import ITEM_SCHEMA, Plan
+from batch.store.io import compact, conform, latest_rows, metadata_parts, open_output, part_key, read_parts
 
 
 def scan(out, plan: Plan) -> tuple[float, int]:

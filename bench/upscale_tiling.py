@@ -3,7 +3,7 @@
     python bench/upscale_tiling.py [--sides 128 256 512] [--steps 2] [--tile 128] [--overlap 32] [--out DIR]
 
 Each input side runs in a fresh subprocess (so ru_maxrss is that run's peak) through
-``batch.image_sampling.upscale`` with ``tiles_per_call`` 4; prints one line per side and writes
+``batch.sampling.image.upscale`` with ``tiles_per_call`` 4; prints one line per side and writes
 ``upscale_tiling.json`` and ``upscale_tiling.png`` (peak RSS vs output side) under ``--out``.
 The tiny model's weights are random, so this measures memory and time, not quality.
 """
@@ -19,8 +19,8 @@ from pathlib import Path
 CHILD = r"""
 import json, resource, sys, time
 import numpy as np
-from batch.image_sampling import UpscaleRequest, upscale
-from batch.models import load_model, make_scheduler
+from batch.sampling.image import UpscaleRequest, upscale
+from batch.models.load import load_model, make_scheduler
 side, steps, tile, overlap = map(int, sys.argv[1:5])
 m = load_model("tiny", task="upscale")
 y, x = np.mgrid[0:side, 0:side] / side

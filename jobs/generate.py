@@ -6,7 +6,7 @@ library connects to the cluster instead of starting an embedded Ray.
 
 Scheduled runs: ``--dated-output BASE [--date YYYY-MM-DD]`` writes to ``BASE/dt=YYYY-MM-DD/`` (default: today,
 UTC) with run id ``dt-YYYY-MM-DD`` unless ``--run-id`` is given, so every attempt on one day targets the same
-run (see ``batch/schedule.py``).
+run (see ``batch/spec/schedule.py``).
 """
 
 import argparse
@@ -16,7 +16,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from batch.cli import main as sdbatch_main  # noqa: E402
-from batch.schedule import dated_prefix, parse_day, scheduled_run_id  # noqa: E402
+from batch.spec.schedule import dated_prefix, parse_day, scheduled_run_id  # noqa: E402
 
 
 def run_argv(argv: list[str]) -> list[str]:

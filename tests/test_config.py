@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from batch.config import (
+from batch.spec.config import (
     MAX_SEED,
     SCHEDULER_NAMES,
     JobSpec,

@@ -13,8 +13,8 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from batch.config import SpecError
-from batch.evaluation import (
+from batch.spec.config import SpecError
+from batch.eval.evaluation import (
     EvalSpec,
     ReferenceStats,
     build_manifest,
@@ -27,8 +27,8 @@ from batch.evaluation import (
     sample_prompts,
     stats_key,
 )
-from batch.seeds import derive_row_seed
-from batch.writers import OutputFormat, encode_image
+from batch.plan.seeds import derive_row_seed
+from batch.store.formats import OutputFormat, encode_image
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -185,7 +185,7 @@ def test_feature_stage_reads_images_inside_shards(tmp_path):
     """Generations stored as WebDataset/Parquet shards: ``uri`` is the shard, ``member`` the image in it."""
     from batch.metrics.extract import FeatureExtractor
     from batch.metrics.tiny import save_random_inception
-    from batch.writers import build_parquet, build_webdataset
+    from batch.store.formats import build_parquet, build_webdataset
 
     w = save_random_inception(tmp_path / "inc.pth")
     rng = np.random.default_rng(0)
@@ -250,7 +250,7 @@ def test_eval_end_to_end_with_cached_reference_stats(demo_inputs, ray_session, c
     assert record["status"] == "finished" and record["reference"]["cached"] is True
     assert "| tiny | 4 | 2 |" in record["table_markdown"] and (out / "results.md").read_text() == record["table_markdown"]
     # generation went through the ordinary job: paired seeds across scales, guidance per row, images kept
-    from batch.storage import read_metadata
+    from batch.store.io import read_metadata
 
     meta = read_metadata(str(out / "generations" / "tiny")).to_pylist()
     assert len(meta) == 6 and all(r["status"] == "ok" for r in meta)
@@ -287,7 +287,7 @@ def test_jobs_evaluate_maps_config_flag():
 
 
 def test_failed_eval_says_so_in_its_record(tmp_path, ray_session):
-    from batch.evaluation import run_eval
+    from batch.eval.evaluation import run_eval
 
     spec = EvalSpec(models=[{"name": "tiny", "model": "tiny"}], num_prompts=2, progress=False)
     with pytest.raises(SpecError, match="not a folder"):

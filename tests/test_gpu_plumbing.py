@@ -3,7 +3,7 @@
 Ray accepts declared GPUs on any machine (``ray.init(num_gpus=2)``) and gives each actor that requests one
 its own ``CUDA_VISIBLE_DEVICES``. The jobs below request GPUs exactly as a ``device: cuda`` job does on a
 GPU node; only the tensors stay on the CPU, through the test-only switch ``SDBATCH_TEST_CUDA_ON_CPU``
-(:mod:`batch.devices`), passed to the workers in Ray's runtime environment.
+(:mod:`batch.models.devices`), passed to the workers in Ray's runtime environment.
 """
 
 from __future__ import annotations
@@ -15,12 +15,12 @@ import pyarrow as pa
 import pytest
 from conftest import write_manifest
 
-from batch.config import parse_spec
-from batch.devices import CUDA_ON_CPU_ENV
-from batch.job import run_job
-from batch.pipeline import resolve_resources
-from batch.storage import open_output, read_metadata
-from batch.writers import decode_image
+from batch.spec.config import parse_spec
+from batch.models.devices import CUDA_ON_CPU_ENV
+from batch.run.job import run_job
+from batch.run.pipeline import resolve_resources
+from batch.store.io import open_output, read_metadata
+from batch.store.formats import decode_image
 
 ROWS = [{"id": f"r{i}", "prompt": f"a picture number {i}", "seed": 100 + i, "num_images": 1 + i % 2,
          "height": 64 if i < 5 else 32, "width": 64} for i in range(8)]
@@ -108,7 +108,7 @@ def test_image_task_requests_gpus_too(gpu_ray, tmp_path, tiny_variation_dir):
 def test_feature_stage_requests_one_gpu_per_actor(gpu_ray, tmp_path):
     from PIL import Image
 
-    from batch import pipeline
+    from batch.run import pipeline
     from batch.metrics.extract import FeatureExtractor
     from batch.metrics.tiny import save_random_inception
 
@@ -137,7 +137,7 @@ def test_feature_stage_requests_one_gpu_per_actor(gpu_ray, tmp_path):
 
 
 def test_cpu_device_with_gpus_is_a_spec_error_naming_both_fields():
-    from batch.config import SpecError
+    from batch.spec.config import SpecError
 
     with pytest.raises(SpecError, match="device: cpu with gpus_per_actor: 1"):
         parse_spec({"device": "cpu", "gpus_per_actor": 1})
@@ -162,8 +162,8 @@ def test_device_branches_without_a_gpu(monkeypatch):
     """Every place that branches on cuda: dtype default, actor CPUs/threads, auto device, the test switch."""
     import torch
 
-    from batch.devices import torch_device
-    from batch.models import resolve_dtype
+    from batch.models.devices import torch_device
+    from batch.models.load import resolve_dtype
 
     assert resolve_dtype("auto", "cuda") == torch.float16 and resolve_dtype("auto", "cpu") == torch.float32
     cuda = resolve_resources(parse_spec({}), {"CPU": 16.0, "GPU": 4.0}, local=True)

@@ -7,13 +7,13 @@ import pyarrow as pa
 import pytest
 from PIL import Image
 
-import batch.stages as stages
+import batch.run.stages as stages
 from batch.cli import main as cli_main
-from batch.config import parse_spec
-from batch.grid import CAPTION_LINES, LINE_HEIGHT, PAD, Layout
-from batch.job import MetadataCommitter
-from batch.manifest import plan
-from batch.storage import RESERVED_COLUMNS, open_output
+from batch.spec.config import parse_spec
+from batch.eval.grid import CAPTION_LINES, LINE_HEIGHT, PAD, Layout
+from batch.run.job import MetadataCommitter
+from batch.plan.manifest import plan
+from batch.store.io import RESERVED_COLUMNS, open_output
 
 
 @pytest.fixture(scope="module")

@@ -17,11 +17,11 @@ from conftest import smooth_image, write_manifest
 from PIL import Image
 
 from batch.cli import main as cli_main
-from batch.config import SpecError, parse_spec
-from batch.job import run_job
-from batch.manifest import plan
-from batch.storage import RESERVED_COLUMNS, open_output, read_metadata
-from batch.writers import decode_image
+from batch.spec.config import SpecError, parse_spec
+from batch.run.job import run_job
+from batch.plan.manifest import plan
+from batch.store.io import RESERVED_COLUMNS, open_output, read_metadata
+from batch.store.formats import decode_image
 
 
 def write_png(path, arr, mode=None) -> str:
@@ -74,7 +74,7 @@ def test_image_manifest_rows_are_validated_per_row_and_field():
                parse_spec({"task": "variation"}), RESERVED_COLUMNS)
     assert var.carried == ["caption"] and var.items.column("preprocessing").to_pylist() == ["card"]
     assert var.items.column("prompt").to_pylist() == [None]
-    from batch.manifest import ManifestError
+    from batch.plan.manifest import ManifestError
 
     with pytest.raises(ManifestError, match=r"\['prompt'\] would overwrite metadata columns"):  # no prompt here
         plan(pa.Table.from_pylist([{"id": "v", "image_uri": "a.png", "prompt": "x"}]), parse_spec({"task": "variation"}),
@@ -105,7 +105,7 @@ def test_make_tiny_model_writes_folders_the_diffusers_pipelines_load(tmp_path, c
 
 
 def test_tiny_preset_equals_saved_folder(tiny_upscale_dir):
-    from batch.models import load_model
+    from batch.models.load import load_model
 
     a, b = load_model("tiny", task="upscale"), load_model(str(tiny_upscale_dir), task="upscale")
     assert a.max_noise_level == b.max_noise_level == 350 and a.revision == "tiny-v1"
@@ -116,7 +116,7 @@ def test_tiny_preset_equals_saved_folder(tiny_upscale_dir):
 # --- stages in-process -----------------------------------------------------------------------------------
 
 def test_fetch_stage_then_sampler_passes_failed_items_through(tmp_path):
-    from batch.image_stages import UpscaleSampler, fetch_inputs
+    from batch.run.image_stages import UpscaleSampler, fetch_inputs
 
     good = write_png(tmp_path / "g.png", smooth_image(16, 16))
     spec = parse_spec({"task": "upscale", "defaults": {"num_inference_steps": 2, "guidance_scale": 1.0}})
@@ -168,8 +168,8 @@ def variation_run(tmp_path_factory, ray_session, tiny_variation_dir):
 
 
 def test_variation_job_end_to_end_equals_diffusers(variation_run, tiny_variation_dir):
-    from batch.image_sampling import card_preprocess
-    from batch.images import fetch_image
+    from batch.sampling.image import card_preprocess
+    from batch.run.inputs import fetch_image
 
     summary, out_uri, meta = variation_run
     rows = {(r["id"], r["image_index"]): r for r in meta.to_pylist()}

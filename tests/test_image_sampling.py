@@ -1,4 +1,4 @@
-"""Image-conditioned sampling (batch.image_sampling) against plain diffusers on the tiny image models:
+"""Image-conditioned sampling (batch.sampling.image) against plain diffusers on the tiny image models:
 equality with StableDiffusionImageVariationPipeline / StableDiffusionUpscalePipeline, batch invariance,
 the model card's preprocessing, and tiled upscaling (size, seams)."""
 
@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from conftest import smooth_image
 from PIL import Image
 
-from batch.image_sampling import (
+from batch.sampling.image import (
     UpscaleRequest,
     blend_weights,
     card_preprocess,
@@ -20,8 +20,8 @@ from batch.image_sampling import (
     upscale,
     variation,
 )
-from batch.models import load_model, make_scheduler
-from batch.sampling import SamplingParams
+from batch.models.load import load_model, make_scheduler
+from batch.sampling.txt2img import SamplingParams
 from test_sampling import maxdiff, nontrivial
 
 STEPS = 3

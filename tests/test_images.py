@@ -1,4 +1,4 @@
-"""Input image fetching and normalisation (batch.images): every common kind decodes to the right RGB, and
+"""Input image fetching and normalisation (batch.run.inputs): every common kind decodes to the right RGB, and
 every bad kind fails with its reason."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from batch.images import ImageError, fetch_image
+from batch.run.inputs import ImageError, fetch_image
 
 
 def save(tmp_path, name: str, img: Image.Image, **kw) -> str:

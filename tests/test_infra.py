@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from batch.config import load_spec
+from batch.spec.config import load_spec
 
 REPO = Path(__file__).resolve().parent.parent
 K8S = REPO / "infra" / "k8s"

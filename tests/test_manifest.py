@@ -1,4 +1,4 @@
-"""Manifest planning (batch.manifest): defaults, expansion, seeds, sorting, carried columns, bad rows."""
+"""Manifest planning (batch.plan.manifest): defaults, expansion, seeds, sorting, carried columns, bad rows."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from batch.config import MAX_SEED, parse_spec
-from batch.manifest import (
+from batch.spec.config import MAX_SEED, parse_spec
+from batch.plan.manifest import (
     BUCKET_FIELDS,
     ITEM_SCHEMA,
     ManifestError,
@@ -21,8 +21,8 @@ from batch.manifest import (
     plan,
     read_manifest,
 )
-from batch.seeds import derive_row_seed
-from batch.storage import RESERVED_COLUMNS
+from batch.plan.seeds import derive_row_seed
+from batch.store.io import RESERVED_COLUMNS
 
 from conftest import write_manifest
 

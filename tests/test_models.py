@@ -1,4 +1,4 @@
-"""Model location and loading (batch.models): pickle refusal, bad folders, offline hub cache, schedulers."""
+"""Model location and loading (batch.models.load): pickle refusal, bad folders, offline hub cache, schedulers."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from batch.models import (
+from batch.models.load import (
     SCHEDULERS,
     ModelError,
     load_model,
@@ -19,7 +19,7 @@ from batch.models import (
     resolve_dtype,
     scheduler_class_name,
 )
-from batch.tiny import SD14_SCHEDULER_CONFIG
+from batch.models.tiny import SD14_SCHEDULER_CONFIG
 
 COMMIT_MAIN = "0123456789abcdef0123456789abcdef01234567"
 COMMIT_V2 = "fedcba9876543210fedcba9876543210fedcba98"

@@ -21,8 +21,8 @@ from pathlib import Path
 import pytest
 from conftest import write_manifest
 
-from batch.storage import RUN_RECORD, SUCCESS_MARKER, open_output, read_metadata
-from batch.writers import decode_image
+from batch.store.io import RUN_RECORD, SUCCESS_MARKER, open_output, read_metadata
+from batch.store.formats import decode_image
 
 REPO = Path(__file__).resolve().parent.parent
 AUTH_TOKEN = Path.home() / ".ray" / "auth_token"

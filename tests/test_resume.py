@@ -23,9 +23,9 @@ from conftest import write_manifest
 from fsspec.implementations.memory import MemoryFileSystem
 
 from batch.cli import main as cli_main
-from batch.config import parse_spec
-from batch.job import RunExistsError, RunInProgressError, run_job
-from batch.storage import (LEASE, RUN_RECORD, SUCCESS_MARKER, RetryPolicy, metadata_parts, open_output,
+from batch.spec.config import parse_spec
+from batch.run.job import RunExistsError, RunInProgressError, run_job
+from batch.store.io import (LEASE, RUN_RECORD, SUCCESS_MARKER, RetryPolicy, metadata_parts, open_output,
                            read_metadata, read_parts)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -175,7 +175,7 @@ class FlakyMemoryFS(MemoryFileSystem):
 
 def test_job_completes_when_the_first_writes_fail_transiently(tmp_path, ray_session, monkeypatch):
     fsspec.register_implementation("flakymem", FlakyMemoryFS, clobber=True)
-    monkeypatch.setattr("batch.storage.DEFAULT_RETRY", RetryPolicy(base_seconds=0.01, max_seconds=0.05))
+    monkeypatch.setattr("batch.store.io.DEFAULT_RETRY", RetryPolicy(base_seconds=0.01, max_seconds=0.05))
     FlakyMemoryFS.failures, FlakyMemoryFS.writes = 8, 0
     manifest = write_manifest(tmp_path / "m.parquet", ROWS[:4])
     output = f"flakymem://flaky-{tmp_path.name}/out"
@@ -196,7 +196,7 @@ def test_failed_images_are_retried_alone_and_status_reports_them(tmp_path, ray_s
     rows = ROWS[:4]
     manifest = write_manifest(tmp_path / "m.parquet", rows)
     output = tmp_path / "out"
-    from batch.storage import image_key
+    from batch.store.io import image_key
 
     # a storage fault for one row: its folder's name is taken by a file, so its 2 images fail to write
     blocked = output / image_key("row-01", 1).rsplit("/", 1)[0]

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import uuid
 
-from batch.runlog import MAX_FAILURES, RunLog, log_key, read_log
-from batch.storage import open_output
+from batch.store.runlog import MAX_FAILURES, RunLog, log_key, read_log
+from batch.store.io import open_output
 
 
 def test_local_log_appends_every_event(tmp_path):

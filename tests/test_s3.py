@@ -10,10 +10,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from batch.config import parse_spec
-from batch.job import run_job
-from batch.storage import RUN_RECORD, SUCCESS_MARKER, open_output, read_metadata
-from batch.writers import decode_image
+from batch.spec.config import parse_spec
+from batch.run.job import run_job
+from batch.store.io import RUN_RECORD, SUCCESS_MARKER, open_output, read_metadata
+from batch.store.formats import decode_image
 
 
 @pytest.fixture(scope="module")

@@ -9,12 +9,12 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-import batch.stages as stages
-from batch.config import parse_spec
-from batch.manifest import plan
-from batch.models import ModelError, load_model
-from batch.safety import NSFW_ERROR, apply_policy, has_safety_checker, save_tiny_safety_checker
-from batch.storage import RESERVED_COLUMNS
+import batch.run.stages as stages
+from batch.spec.config import parse_spec
+from batch.plan.manifest import plan
+from batch.models.load import ModelError, load_model
+from batch.models.safety import NSFW_ERROR, apply_policy, has_safety_checker, save_tiny_safety_checker
+from batch.store.io import RESERVED_COLUMNS
 
 PROMPTS = ["a red cube", "a blue sphere", "a green cone", "a tiny house"]
 

@@ -1,4 +1,4 @@
-"""Sampling (batch.sampling) against plain diffusers on the tiny models: equality, batch invariance, seeds.
+"""Sampling (batch.sampling.txt2img) against plain diffusers on the tiny models: equality, batch invariance, seeds.
 
 Every comparison is on uint8 pixels with a tolerance of 1 (CPU float32 reductions may differ in the last
 bit between batch sizes); the equality tests additionally check that the images are not trivial, so a
@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 import torch
 
-from batch.models import SCHEDULERS, load_model, locate, make_scheduler
-from batch.sampling import SamplingParams, txt2img, uses_guidance
-from batch.tiny import TINY_REVISION
+from batch.models.load import SCHEDULERS, load_model, locate, make_scheduler
+from batch.sampling.txt2img import SamplingParams, txt2img, uses_guidance
+from batch.models.tiny import TINY_REVISION
 
 SIZE = 64
 STEPS = 4

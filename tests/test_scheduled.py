@@ -16,11 +16,11 @@ from conftest import write_manifest
 from PIL import Image
 
 from batch.cli import main as cli_main
-from batch.runlog import read_log
-from batch.safety import save_tiny_safety_checker
-from batch.schedule import dated_prefix, parse_day, scheduled_run_id
-from batch.storage import SUCCESS_MARKER, open_output, read_metadata
-from batch.writers import ImageReader
+from batch.store.runlog import read_log
+from batch.models.safety import save_tiny_safety_checker
+from batch.spec.schedule import dated_prefix, parse_day, scheduled_run_id
+from batch.store.io import SUCCESS_MARKER, open_output, read_metadata
+from batch.store.formats import ImageReader
 
 REPO = Path(__file__).resolve().parent.parent
 DAY = "2026-11-23"

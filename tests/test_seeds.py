@@ -1,4 +1,4 @@
-"""The seed convention (batch.seeds): stable derived row seeds and per-image CPU generators."""
+"""The seed convention (batch.plan.seeds): stable derived row seeds and per-image CPU generators."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from batch.seeds import SEED_SCHEME, derive_row_seed, generator_for, image_seed
+from batch.plan.seeds import SEED_SCHEME, derive_row_seed, generator_for, image_seed
 
 
 def _documented(run_seed: int, row_id: str) -> int:
@@ -49,7 +49,7 @@ def test_derive_row_seed_stable_within_process():
 
 
 def test_derive_row_seed_independent_of_hash_randomisation():
-    code = "from batch.seeds import derive_row_seed; print(derive_row_seed(9, 'abc'))"
+    code = "from batch.plan.seeds import derive_row_seed; print(derive_row_seed(9, 'abc'))"
     # another interpreter, with a fixed str-hash seed (this one's is random), computes the same value
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          env={"PYTHONHASHSEED": "12345", "PATH": "/usr/bin:/bin"})

@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 import torch
 
-from batch.config import Optimizations
-from batch.models import load_model, make_scheduler
-from batch.sampling import SamplingParams, decode, txt2img
-from batch.speed import apply_optimizations
-from batch.tiny import tiny_components
+from batch.spec.config import Optimizations
+from batch.models.load import load_model, make_scheduler
+from batch.sampling.txt2img import SamplingParams, decode, txt2img
+from batch.models.speed import apply_optimizations
+from batch.models.tiny import tiny_components
 
 PARAMS = SamplingParams(height=64, width=64, num_inference_steps=4, guidance_scale=7.5)
 PROMPTS, NEGS, SEEDS = ["a red cube", "a blue sphere"], [None, "blurry"], [3, 4]

@@ -8,11 +8,11 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-import batch.stages as stages
-from batch.config import parse_spec
-from batch.manifest import plan
-from batch.storage import RESERVED_COLUMNS, open_output
-from batch.writers import decode_image
+import batch.run.stages as stages
+from batch.spec.config import parse_spec
+from batch.plan.manifest import plan
+from batch.store.io import RESERVED_COLUMNS, open_output
+from batch.store.formats import decode_image
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""Output layout (batch.storage): safe object keys, put/get on local and memory filesystems, PNG, conform."""
+"""Output layout (batch.store.io): safe object keys, put/get on local and memory filesystems, PNG, conform."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from batch.config import parse_spec
-from batch.manifest import ITEM_SCHEMA, plan
-from batch.storage import (
+from batch.spec.config import parse_spec
+from batch.plan.manifest import ITEM_SCHEMA, plan
+from batch.store.io import (
     IMAGES_DIR,
     METADATA_SCHEMA,
     RESERVED_COLUMNS,
@@ -27,8 +27,8 @@ from batch.storage import (
     read_parts,
     retrying,
 )
-from batch.writers import OutputFormat, decode_image, encode_image
-from batch import storage as storage_mod
+from batch.store.formats import OutputFormat, decode_image, encode_image
+from batch.store import io as storage as storage_mod
 
 HOSTILE_IDS = [
     "../../etc/passwd",

@@ -13,11 +13,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-import batch.stages as stages
-from batch.config import SpecError, parse_spec
-from batch.manifest import plan
-from batch.storage import RESERVED_COLUMNS, open_output
-from batch.writers import ImageReader, OutputFormat, apply_driver_writes, decode_image, format_warnings
+import batch.run.stages as stages
+from batch.spec.config import SpecError, parse_spec
+from batch.plan.manifest import plan
+from batch.store.io import RESERVED_COLUMNS, open_output
+from batch.store.formats import ImageReader, OutputFormat, apply_driver_writes, decode_image, format_warnings
 
 
 @pytest.fixture(scope="module")
@@ -139,7 +139,7 @@ def test_spec_fields_are_checked():
 def test_decode_image_round_trips_all_encodings():
     rng = np.random.default_rng(0)
     px = rng.integers(0, 256, (16, 24, 3), dtype=np.uint8)
-    from batch.writers import encode_image
+    from batch.store.formats import encode_image
 
     assert np.array_equal(decode_image(encode_image(px, OutputFormat(image_format="png"))), px)
     assert np.array_equal(decode_image(encode_image(px, OutputFormat(image_format="webp"))), px)

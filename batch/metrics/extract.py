@@ -1,16 +1,16 @@
 """The feature stage: a callable class over pyarrow batches that reads images by URI and computes features.
 
 ``__init__`` loads the networks once per actor (FID Inception and/or CLIP); ``__call__(batch)`` reads each
-row's image (``uri``, and ``member`` inside a WebDataset/Parquet shard: :class:`batch.writers.ImageReader`),
+row's image (``uri``, and ``member`` inside a WebDataset/Parquet shard: :class:`batch.store.formats.ImageReader`),
 decodes it to RGB uint8 and appends
 
 * ``inception``: the 2048 float32 pool features (see :mod:`batch.metrics.fid` for every preprocessing step;
   ``reference=True`` applies the reference crop/resize first),
 * ``clip_score``: ``100 * max(cos, 0)`` against the row's ``prompt`` (when a CLIP model is given),
 * ``feature_error``: null, or why this image has no features (unreadable file, ...): failures are data,
-* ``feature_worker``: the host, process and GPU that computed them (:func:`batch.devices.worker_id`).
+* ``feature_worker``: the host, process and GPU that computed them (:func:`batch.models.devices.worker_id`).
 
-Ray-free: :func:`batch.pipeline.run_features` runs it as an actor pool; tests call it in-process.
+Ray-free: :func:`batch.run.pipeline.run_features` runs it as an actor pool; tests call it in-process.
 """
 
 from __future__ import annotations
@@ -22,8 +22,8 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from batch.devices import torch_device, worker_id
-from batch.writers import ImageReader
+from batch.models.devices import torch_device, worker_id
+from batch.store.formats import ImageReader
 
 INCEPTION_TYPE = pa.list_(pa.float32(), 2048)
 

@@ -4,7 +4,7 @@
   saved as a plain state dict (``torch.save``), the same format as ``pt_inception-2015-12-05-6726825d.pth``,
   so the real loading code reads it.
 * :func:`save_tiny_clip`: a small ``CLIPModel`` (32-px images, 2 layers) with the byte-level tokenizer of
-  :mod:`batch.tiny` and a ``CLIPImageProcessor`` for 32-px crops, saved with ``save_pretrained``.
+  :mod:`batch.models.tiny` and a ``CLIPImageProcessor`` for 32-px crops, saved with ``save_pretrained``.
 
 Their scores mean nothing; they exercise every code path with real models.
 """
@@ -32,7 +32,7 @@ def tiny_clip(seed: int = 0):
     from transformers import CLIPConfig, CLIPModel
 
     from batch.metrics.clip import clip_image_processor_class
-    from batch.tiny import tiny_tokenizer
+    from batch.models.tiny import tiny_tokenizer
 
     tok = tiny_tokenizer()
     text = dict(vocab_size=len(tok), hidden_size=32, intermediate_size=37, num_hidden_layers=2,

@@ -7,9 +7,9 @@
 2. reference statistics of the COCO images: computed once through the feature stage and cached under a key
    naming the Inception weights (sha256), the preprocessing and the image set (:func:`reference_statistics`);
 3. per model: one manifest (one row per prompt x scale, ``guidance_scale`` per row) and one ordinary
-   :func:`batch.job.run_job` into ``OUT/generations/<model-slug>/`` -- the same Ray job as ``sdbatch run``;
+   :func:`batch.run.job.run_job` into ``OUT/generations/<model-slug>/`` -- the same Ray job as ``sdbatch run``;
    images stay there, so metrics can be recomputed; a model whose run already finished is not regenerated;
-4. every generated image through the feature stage (:func:`batch.pipeline.run_features`: Inception pool
+4. every generated image through the feature stage (:func:`batch.run.pipeline.run_features`: Inception pool
    features + CLIP score per image, on GPU actors on a cluster); per-image scores are stored;
 5. the driver reduces: per (model, scale) FID against the reference statistics, mean CLIP score, 95%
    percentile-bootstrap intervals, n; then ``results.parquet``, ``results.json``, ``results.md``,
@@ -46,11 +46,11 @@ import pyarrow.parquet as pq
 import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
 
-from batch.config import MAX_SEED, JobSpec, SchedulerName, SpecError, _Strict, parse_spec
-from batch.job import _now
+from batch.spec.config import MAX_SEED, JobSpec, SchedulerName, SpecError, _Strict, parse_spec
+from batch.run.job import _now
 from batch.metrics.clip import DEFAULT_CLIP
 from batch.metrics.inception import FID_WEIGHTS_URL
-from batch.seeds import derive_row_seed
+from batch.plan.seeds import derive_row_seed
 
 DEFAULT_SCALES = (1.5, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0)
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
@@ -162,7 +162,7 @@ def job_spec(spec: EvalSpec, m: EvalModel, manifest: str, output: str) -> JobSpe
 
 def load_eval_spec(path: str | Path, overrides: dict[str, Any] | None = None) -> EvalSpec:
     """Load and validate an evaluation YAML; :class:`SpecError` names every bad field."""
-    from batch.config import apply_overrides
+    from batch.spec.config import apply_overrides
 
     try:
         data = yaml.safe_load(Path(path).read_text()) or {}
@@ -224,7 +224,7 @@ def sample_prompts(captions: pa.Table, n: int, seed: int) -> pa.Table:
        annotations (an image may contribute several of its captions, as in the model cards' "10,000 random
        COCO2017 validation prompts"), in the drawn order; so a smaller sample (``--limit``) is exactly the
        head of a larger one with the same seed, prompts and image seeds alike;
-    3. each prompt's image seed is ``derive_row_seed(seed, "coco-<annotation_id>")`` (:mod:`batch.seeds`),
+    3. each prompt's image seed is ``derive_row_seed(seed, "coco-<annotation_id>")`` (:mod:`batch.plan.seeds`),
        the same at every guidance scale and for every model: scales and models are compared paired.
     """
     if n > captions.num_rows:
@@ -292,7 +292,7 @@ def reference_statistics(images_uri: str, spec: StatsSpec, cache: str | None = N
     no Ray and loads no network."""
     from batch.metrics.fid import statistics
     from batch.metrics.inception import cache_dir, file_sha256, resolve_weights
-    from batch.storage import open_output
+    from batch.store.io import open_output
 
     cache = cache or spec.fid.stats_cache or str(cache_dir() / "fid-stats")
     images = list_images(images_uri, spec.storage_options)
@@ -327,7 +327,7 @@ def _run_features(table: pa.Table, kwargs: dict, spec: StatsSpec, desc: str) -> 
     else starts (and afterwards stops) one as the job does."""
     from tqdm.auto import tqdm
 
-    from batch import pipeline
+    from batch.run import pipeline
 
     f = spec.features
     compute = parse_spec({"ray_address": spec.ray_address, "device": f.device, "actors": f.actors,
@@ -476,8 +476,8 @@ class EvalResult:
 def run_eval(spec: EvalSpec, coco_captions: str, coco_images: str, output: str, limit: int | None = None,
              stats_cache: str | None = None) -> EvalResult:
     """Run the whole evaluation (module docstring, steps 1-5) and return its results."""
-    from batch.job import RunExistsError, package_versions, redact
-    from batch.storage import open_output
+    from batch.run.job import RunExistsError, package_versions, redact
+    from batch.store.io import open_output
 
     t0 = time.perf_counter()
     out = open_output(output, spec.storage_options)
@@ -499,9 +499,9 @@ def run_eval(spec: EvalSpec, coco_captions: str, coco_images: str, output: str, 
 
 def _run_eval(spec: EvalSpec, coco_captions: str, coco_images: str, output: str, out, n: int, record: dict,
               stats_cache: str | None, t0: float) -> EvalResult:
-    from batch import pipeline
-    from batch.job import RunExistsError, run_job
-    from batch.storage import read_metadata
+    from batch.run import pipeline
+    from batch.run.job import RunExistsError, run_job
+    from batch.store.io import read_metadata
 
     # 1. prompts
     prompts = sample_prompts(read_coco_captions(coco_captions, spec.storage_options), n, spec.seed)

@@ -7,7 +7,7 @@
 4. write the sheet as PNG to ``out`` (any fsspec URI).
 
 Images are read from whatever the run's format is (files, WebDataset or Parquet shards), by
-:class:`batch.writers.ImageReader`.
+:class:`batch.store.formats.ImageReader`.
 """
 
 from __future__ import annotations
@@ -21,8 +21,8 @@ import fsspec
 import pyarrow.compute as pc
 from PIL import Image, ImageDraw, ImageFont
 
-from batch.storage import read_metadata
-from batch.writers import ImageReader
+from batch.store.io import read_metadata
+from batch.store.formats import ImageReader
 
 CAPTION_LINES = 3
 LINE_HEIGHT = 12

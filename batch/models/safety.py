@@ -57,7 +57,7 @@ class SafetyChecker:
         """Load ``folder/safety_checker`` and ``folder/feature_extractor`` (safetensors unless allowed)."""
         from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
 
-        from batch.models import ModelError, check_component_weights
+        from batch.models.load import ModelError, check_component_weights
 
         sc_dir = Path(folder) / "safety_checker"
         check_component_weights(Path(folder), "safety_checker", allow_pickle)

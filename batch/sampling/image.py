@@ -6,7 +6,7 @@
    card's recipe, or :func:`pipeline_preprocess`, the model's ``CLIPImageProcessor``);
 2. the image embedding (``image_embeds``, one token) is the UNet's context; the unconditional branch of
    classifier-free guidance uses an all-zero embedding, as diffusers does;
-3. latents, denoising and decoding are those of text-to-image (``batch.sampling``), each image seeded by
+3. latents, denoising and decoding are those of text-to-image (``batch.sampling.txt2img``), each image seeded by
    its own ``torch.Generator("cpu").manual_seed(seed)``.
 
 **x4 upscaling** follows ``StableDiffusionUpscalePipeline.__call__``:
@@ -38,9 +38,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from batch.sampling import SamplingParams, decode, denoise, encode_text, initial_latents, uses_guidance
-from batch.seeds import derive_row_seed, generator_for
-from batch.tiny import CLIP_MEAN, CLIP_STD
+from batch.sampling.txt2img import SamplingParams, decode, denoise, encode_text, initial_latents, uses_guidance
+from batch.plan.seeds import derive_row_seed, generator_for
+from batch.models.tiny import CLIP_MEAN, CLIP_STD
 
 CLIP_SIZE = 224
 UPSCALE_FACTOR = 4
@@ -88,8 +88,8 @@ def variation(model, scheduler, pixel_values: torch.Tensor, seeds: list[int], pa
               nan_fallback: bool = False, rescued: list[bool] | None = None) -> np.ndarray:
     """Variations of preprocessed images ``pixel_values`` (N, 3, 224, 224); uint8 (N, H, W, 3).
 
-    ``model`` is a :class:`batch.models.LoadedModel` loaded with ``task="variation"``;
-    ``nan_fallback``/``rescued``: see :func:`batch.sampling.decode`.
+    ``model`` is a :class:`batch.models.load.LoadedModel` loaded with ``task="variation"``;
+    ``nan_fallback``/``rescued``: see :func:`batch.sampling.txt2img.decode`.
     """
     if pixel_values.shape[0] != len(seeds) or not seeds:
         raise ValueError("pixel_values and seeds must be non-empty and of equal length")

@@ -71,7 +71,7 @@ class UpscaleDefaults(_SamplingDefaults):
 
     Inputs larger than ``tile_size`` (low-res pixels; the x4 upscaler was trained on 128 px crops) are
     upscaled tile by tile: tiles of ``tile_size`` overlap by ``tile_overlap`` pixels and are blended with
-    linear ramps across the overlap (see ``batch.image_sampling``); memory is bounded by ``batch_size``
+    linear ramps across the overlap (see ``batch.sampling.image``); memory is bounded by ``batch_size``
     tiles whatever the input size.
     """
 
@@ -108,7 +108,7 @@ class Limits(_Strict):
 
 
 class Optimizations(_Strict):
-    """Speed switches (``batch/speed.py``). Defaults keep outputs bit-identical to the plain path."""
+    """Speed switches (``batch/models/speed.py``). Defaults keep outputs bit-identical to the plain path."""
 
     attention: Literal["sdpa", "math"] = "sdpa"  # sdpa: PyTorch scaled_dot_product_attention (diffusers' default)
     channels_last: bool = False  # UNet/VAE convolutions in NHWC memory layout (faster on tensor cores)
@@ -166,7 +166,7 @@ class JobSpec(_Strict):
     storage_retries: int = Field(6, ge=1)  # tries per storage operation on transient errors (backoff)
     progress: bool = True
 
-    # Output format (img2dataset conventions; see batch/writers.py). JPEG and lossy WebP change pixels,
+    # Output format (img2dataset conventions; see batch/store/formats.py). JPEG and lossy WebP change pixels,
     # which shifts FID: keep png (or lossless webp) for evaluation runs.
     output_format: Literal["files", "webdataset", "parquet"] = "files"
     image_format: Literal["png", "webp", "jpeg"] = "png"

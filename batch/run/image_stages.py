@@ -2,11 +2,11 @@
 
     items -> fetch_inputs (CPU task) -> VariationSampler | UpscaleSampler (GPU actor) -> encode_and_write
 
-:func:`fetch_inputs` reads and normalises each item's ``image_uri`` (:func:`batch.images.fetch_image`)
+:func:`fetch_inputs` reads and normalises each item's ``image_uri`` (:func:`batch.run.inputs.fetch_image`)
 and passes raw RGB pixels on in an ``_input`` column; an image that cannot be used marks its item
 ``failed`` with ``image_uri: <reason>``. The samplers never read storage: they skip failed items (passed
 through untouched) and return raw ``_pixels`` plus the metadata columns (the shared loop of
-:class:`batch.stages.Sampler`); the upscale sampler also sets each item's ``height``/``width`` to its real output size (4x the input).
+:class:`batch.run.stages.Sampler`); the upscale sampler also sets each item's ``height``/``width`` to its real output size (4x the input).
 """
 
 from __future__ import annotations
@@ -16,11 +16,11 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from batch.images import ImageError, fetch_image
-from batch.sampling import SamplingParams
-from batch.stages import Sampler, pack_batches, unpack_batches
-from batch.storage import error_text
-from batch.storage import set_column as _set_column
+from batch.run.inputs import ImageError, fetch_image
+from batch.sampling.txt2img import SamplingParams
+from batch.run.stages import Sampler, pack_batches, unpack_batches
+from batch.store.io import error_text
+from batch.store.io import set_column as _set_column
 
 
 def fetch_inputs(batch: pa.Table, storage_options: dict[str, Any], max_pixels: int,
@@ -55,7 +55,7 @@ def fetch_inputs(batch: pa.Table, storage_options: dict[str, Any], max_pixels: i
 
 
 def fetch_packed_inputs(packed: pa.Table, **kwargs: Any) -> pa.Table:
-    """:func:`fetch_inputs` over whole GPU batches packed one per row (:func:`batch.stages.pack_batches`)."""
+    """:func:`fetch_inputs` over whole GPU batches packed one per row (:func:`batch.run.stages.pack_batches`)."""
     return pack_batches(fetch_inputs(unpack_batches(packed), **kwargs))
 
 
@@ -74,12 +74,12 @@ class _ImageSampler(Sampler):
 
 class VariationSampler(_ImageSampler):
     """GPU stage of ``task: variation`` (``StableDiffusionImageVariationPipeline`` math, see
-    ``batch.image_sampling``); the items of one GPU batch share output size, steps, guidance, scheduler."""
+    ``batch.sampling.image``); the items of one GPU batch share output size, steps, guidance, scheduler."""
 
     task = "variation"
 
     def _sample(self, rows, new_scheduler, rescued):
-        from batch.image_sampling import preprocess_for_variation, variation
+        from batch.sampling.image import preprocess_for_variation, variation
 
         how = {r["preprocessing"] for r in rows}
         if len(how) != 1:
@@ -95,7 +95,7 @@ class VariationSampler(_ImageSampler):
 
 class UpscaleSampler(_ImageSampler):
     """GPU stage of ``task: upscale`` (``StableDiffusionUpscalePipeline`` math, tiled beyond
-    ``tile_size``; see ``batch.image_sampling``). At most ``batch_size`` tiles go through the UNet at once."""
+    ``tile_size``; see ``batch.sampling.image``). At most ``batch_size`` tiles go through the UNet at once."""
 
     task = "upscale"
 
@@ -106,7 +106,7 @@ class UpscaleSampler(_ImageSampler):
         return None
 
     def _sample(self, rows, new_scheduler, rescued):
-        from batch.image_sampling import UpscaleRequest, upscale
+        from batch.sampling.image import UpscaleRequest, upscale
 
         m, r0 = self.model, rows[0]
         requests = [UpscaleRequest(image=img, prompt=r["prompt"] or "", negative_prompt=r["negative_prompt"],

@@ -17,15 +17,15 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from batch.devices import torch_device, worker_id
-from batch.manifest import BUCKET_FIELDS, bucket_key
-from batch.config import Optimizations
-from batch.models import load_model, make_scheduler, scheduler_class_name
-from batch.safety import NSFW_ERROR, apply_policy
-from batch.sampling import SamplingParams, truncation_warnings, txt2img
-from batch.speed import apply_optimizations
-from batch.storage import METADATA_SCHEMA, error_text
-from batch.storage import set_column as _set_column
+from batch.models.devices import torch_device, worker_id
+from batch.plan.manifest import BUCKET_FIELDS, bucket_key
+from batch.spec.config import Optimizations
+from batch.models.load import load_model, make_scheduler, scheduler_class_name
+from batch.models.safety import NSFW_ERROR, apply_policy
+from batch.sampling.txt2img import SamplingParams, truncation_warnings, txt2img
+from batch.models.speed import apply_optimizations
+from batch.store.io import METADATA_SCHEMA, error_text
+from batch.store.io import set_column as _set_column
 
 _SAMPLER_INPUTS = ["prompt", "negative_prompt", "seed", "height", "width", "num_inference_steps",
                    "guidance_scale", "scheduler"]
@@ -140,7 +140,7 @@ class Sampler:
 
     # -- the shared loop ----------------------------------------------------------------------------------
     def _safety(self, images: Any, chunk: list[int], nsfw: list[bool | None]) -> tuple[Any, list[bool]]:
-        """``batch.safety`` policy (flag, blackout or drop): the images to keep and whether each is kept."""
+        """``batch.models.safety`` policy (flag, blackout or drop): the images to keep and whether each is kept."""
         m = self.model
         if m.safety_checker is None:
             return images, [True] * len(chunk)
@@ -226,7 +226,7 @@ class Sampler:
 
 
 class Txt2ImgSampler(Sampler):
-    """GPU stage of ``task: txt2img`` (:func:`batch.sampling.txt2img`, diffusers' ``StableDiffusionPipeline``
+    """GPU stage of ``task: txt2img`` (:func:`batch.sampling.txt2img.txt2img`, diffusers' ``StableDiffusionPipeline``
     math); the images of one GPU batch share a bucket (shape, steps, guidance, scheduler)."""
 
     task = "txt2img"
@@ -266,12 +266,12 @@ def encode_and_write(batch: pa.Table, output: str, storage_options: dict[str, An
     """CPU stage: encode each generated image, hash it and write it under the output prefix.
 
     The container (image files, WebDataset tar or Parquet shard) and the encoding (PNG, WebP, JPEG) are
-    the spec's; see :mod:`batch.writers`. Each object is written whole before its row leaves this stage,
+    the spec's; see :mod:`batch.store.formats`. Each object is written whole before its row leaves this stage,
     and only the driver commits rows, so no committed row ever points at a partial object; transient storage
     errors are retried (``retries`` tries). With ``upload=False`` (process-local filesystems such as
     ``memory://``) the objects are returned in a ``_puts`` column for the driver to write instead.
     """
-    from batch.writers import OutputFormat, write_block
+    from batch.store.formats import OutputFormat, write_block
 
     fmt = OutputFormat(output_format, image_format, webp_lossless, jpeg_quality)
     return write_block(batch, output, storage_options, upload, fmt, retries=retries)

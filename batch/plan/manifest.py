@@ -34,8 +34,8 @@ from typing import Any, Callable
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from batch.config import MAX_SEED, SCHEDULER_NAMES, JobSpec
-from batch.seeds import derive_row_seed, image_seed
+from batch.spec.config import MAX_SEED, SCHEDULER_NAMES, JobSpec
+from batch.plan.seeds import derive_row_seed, image_seed
 
 TXT2IMG_COLUMNS = (
     "id",
@@ -114,7 +114,7 @@ def read_manifest(uri: str, storage_options: dict[str, Any] | None = None) -> pa
         raise ManifestError(f"manifest {uri}: cannot open ({err})") from None
     if not fs.exists(path):
         raise ManifestError(f"manifest {uri}: not found")
-    from batch.storage import retrying  # transient storage errors are retried like every other read
+    from batch.store.io import retrying  # transient storage errors are retried like every other read
 
     try:
         return retrying(pq.read_table, path, filesystem=fs, what=f"read manifest {uri}")
@@ -152,7 +152,7 @@ def check_id(rid: Any) -> str | None:
     Refused: non-strings, empty or blank, longer than ``MAX_ID_CHARS``, control characters (NUL, newlines,
     unicode line/paragraph separators), and anything that reads as a path once URL-decoded (repeatedly)
     and NFKC-normalised: ``/``, ``\\`` or a look-alike separator, a ``.``/``..`` segment, a drive prefix.
-    (Output keys never derive from the raw id anyway: see :func:`batch.storage.image_key`.)
+    (Output keys never derive from the raw id anyway: see :func:`batch.store.io.image_key`.)
     """
     if not isinstance(rid, str) or not rid.strip():
         return f"must be a non-empty string, got {rid!r}"
@@ -228,7 +228,7 @@ def check_numbers(take: Any, ranges: list[tuple[str, int, int]], problems: list[
 def check_scheduler_and_seed(raw: dict[str, Any], take: Any, spec: JobSpec, problems: list[tuple[str, str]],
                              out: dict[str, Any]) -> None:
     """Check the row's scheduler name and seed; a missing seed is derived from the run seed and the id
-    (``batch.seeds``), so ``out["id"]`` must be set first."""
+    (``batch.plan.seeds``), so ``out["id"]`` must be set first."""
     sched = take("scheduler")
     if sched not in ("model",) + SCHEDULER_NAMES:
         problems.append(("scheduler", f"must be one of {['model', *SCHEDULER_NAMES]}, got {sched!r}"))
@@ -298,10 +298,10 @@ def plan(table: pa.Table, spec: JobSpec, reserved: set[str]) -> Plan:
     3. validate each row, 4. expand ``num_images`` into items with seeds ``row_seed + k``,
     5. sort items by bucket (stable), so equal-parameter images are batched together.
 
-    Image tasks (``spec.task`` variation/upscale) are planned by :func:`batch.image_manifest.plan_images`.
+    Image tasks (``spec.task`` variation/upscale) are planned by :func:`batch.plan.image_manifest.plan_images`.
     """
     if spec.task != "txt2img":
-        from batch.image_manifest import plan_images
+        from batch.plan.image_manifest import plan_images
 
         return plan_images(table, spec, reserved)
     carried = check_columns(table, reserved)

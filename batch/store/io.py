@@ -37,8 +37,8 @@ import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from batch.image_manifest import IMAGE_ITEM_FIELDS, INPUT_FIELDS
-from batch.manifest import ITEM_SCHEMA
+from batch.plan.image_manifest import IMAGE_ITEM_FIELDS, INPUT_FIELDS
+from batch.plan.manifest import ITEM_SCHEMA
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +65,7 @@ RESULT_FIELDS = [
     ("t_sample_s", pa.float64()),  # sampler wall time of the image's batch / images in that batch
     ("sampled_at", pa.float64()),  # unix time when the image's sampler call finished (throughput over time)
     ("t_write_s", pa.float64()),
-    ("optimizations", pa.string()),  # JSON: the speed switches the sampler ran with (batch/speed.py)
+    ("optimizations", pa.string()),  # JSON: the speed switches the sampler ran with (batch/models/speed.py)
     ("vae_redecoded_fp32", pa.bool_()),  # an fp16/bf16 decode gave NaN/black and was redone in fp32
     ("warnings", pa.string()),  # e.g. "prompt: truncated to 77 tokens (had 2391)"; null when none
     ("run_id", pa.string()),

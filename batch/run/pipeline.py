@@ -4,15 +4,15 @@
 
 1. The driver's plan (validated, seeded, bucket-sorted items) is cut into blocks of whole GPU batches,
    so a one-file manifest still spreads over every actor and batch composition is deterministic.
-2. GPU stage: ``ActorPoolStrategy(size=actors)`` of :class:`batch.stages.Txt2ImgSampler`, each actor one
+2. GPU stage: ``ActorPoolStrategy(size=actors)`` of :class:`batch.run.stages.Txt2ImgSampler`, each actor one
    model replica with ``num_gpus=gpus_per_actor``; it returns raw pixels, never encodes or uploads.
-   Blocks travel as whole GPU batches packed one per row (:func:`batch.stages.pack_batches`) and the
+   Blocks travel as whole GPU batches packed one per row (:func:`batch.run.stages.pack_batches`) and the
    sampler is called with ``batch_size=1``: Ray Data requires an integer batch size whenever GPUs are
    requested, and merges or slices blocks to honour it, which must never split a GPU batch.
    Image tasks (variation, upscale) first fetch their input images in a CPU stage
-   (:func:`batch.image_stages.fetch_inputs`), then sample with ``VariationSampler``/``UpscaleSampler``.
-3. CPU stage: a small autoscaling pool of :class:`batch.stages.EncodeWriter` (warm processes running
-   :func:`batch.stages.encode_and_write`) encodes images and writes objects via fsspec; as Ray tasks, each
+   (:func:`batch.run.image_stages.fetch_inputs`), then sample with ``VariationSampler``/``UpscaleSampler``.
+3. CPU stage: a small autoscaling pool of :class:`batch.run.stages.EncodeWriter` (warm processes running
+   :func:`batch.run.stages.encode_and_write`) encodes images and writes objects via fsspec; as Ray tasks, each
    block paid a fresh worker's start-up and imports (``BENCHMARKS.md``).
 4. The driver streams finished blocks back (``iter_batches``) and commits metadata as they arrive.
 
@@ -32,9 +32,9 @@ from typing import Any, Iterator
 
 import pyarrow as pa
 
-from batch.config import JobSpec, SpecError
-from batch.locations import input_rules
-from batch.stages import assign_batches, pack_batches
+from batch.spec.config import JobSpec, SpecError
+from batch.plan.locations import input_rules
+from batch.run.stages import assign_batches, pack_batches
 
 MAX_BATCHES_PER_BLOCK = 8
 BLOCKS_PER_ACTOR = 4
@@ -133,7 +133,7 @@ def run_items(items: pa.Table, spec: JobSpec, res: Resources, upload: bool) -> I
     import ray
     from ray.data import ActorPoolStrategy
 
-    from batch.stages import EncodeWriter, Txt2ImgSampler
+    from batch.run.stages import EncodeWriter, Txt2ImgSampler
 
     blocks = cut_blocks(items, spec.batch_size, res.actors)
     if not blocks:
@@ -148,7 +148,7 @@ def run_items(items: pa.Table, spec: JobSpec, res: Resources, upload: bool) -> I
     ds = ray.data.from_arrow([pack_batches(b) for b in blocks])
     sampler = Txt2ImgSampler
     if spec.task != "txt2img":  # image tasks: fetch inputs in a CPU stage first, never inside the actors
-        from batch.image_stages import SAMPLER_FOR_TASK, fetch_packed_inputs
+        from batch.run.image_stages import SAMPLER_FOR_TASK, fetch_packed_inputs
 
         sampler = SAMPLER_FOR_TASK[spec.task]
         fetch_kwargs = dict(storage_options=spec.storage_options, max_pixels=spec.limits.max_input_pixels,

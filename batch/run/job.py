@@ -31,11 +31,11 @@ from typing import Any, Literal
 
 import pyarrow as pa
 
-from batch import pipeline
-from batch.config import JobSpec, SpecError
-from batch.models import locate
-from batch.manifest import Plan, failure_reason, plan, read_manifest
-from batch.storage import (
+from batch.run import pipeline
+from batch.spec.config import JobSpec, SpecError
+from batch.models.load import locate
+from batch.plan.manifest import Plan, failure_reason, plan, read_manifest
+from batch.store.io import (
     LEASE,
     RESERVED_COLUMNS,
     RUN_RECORD,
@@ -50,9 +50,9 @@ from batch.storage import (
     read_parts,
     row_key,
 )
-from batch.runlog import RunLog
-from batch.safety import NSFW_ERROR
-from batch.writers import OutputFormat, apply_driver_writes, format_warnings
+from batch.store.runlog import RunLog
+from batch.models.safety import NSFW_ERROR
+from batch.store.formats import OutputFormat, apply_driver_writes, format_warnings
 
 VERSIONED_PACKAGES = ("sdbatch", "torch", "diffusers", "transformers", "ray", "pyarrow", "fsspec", "safetensors",
                       "pillow", "numpy")
@@ -245,7 +245,7 @@ def _now() -> str:
 class MetadataCommitter:
     """Buffers metadata rows and commits them as Parquet parts named by attempt (never overwritten).
 
-    A part is written whole (see :meth:`batch.storage.Output.put`), so a crash loses at most the rows
+    A part is written whole (see :meth:`batch.store.io.Output.put`), so a crash loses at most the rows
     still buffered; their images are regenerated (same seeds, same pixels) by the next attempt.
     """
 
@@ -462,7 +462,7 @@ def run_job(spec: JobSpec, mode: Mode = "run", force: bool = False) -> Summary:
             batches = pipeline.run_items(items, spec, res, upload=not out.is_process_local) if res else iter(())
             done = 0
             for batch in batches:
-                if "_puts" in batch.column_names:  # process-local filesystem: the driver writes (batch.writers)
+                if "_puts" in batch.column_names:  # process-local filesystem: the driver writes (batch.store.formats)
                     batch = apply_driver_writes(out, batch)
                 committed_part = committer.add(batch)
                 done += batch.num_rows

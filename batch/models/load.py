@@ -2,7 +2,7 @@
 
 A spec's ``model`` is one of:
 
-* ``tiny``: the built-in tiny random-weight model (``batch.tiny``), built in-process, deterministically;
+* ``tiny``: the built-in tiny random-weight model (``batch.models.tiny``), built in-process, deterministically;
 * a local diffusers folder (has ``model_index.json``), e.g. one written by ``sdbatch make-tiny-model``;
 * a hub id ``org/name`` (optionally ``revision``), resolved through ``huggingface_hub.snapshot_download``,
   which honours ``HF_HOME``/``HF_HUB_CACHE`` and ``HF_HUB_OFFLINE=1``; the resolved commit is recorded.
@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from batch.tiny import TINY_REVISION, tiny_components, tiny_upscale_components, tiny_variation_components
+from batch.models.tiny import TINY_REVISION, tiny_components, tiny_upscale_components, tiny_variation_components
 
 COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 WEIGHT_COMPONENTS = ("unet", "vae", "text_encoder")
@@ -73,7 +73,7 @@ class LoadedModel:
     feature_extractor: Any = None  # variation: CLIPImageProcessor (the "pipeline" preprocessing)
     low_res_scheduler: Any = None  # upscale: DDPM schedule that noises the low-res input
     max_noise_level: int | None = None  # upscale: largest accepted noise_level (350 for the x4 model)
-    safety_checker: Any = None  # batch.safety.SafetyChecker when the model folder ships one, else None
+    safety_checker: Any = None  # batch.models.safety.SafetyChecker when the model folder ships one, else None
 
     @property
     def vae_scale_factor(self) -> int:
@@ -258,7 +258,7 @@ def load_model(model: str, *, revision: str | None = None, dtype: str = "auto", 
         comps["vae"] = comps["vae"].to(dtype=torch.float32)
     safety = None
     if folder is not None:
-        from batch.safety import SafetyChecker, has_safety_checker
+        from batch.models.safety import SafetyChecker, has_safety_checker
 
         if has_safety_checker(folder):
             safety = SafetyChecker.load(folder, dev, torch_dtype, allow_pickle, variant)

@@ -24,7 +24,7 @@ import logging
 import time
 from typing import Any
 
-from batch.storage import Output
+from batch.store.io import Output
 
 LOGS_DIR = "logs"
 MAX_FAILURES = 1000

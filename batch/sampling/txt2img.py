@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from diffusers.utils.torch_utils import randn_tensor
 
-from batch.seeds import generator_for
+from batch.plan.seeds import generator_for
 
 
 @dataclass(frozen=True)
@@ -153,7 +153,7 @@ def txt2img(model, scheduler, prompts: list[str], negative_prompts: list[str | N
             params: SamplingParams, nan_fallback: bool = False, rescued: list[bool] | None = None) -> np.ndarray:
     """Generate ``len(prompts)`` images (uint8, N x H x W x 3); image ``i`` is seeded by ``seeds[i]``.
 
-    ``model`` is a :class:`batch.models.LoadedModel` (or anything with its unet/vae/text_encoder/
+    ``model`` is a :class:`batch.models.load.LoadedModel` (or anything with its unet/vae/text_encoder/
     tokenizer/device/dtype/vae_scale_factor); ``scheduler`` is a fresh scheduler instance.
     ``nan_fallback``/``rescued``: see :func:`decode`.
     """

@@ -32,9 +32,9 @@ from typing import Any
 
 import pyarrow as pa
 
-from batch.config import JobSpec
-from batch.locations import InputLocationError, check_input_uri, input_rules
-from batch.manifest import (ITEM_SCHEMA, ManifestError, Plan, RowError, begin_row, check_numbers,
+from batch.spec.config import JobSpec
+from batch.plan.locations import InputLocationError, check_input_uri, input_rules
+from batch.plan.manifest import (ITEM_SCHEMA, ManifestError, Plan, RowError, begin_row, check_numbers,
                             check_scheduler_and_seed, expand_rows)
 
 TASK_COLUMNS = {
@@ -85,7 +85,7 @@ def validate_image_row(raw: dict[str, Any], spec: JobSpec,
                        rules: tuple[list[str], str | None] | None = None) -> dict[str, Any]:
     """Effective parameters of one variation/upscale row, or :class:`RowError` listing every bad field.
 
-    ``rules``: (allowed prefixes, manifest folder) from :func:`batch.locations.input_rules`; when given, an
+    ``rules``: (allowed prefixes, manifest folder) from :func:`batch.plan.locations.input_rules`; when given, an
     ``image_uri`` outside the allowed locations fails the row, and a good one becomes its resolved location.
     """
     task, d, lim = spec.task, spec.defaults, spec.limits
@@ -131,8 +131,8 @@ def validate_image_row(raw: dict[str, Any], spec: JobSpec,
 
 
 def plan_images(table: pa.Table, spec: JobSpec, reserved: set[str]) -> Plan:
-    """:func:`batch.manifest.plan` for the image tasks (same steps: columns, duplicate ids, rows, items
-    with seeds ``row_seed + k``, stable bucket sort: :func:`batch.manifest.expand_rows`)."""
+    """:func:`batch.plan.manifest.plan` for the image tasks (same steps: columns, duplicate ids, rows, items
+    with seeds ``row_seed + k``, stable bucket sort: :func:`batch.plan.manifest.expand_rows`)."""
     task = spec.task
     if task not in TASK_COLUMNS:
         raise ManifestError(f"task {task!r} has no image manifest")

@@ -39,7 +39,7 @@ def fetch_image(uri: str, storage_options: dict[str, Any] | None = None,
     ``info`` has ``input_sha256`` (of the stored bytes), ``input_width``/``input_height`` (after EXIF
     rotation, i.e. of the returned array), ``input_mode`` (Pillow's mode of the file) and ``input_format``.
     Raises :class:`ImageError` with a short reason for a missing, empty, corrupt or oversized image, or
-    (``allowed`` given: see :mod:`batch.locations`) one outside the allowed input locations.
+    (``allowed`` given: see :mod:`batch.plan.locations`) one outside the allowed input locations.
     """
     data = _read(uri, storage_options or {}, allowed)
     if not data:
@@ -55,7 +55,7 @@ def fetch_image(uri: str, storage_options: dict[str, Any] | None = None,
 def _read(uri: str, storage_options: dict[str, Any], allowed: list[str] | None = None) -> bytes:
     import fsspec
 
-    from batch.locations import InputLocationError, check_input_uri
+    from batch.plan.locations import InputLocationError, check_input_uri
 
     if not isinstance(uri, str) or not uri:
         raise ImageError(f"must be a non-empty URI string, got {uri!r}")

@@ -19,11 +19,11 @@ from typing import Any
 
 import torch
 
-from batch.config import Optimizations
+from batch.spec.config import Optimizations
 
 
 def apply_optimizations(model: Any, opts: Optimizations) -> dict[str, Any]:
-    """Apply ``opts`` to ``model`` (a :class:`batch.models.LoadedModel`) in place; return what was done."""
+    """Apply ``opts`` to ``model`` (a :class:`batch.models.load.LoadedModel`) in place; return what was done."""
     from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
 
     done: dict[str, Any] = {}

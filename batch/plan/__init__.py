@@ -1,0 +1,1 @@
+"""Planning: manifest reading and validation, seeds, input locations; rows in, per-image items out."""

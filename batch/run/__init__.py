@@ -1,0 +1,1 @@
+"""Running a job: orchestration in named steps, the Ray pipeline and its stages."""

@@ -1,0 +1,1 @@
+"""Pure sampling: tensors in, tensors out (no Ray, no storage)."""

@@ -1,0 +1,1 @@
+"""The job spec: typed YAML configuration, validated loudly (pydantic, extra=forbid)."""
