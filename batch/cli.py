@@ -54,7 +54,8 @@ def _quiet_and_set_overrides(args: argparse.Namespace) -> dict:
 
 def _open_run(args: argparse.Namespace):
     """The output prefix named on the command line (``--set storage_options.x=...`` opens it)."""
-    from batch.store.io import RUN_RECORD, open_output
+    from batch.store.commit import RUN_RECORD
+    from batch.store.io import open_output
 
     options = apply_overrides({}, _set_overrides(args)).get("storage_options") or {}
     out = open_output(args.output, options)
@@ -69,7 +70,7 @@ def _recorded_spec(args: argparse.Namespace):
     Secrets were redacted when recorded (``***``); they are dropped here, so credentials come from the
     environment or from ``--set storage_options.key=...`` again.
     """
-    from batch.store.io import RUN_RECORD
+    from batch.store.commit import RUN_RECORD
 
     data = _open_run(args).get_json(RUN_RECORD)["spec"]
     data["storage_options"] = {k: v for k, v in data.get("storage_options", {}).items() if v != "***"}
@@ -90,8 +91,8 @@ def cmd_resume(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from batch.run.job import tally
-    from batch.store.io import LEASE, RUN_RECORD, SUCCESS_MARKER, metadata_parts, read_metadata
+    from batch.run.stats import tally
+    from batch.store.commit import LEASE, RUN_RECORD, SUCCESS_MARKER, metadata_parts, read_metadata
 
     out = _open_run(args)
     record = out.get_json(RUN_RECORD)
@@ -115,7 +116,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_compact(args: argparse.Namespace) -> int:
-    from batch.store.io import SUCCESS_MARKER, compact
+    from batch.store.commit import SUCCESS_MARKER, compact
 
     out = _open_run(args)
     if not out.exists(SUCCESS_MARKER) and not args.force:
@@ -127,7 +128,7 @@ def cmd_compact(args: argparse.Namespace) -> int:
 
 def cmd_validate(args: argparse.Namespace) -> int:
     from batch.plan.manifest import plan, read_manifest
-    from batch.store.io import RESERVED_COLUMNS
+    from batch.store.schema import RESERVED_COLUMNS
 
     spec = _spec_from_args(args)  # --task, when given, overrides the config's task
     spec = spec.model_copy(update={"manifest": args.manifest})  # relative image URIs resolve against it
@@ -307,9 +308,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from batch.run.job import RunExistsError, RunInProgressError
+    from batch.store.commit import RunExistsError, RunInProgressError
     from batch.plan.manifest import ManifestError
-    from batch.models.load import ModelError
+    from batch.models.weights import ModelError
 
     try:
         return args.func(args)

@@ -33,11 +33,12 @@ import torch
 from common import emit, save_model
 
 from batch.spec.config import parse_spec
-from batch.run.job import run_job, steady_rate
+from batch.run.job import run_job
+from batch.run.stats import steady_rate
 from batch.models.load import load_model, make_scheduler
 from batch.run.pipeline import resolve_resources
 from batch.sampling.txt2img import SamplingParams, txt2img
-from batch.store.io import read_metadata
+from batch.store.commit import read_metadata
 
 
 def main() -> None:

@@ -17,9 +17,12 @@ import time
 import pyarrow as pa
 from common import emit
 
-from batch.run.job import select_work
-from batch.plan.manifest import ITEM_SCHEMA, Plan
-from batch.store.io import compact, conform, latest_rows, metadata_parts, open_output, part_key, read_parts
+from batch.store.commit import select_work
+from batch.store.schema import ITEM_SCHEMA
+from batch.plan.manifest import Plan
+from batch.store.commit import compact, latest_rows, metadata_parts, part_key, read_parts
+from batch.store.schema import conform
+from batch.store.io import open_output
 
 
 def scan(out, plan: Plan) -> tuple[float, int]:

@@ -250,7 +250,7 @@ def test_eval_end_to_end_with_cached_reference_stats(demo_inputs, ray_session, c
     assert record["status"] == "finished" and record["reference"]["cached"] is True
     assert "| tiny | 4 | 2 |" in record["table_markdown"] and (out / "results.md").read_text() == record["table_markdown"]
     # generation went through the ordinary job: paired seeds across scales, guidance per row, images kept
-    from batch.store.io import read_metadata
+    from batch.store.commit import read_metadata
 
     meta = read_metadata(str(out / "generations" / "tiny")).to_pylist()
     assert len(meta) == 6 and all(r["status"] == "ok" for r in meta)

@@ -19,7 +19,8 @@ from batch.spec.config import parse_spec
 from batch.models.devices import CUDA_ON_CPU_ENV
 from batch.run.job import run_job
 from batch.run.pipeline import resolve_resources
-from batch.store.io import open_output, read_metadata
+from batch.store.io import open_output
+from batch.store.commit import read_metadata
 from batch.store.formats import decode_image
 
 ROWS = [{"id": f"r{i}", "prompt": f"a picture number {i}", "seed": 100 + i, "num_images": 1 + i % 2,

@@ -11,9 +11,10 @@ import batch.run.stages as stages
 from batch.cli import main as cli_main
 from batch.spec.config import parse_spec
 from batch.eval.grid import CAPTION_LINES, LINE_HEIGHT, PAD, Layout
-from batch.run.job import MetadataCommitter
+from batch.store.commit import MetadataCommitter
 from batch.plan.manifest import plan
-from batch.store.io import RESERVED_COLUMNS, open_output
+from batch.store.schema import RESERVED_COLUMNS
+from batch.store.io import open_output
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ from batch.spec.config import parse_spec
 from batch.run.job import run_job
 from batch.plan.locations import InputLocationError, allowed_prefixes, check_input_uri, manifest_folder
 from batch.plan.manifest import check_id
-from batch.store.io import read_metadata
+from batch.store.commit import read_metadata
 
 LONG_PROMPT = "a very detailed description of a castle on a hill " * 200  # 10,000 characters
 
@@ -132,7 +132,7 @@ def test_listed_remote_prefixes_and_dot_segments(layout):
 
 def test_image_uris_outside_allowed_locations_fail_their_rows_at_planning(layout):
     from batch.plan.manifest import plan
-    from batch.store.io import RESERVED_COLUMNS
+    from batch.store.schema import RESERVED_COLUMNS
 
     manifest = str(layout / "data" / "m.parquet")
     table = pa.Table.from_pylist([

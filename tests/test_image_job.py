@@ -20,7 +20,9 @@ from batch.cli import main as cli_main
 from batch.spec.config import SpecError, parse_spec
 from batch.run.job import run_job
 from batch.plan.manifest import plan
-from batch.store.io import RESERVED_COLUMNS, open_output, read_metadata
+from batch.store.schema import RESERVED_COLUMNS
+from batch.store.io import open_output
+from batch.store.commit import read_metadata
 from batch.store.formats import decode_image
 
 

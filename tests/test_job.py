@@ -14,9 +14,11 @@ from conftest import write_manifest
 
 from batch.cli import main as cli_main
 from batch.spec.config import SpecError, parse_spec
-from batch.run.job import RunExistsError, run_job
+from batch.store.commit import RunExistsError
+from batch.run.job import run_job
 from batch.run.pipeline import cut_blocks, resolve_resources
-from batch.store.io import LEASE, RUN_RECORD, SUCCESS_MARKER, open_output, read_metadata
+from batch.store.commit import LEASE, RUN_RECORD, SUCCESS_MARKER, read_metadata
+from batch.store.io import open_output
 from batch.store.formats import decode_image
 
 GOOD = [
@@ -243,7 +245,7 @@ def test_model_that_cannot_load_marks_the_run_crashed(tmp_path, ray_session, mon
 def test_local_model_folder_is_checked_before_ray_starts(tmp_path):
     manifest = write_manifest(tmp_path / "m.parquet", [{"id": "a", "prompt": "a cat"}])
     (tmp_path / "notamodel").mkdir()
-    from batch.models.load import ModelError
+    from batch.models.weights import ModelError
 
     with pytest.raises(ModelError, match="model_index.json"):
         run_job(spec_for(manifest, str(tmp_path / "out"), model=str(tmp_path / "notamodel")))
@@ -253,7 +255,7 @@ def test_local_model_folder_is_checked_before_ray_starts(tmp_path):
 def test_steady_rate_counts_images_after_the_first_sampler_batch():
     from collections import Counter
 
-    from batch.run.job import steady_rate
+    from batch.run.stats import steady_rate
 
     # batches of 2, 2 and 3 images ending at t = 10, 12, 13: 5 images in the 3 s after the first batch
     assert steady_rate(Counter({10.0: 2, 12.0: 2, 13.0: 3})) == pytest.approx(5 / 3)
@@ -267,7 +269,7 @@ def test_warmup_is_the_first_call_per_actor_and_shape_over_the_later_ones():
 
     from collections import Counter
 
-    from batch.run.job import call_ends, sampler_calls, warmup_seconds
+    from batch.run.stats import call_ends, sampler_calls, warmup_seconds
 
     def call(worker, size, at, per_image, n):
         return [{"worker": worker, "height": size, "width": size, "sampled_at": at, "t_sample_s": per_image}] * n
@@ -287,9 +289,9 @@ def test_retry_failed_leaves_images_the_safety_checker_dropped():
     """Same seed, same image, same verdict: retrying a dropped image would only drop it again."""
     import pyarrow as pa
 
-    from batch.run.job import select_work
+    from batch.store.commit import select_work
     from batch.plan.manifest import Plan
-    from batch.models.safety import NSFW_ERROR
+    from batch.store.schema import NSFW_ERROR
 
     items = pa.table({"manifest_row": [0, 1, 2, 3], "image_index": [0, 0, 0, 0]})
     failed = pa.table({"manifest_row": pa.array([4], pa.int64()), "error": ["prompt: missing"]})

@@ -13,7 +13,6 @@ import pytest
 from batch.spec.config import MAX_SEED, parse_spec
 from batch.plan.manifest import (
     BUCKET_FIELDS,
-    ITEM_SCHEMA,
     ManifestError,
     RowError,
     bucket_key,
@@ -21,8 +20,9 @@ from batch.plan.manifest import (
     plan,
     read_manifest,
 )
+from batch.store.schema import ITEM_SCHEMA
 from batch.plan.seeds import derive_row_seed
-from batch.store.io import RESERVED_COLUMNS
+from batch.store.schema import RESERVED_COLUMNS
 
 from conftest import write_manifest
 

@@ -10,15 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from batch.models.load import (
-    SCHEDULERS,
-    ModelError,
-    load_model,
-    locate,
-    make_scheduler,
-    resolve_dtype,
-    scheduler_class_name,
-)
+from batch.models.load import SCHEDULERS, load_model, make_scheduler, resolve_dtype, scheduler_class_name
+from batch.models.weights import ModelError, locate
 from batch.models.tiny import SD14_SCHEDULER_CONFIG
 
 COMMIT_MAIN = "0123456789abcdef0123456789abcdef01234567"

@@ -21,7 +21,8 @@ from pathlib import Path
 import pytest
 from conftest import write_manifest
 
-from batch.store.io import RUN_RECORD, SUCCESS_MARKER, open_output, read_metadata
+from batch.store.commit import RUN_RECORD, SUCCESS_MARKER, read_metadata
+from batch.store.io import open_output
 from batch.store.formats import decode_image
 
 REPO = Path(__file__).resolve().parent.parent

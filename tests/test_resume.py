@@ -24,9 +24,10 @@ from fsspec.implementations.memory import MemoryFileSystem
 
 from batch.cli import main as cli_main
 from batch.spec.config import parse_spec
-from batch.run.job import RunExistsError, RunInProgressError, run_job
-from batch.store.io import (LEASE, RUN_RECORD, SUCCESS_MARKER, RetryPolicy, metadata_parts, open_output,
-                           read_metadata, read_parts)
+from batch.store.commit import RunExistsError, RunInProgressError
+from batch.run.job import run_job
+from batch.store.commit import LEASE, RUN_RECORD, SUCCESS_MARKER, metadata_parts, read_metadata, read_parts
+from batch.store.io import RetryPolicy, open_output
 
 ROOT = Path(__file__).resolve().parents[1]
 ROWS = [{"id": f"row-{i:02d}", "prompt": f"a small picture number {i}", "num_images": 1 + i % 2} for i in range(10)]

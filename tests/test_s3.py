@@ -12,7 +12,8 @@ import pytest
 
 from batch.spec.config import parse_spec
 from batch.run.job import run_job
-from batch.store.io import RUN_RECORD, SUCCESS_MARKER, open_output, read_metadata
+from batch.store.commit import RUN_RECORD, SUCCESS_MARKER, read_metadata
+from batch.store.io import open_output
 from batch.store.formats import decode_image
 
 

@@ -12,9 +12,11 @@ import pytest
 import batch.run.stages as stages
 from batch.spec.config import parse_spec
 from batch.plan.manifest import plan
-from batch.models.load import ModelError, load_model
-from batch.models.safety import NSFW_ERROR, apply_policy, has_safety_checker, save_tiny_safety_checker
-from batch.store.io import RESERVED_COLUMNS
+from batch.models.load import load_model
+from batch.models.weights import ModelError
+from batch.store.schema import NSFW_ERROR
+from batch.models.safety import apply_policy, has_safety_checker, save_tiny_safety_checker
+from batch.store.schema import RESERVED_COLUMNS
 
 PROMPTS = ["a red cube", "a blue sphere", "a green cone", "a tiny house"]
 

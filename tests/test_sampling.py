@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 import torch
 
-from batch.models.load import SCHEDULERS, load_model, locate, make_scheduler
+from batch.models.load import SCHEDULERS, load_model, make_scheduler
+from batch.models.weights import locate
 from batch.sampling.txt2img import SamplingParams, txt2img, uses_guidance
 from batch.models.tiny import TINY_REVISION
 

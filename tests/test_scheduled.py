@@ -19,7 +19,8 @@ from batch.cli import main as cli_main
 from batch.store.runlog import read_log
 from batch.models.safety import save_tiny_safety_checker
 from batch.spec.schedule import dated_prefix, parse_day, scheduled_run_id
-from batch.store.io import SUCCESS_MARKER, open_output, read_metadata
+from batch.store.commit import SUCCESS_MARKER, read_metadata
+from batch.store.io import open_output
 from batch.store.formats import ImageReader
 
 REPO = Path(__file__).resolve().parent.parent

@@ -11,7 +11,8 @@ import pytest
 import batch.run.stages as stages
 from batch.spec.config import parse_spec
 from batch.plan.manifest import plan
-from batch.store.io import RESERVED_COLUMNS, open_output
+from batch.store.schema import RESERVED_COLUMNS
+from batch.store.io import open_output
 from batch.store.formats import decode_image
 
 

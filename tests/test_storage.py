@@ -9,26 +9,13 @@ import pyarrow as pa
 import pytest
 
 from batch.spec.config import parse_spec
-from batch.plan.manifest import ITEM_SCHEMA, plan
-from batch.store.io import (
-    IMAGES_DIR,
-    METADATA_SCHEMA,
-    RESERVED_COLUMNS,
-    RESULT_FIELDS,
-    conform,
-    RetryPolicy,
-    compact,
-    image_key,
-    is_transient,
-    metadata_parts,
-    open_output,
-    part_key,
-    read_metadata,
-    read_parts,
-    retrying,
-)
+from batch.store.schema import ITEM_SCHEMA
+from batch.plan.manifest import plan
+from batch.store.io import IMAGES_DIR, RetryPolicy, image_key, is_transient, open_output, retrying
+from batch.store.schema import METADATA_SCHEMA, RESERVED_COLUMNS, RESULT_FIELDS, conform
+from batch.store.commit import compact, metadata_parts, part_key, read_metadata, read_parts
 from batch.store.formats import OutputFormat, decode_image, encode_image
-from batch.store import io as storage as storage_mod
+from batch.store import io as storage_mod
 
 HOSTILE_IDS = [
     "../../etc/passwd",

@@ -47,7 +47,7 @@ import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
 
 from batch.spec.config import MAX_SEED, JobSpec, SchedulerName, SpecError, _Strict, parse_spec
-from batch.run.job import _now
+from batch.run.record import now as _now
 from batch.metrics.clip import DEFAULT_CLIP
 from batch.metrics.inception import FID_WEIGHTS_URL
 from batch.plan.seeds import derive_row_seed
@@ -476,7 +476,8 @@ class EvalResult:
 def run_eval(spec: EvalSpec, coco_captions: str, coco_images: str, output: str, limit: int | None = None,
              stats_cache: str | None = None) -> EvalResult:
     """Run the whole evaluation (module docstring, steps 1-5) and return its results."""
-    from batch.run.job import RunExistsError, package_versions, redact
+    from batch.store.commit import RunExistsError
+    from batch.run.record import package_versions, redact
     from batch.store.io import open_output
 
     t0 = time.perf_counter()
@@ -500,8 +501,9 @@ def run_eval(spec: EvalSpec, coco_captions: str, coco_images: str, output: str, 
 def _run_eval(spec: EvalSpec, coco_captions: str, coco_images: str, output: str, out, n: int, record: dict,
               stats_cache: str | None, t0: float) -> EvalResult:
     from batch.run import pipeline
-    from batch.run.job import RunExistsError, run_job
-    from batch.store.io import read_metadata
+    from batch.store.commit import RunExistsError
+    from batch.run.job import run_job
+    from batch.store.commit import read_metadata
 
     # 1. prompts
     prompts = sample_prompts(read_coco_captions(coco_captions, spec.storage_options), n, spec.seed)

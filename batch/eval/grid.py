@@ -21,7 +21,7 @@ import fsspec
 import pyarrow.compute as pc
 from PIL import Image, ImageDraw, ImageFont
 
-from batch.store.io import read_metadata
+from batch.store.commit import read_metadata
 from batch.store.formats import ImageReader
 
 CAPTION_LINES = 3

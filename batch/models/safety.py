@@ -24,7 +24,6 @@ import torch
 
 SAFETY_COMPONENTS = ("safety_checker", "feature_extractor")
 POLICIES = ("flag", "blackout", "drop")
-NSFW_ERROR = "nsfw: image flagged by the safety checker (safety_policy=drop)"
 
 
 def has_safety_checker(folder: Path | None) -> bool:
@@ -57,7 +56,7 @@ class SafetyChecker:
         """Load ``folder/safety_checker`` and ``folder/feature_extractor`` (safetensors unless allowed)."""
         from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
 
-        from batch.models.load import ModelError, check_component_weights
+        from batch.models.weights import ModelError, check_component_weights
 
         sc_dir = Path(folder) / "safety_checker"
         check_component_weights(Path(folder), "safety_checker", allow_pickle)

@@ -34,8 +34,16 @@ import pyarrow as pa
 
 from batch.spec.config import JobSpec
 from batch.plan.locations import InputLocationError, check_input_uri, input_rules
-from batch.plan.manifest import (ITEM_SCHEMA, ManifestError, Plan, RowError, begin_row, check_numbers,
-                            check_scheduler_and_seed, expand_rows)
+from batch.store.schema import IMAGE_ITEM_SCHEMA
+from batch.plan.manifest import (
+    ManifestError,
+    Plan,
+    RowError,
+    begin_row,
+    check_numbers,
+    check_scheduler_and_seed,
+    expand_rows,
+)
 
 TASK_COLUMNS = {
     "variation": ("id", "image_uri", "seed", "guidance_scale", "num_inference_steps", "height", "width",
@@ -45,24 +53,6 @@ TASK_COLUMNS = {
 }
 TASK_REQUIRED = {"variation": ("id", "image_uri"), "upscale": ("id", "image_uri")}
 MAX_URI_CHARS = 4096
-
-# Item columns added for the image tasks (null for txt2img); also metadata columns (see storage).
-IMAGE_ITEM_FIELDS = [
-    ("task", pa.string()),
-    ("image_uri", pa.string()),  # the input URI
-    ("noise_level", pa.int32()),  # upscale
-    ("preprocessing", pa.string()),  # variation: "card" or "pipeline"
-    ("tile_size", pa.int32()),  # upscale
-    ("tile_overlap", pa.int32()),  # upscale
-]
-# Facts about the input image, recorded by the fetch stage.
-INPUT_FIELDS = [
-    ("input_sha256", pa.string()),
-    ("input_width", pa.int32()),
-    ("input_height", pa.int32()),
-    ("input_mode", pa.string()),  # Pillow mode of the file before normalisation (RGBA, I;16, CMYK, ...)
-]
-IMAGE_ITEM_SCHEMA = pa.schema(list(ITEM_SCHEMA) + [pa.field(n, t) for n, t in IMAGE_ITEM_FIELDS])
 
 
 def check_image_columns(table: pa.Table, task: str, reserved: set[str]) -> list[str]:

@@ -36,6 +36,7 @@ import pyarrow.parquet as pq
 
 from batch.spec.config import MAX_SEED, SCHEDULER_NAMES, JobSpec
 from batch.plan.seeds import derive_row_seed, image_seed
+from batch.store.schema import ITEM_SCHEMA
 
 TXT2IMG_COLUMNS = (
     "id",
@@ -52,25 +53,6 @@ TXT2IMG_COLUMNS = (
 REQUIRED_COLUMNS = ("id", "prompt")
 MAX_ID_CHARS = 512
 
-# One work item per image: the effective value of every parameter that decides its pixels.
-ITEM_SCHEMA = pa.schema(
-    [
-        ("id", pa.string()),
-        ("manifest_row", pa.int64()),
-        ("image_index", pa.int32()),
-        ("prompt", pa.string()),
-        ("negative_prompt", pa.string()),
-        ("guidance_scale", pa.float64()),
-        ("num_inference_steps", pa.int32()),
-        ("height", pa.int32()),
-        ("width", pa.int32()),
-        ("num_images", pa.int32()),
-        ("scheduler", pa.string()),
-        ("row_seed", pa.uint64()),
-        ("seed", pa.uint64()),
-        ("seed_source", pa.string()),
-    ]
-)
 BUCKET_FIELDS = ("height", "width", "num_inference_steps", "guidance_scale", "scheduler")
 
 

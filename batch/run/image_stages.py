@@ -20,7 +20,7 @@ from batch.run.inputs import ImageError, fetch_image
 from batch.sampling.txt2img import SamplingParams
 from batch.run.stages import Sampler, pack_batches, unpack_batches
 from batch.store.io import error_text
-from batch.store.io import set_column as _set_column
+from batch.store.schema import set_column as _set_column
 
 
 def fetch_inputs(batch: pa.Table, storage_options: dict[str, Any], max_pixels: int,

@@ -24,6 +24,7 @@ loopback) unless ``ray_address``/``RAY_ADDRESS`` names a cluster.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -71,6 +72,22 @@ def init_ray(spec: JobSpec) -> bool:
         # address="local": always a fresh embedded instance, never a cluster that `ray start` left running
         ray.init(address="local", include_dashboard=False, logging_level="WARNING")
     return True
+
+
+@contextlib.contextmanager
+def ray_session(spec: JobSpec, needed: bool = True) -> Iterator[Resources | None]:
+    """The one way the job and the evaluation use Ray: attach to the cluster or start an embedded Ray
+    (unless Ray is already initialised), resolve the spec's compute settings on it and yield them, and stop
+    Ray afterwards only if this call started it. ``needed=False`` yields None and touches no Ray."""
+    if not needed:
+        yield None
+        return
+    started = init_ray(spec)
+    try:
+        yield resolve_resources(spec, cluster_resources(), local=is_local(spec))
+    finally:
+        if started:
+            shutdown()
 
 
 def resolve_resources(spec: JobSpec, cluster: dict[str, float], local: bool) -> Resources:

@@ -21,11 +21,13 @@ from batch.models.devices import torch_device, worker_id
 from batch.plan.manifest import BUCKET_FIELDS, bucket_key
 from batch.spec.config import Optimizations
 from batch.models.load import load_model, make_scheduler, scheduler_class_name
-from batch.models.safety import NSFW_ERROR, apply_policy
+from batch.store.schema import NSFW_ERROR
+from batch.models.safety import apply_policy
 from batch.sampling.txt2img import SamplingParams, truncation_warnings, txt2img
 from batch.models.speed import apply_optimizations
-from batch.store.io import METADATA_SCHEMA, error_text
-from batch.store.io import set_column as _set_column
+from batch.store.schema import METADATA_SCHEMA
+from batch.store.io import error_text
+from batch.store.schema import set_column as _set_column
 
 _SAMPLER_INPUTS = ["prompt", "negative_prompt", "seed", "height", "width", "num_inference_steps",
                    "guidance_scale", "scheduler"]

@@ -38,7 +38,7 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from batch.store.io import Output, error_text, image_key, open_output
-from batch.store.io import set_column as _set_column
+from batch.store.schema import set_column as _set_column
 
 SHARDS_DIR = "shards"
 EXTENSIONS = {"png": "png", "webp": "webp", "jpeg": "jpg"}

@@ -1,0 +1,255 @@
+"""Exactly once: the commit protocol, the lease, attempts, and reading back what was committed.
+
+Under a run's output prefix::
+
+    metadata/part-<attempt>-<nnnnnn>.parquet  committed metadata, one row per image or failed manifest row
+    run.json                                  run record: spec, manifest hash, attempts, counts
+    _LEASE                                    which driver is working on the run (heartbeat)
+    _SUCCESS                                  completion marker, written last
+
+1. One driver per run: :class:`Lease` (a heartbeat object; a dead driver's lease is taken over).
+2. Each driver attempt has an id (:func:`new_attempt_id`, sorts in start order) and names its parts with it
+   (:func:`part_key`), so no part is ever overwritten.
+3. An image object is written whole (``batch.store.io.Output.put``) *before* the metadata part that
+   references it; :class:`MetadataCommitter` writes a part whole, and an image counts as done only once a
+   part holding its row exists.
+4. Readers take the union of the parts and keep, for each (manifest row, image index), the row of the
+   latest attempt (:func:`latest_rows`), so a retried row supersedes its failed record and compaction
+   (:func:`compact`) never shows an image twice.
+5. A new attempt does only what is missing (:func:`select_work`); ``_SUCCESS`` is written last.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import socket
+import threading
+import time
+import uuid
+from typing import TYPE_CHECKING, Any, Literal
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from batch.store.io import Output, open_output
+from batch.store.schema import METADATA_SCHEMA, NSFW_ERROR, conform
+
+if TYPE_CHECKING:
+    from batch.plan.manifest import Plan
+
+METADATA_DIR = "metadata"
+
+
+RUN_RECORD = "run.json"
+
+
+SUCCESS_MARKER = "_SUCCESS"
+
+
+LEASE = "_LEASE"
+
+
+LEASE_SECONDS = 120.0  # a lease whose heartbeat is older than this is considered abandoned
+
+
+HEARTBEAT_SECONDS = 20.0
+
+
+SLIM_COLUMNS = ["manifest_row", "image_index", "num_images", "status", "error", "vae_redecoded_fp32", "attempt"]
+
+
+Mode = Literal["run", "retry_failed"]
+
+
+class RunExistsError(RuntimeError):
+    """The output prefix holds a different run (other model, defaults, seed or manifest)."""
+
+
+class RunInProgressError(RuntimeError):
+    """Another live driver holds the run's lease."""
+
+
+def new_attempt_id() -> str:
+    """A driver attempt's id: UTC time to the microsecond, then random; sorts in start order."""
+    return time.strftime("%Y%m%dT%H%M%S", time.gmtime()) + f"{time.time() % 1:.6f}"[1:].replace(".", "") \
+        + "Z-" + uuid.uuid4().hex[:6]
+
+
+def part_key(attempt: str, number: int) -> str:
+    """Key of metadata part ``number`` committed by driver attempt ``attempt`` (never reused)."""
+    return f"{METADATA_DIR}/part-{attempt}-{number:06d}.parquet"
+
+
+def metadata_parts(out: Output) -> list[str]:
+    """Committed parts only: names ending ``.parquet`` (an interrupted local write leaves ``*.tmp-*``)."""
+    return [k for k in out.list(METADATA_DIR) if k.endswith(".parquet")]
+
+
+def row_key(manifest_row: int | None, image_index: int | None) -> tuple[int, int]:
+    """What a metadata row stands for: an image (row, k) or a failed manifest row (row, -1)."""
+    return (int(manifest_row), -1 if image_index is None else int(image_index))
+
+
+def latest_rows(table: pa.Table) -> pa.Table:
+    """Keep, for each :func:`row_key`, the row of the latest ``attempt`` (ties: the later part)."""
+    if table.num_rows == 0:
+        return table
+    keys = zip(table.column("manifest_row").to_pylist(), table.column("image_index").to_pylist())
+    attempts = table.column("attempt").to_pylist()
+    best: dict[tuple[int, int], int] = {}
+    for i, (key, att) in enumerate(zip(map(lambda k: row_key(*k), keys), attempts)):
+        j = best.get(key)
+        if j is None or (att or "") >= (attempts[j] or ""):
+            best[key] = i
+    return table.take(pa.array(sorted(best.values()), pa.int64()))
+
+
+def read_parts(out: Output, keys: list[str] | None = None) -> pa.Table:
+    """The committed parts (all of them, or ``keys``), concatenated as written (no de-duplication)."""
+    keys = metadata_parts(out) if keys is None else keys
+    if not keys:
+        return METADATA_SCHEMA.empty_table()
+    tables = [pq.read_table(io.BytesIO(out.get(k))) for k in keys]
+    return pa.concat_tables(tables, promote_options="default")
+
+
+def read_metadata(uri: str | Output, storage_options: dict[str, Any] | None = None) -> pa.Table:
+    """A run's committed metadata: one row per image or failed manifest row, exactly once (latest wins)."""
+    out = uri if isinstance(uri, Output) else open_output(uri, storage_options)
+    return latest_rows(read_parts(out))
+
+
+def compact(out: Output, rows_per_part: int = 250_000) -> tuple[int, int]:
+    """Rewrite the committed parts as a few parts; return (parts before, parts after).
+
+    Crash-safe: the compacted parts are committed first (rows keep their own ``attempt``), the old parts
+    are deleted after; a crash in between leaves identical duplicates, which readers collapse.
+    """
+    old = metadata_parts(out)
+    if len(old) <= 1:
+        return len(old), len(old)
+    table = latest_rows(read_parts(out, old))
+    attempt = new_attempt_id()
+    new = []
+    for n, start in enumerate(range(0, max(table.num_rows, 1), rows_per_part)):
+        key = part_key(attempt, n)
+        out.put_parquet(key, table.slice(start, rows_per_part))
+        new.append(key)
+    for key in old:
+        out.delete(key)
+    return len(old), len(new)
+
+
+class MetadataCommitter:
+    """Buffers metadata rows and commits them as Parquet parts named by attempt (never overwritten).
+
+    A part is written whole (see :meth:`batch.store.io.Output.put`), so a crash loses at most the rows
+    still buffered; their images are regenerated (same seeds, same pixels) by the next attempt.
+    """
+
+    def __init__(self, out: Output, carried: pa.Schema, run_id: str, attempt: str, every: int, seconds: float):
+        self.out, self.carried, self.run_id, self.attempt = out, carried, run_id, attempt
+        self.every, self.seconds = every, seconds
+        self.pending: list[pa.Table] = []
+        self.pending_rows = 0
+        self.oldest = 0.0
+        self.parts = 0
+        self.committed: list[pa.Table] = []  # slim copies (keys and status) of what this attempt committed
+
+    def add(self, table: pa.Table) -> bool:
+        """Buffer ``table``'s rows; commit a part when enough rows or time have gathered (then True)."""
+        n = table.num_rows
+        table = table.append_column("run_id", pa.array([self.run_id] * n, pa.string()))
+        table = table.append_column("attempt", pa.array([self.attempt] * n, pa.string()))
+        self.pending.append(conform(table, self.carried))
+        self.oldest = self.oldest or time.monotonic()
+        self.pending_rows += n
+        if self.pending_rows >= self.every or time.monotonic() - self.oldest >= self.seconds:
+            return self.flush()
+        return False
+
+    def flush(self) -> bool:
+        """Commit the buffered rows as one part; False when there were none."""
+        if not self.pending:
+            return False
+        table = pa.concat_tables(self.pending)
+        self.out.put_parquet(part_key(self.attempt, self.parts), table)
+        self.committed.append(table.select(SLIM_COLUMNS))
+        self.parts += 1
+        self.pending, self.pending_rows, self.oldest = [], 0, 0.0
+        return True
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class Lease:
+    """One driver per run: a ``_LEASE`` object with a heartbeat, refreshed in a background thread.
+
+    A lease is free when released, older than ``LEASE_SECONDS``, or held by a dead process on this host
+    (a driver killed with SIGKILL and restarted here takes over at once). Object stores offer no atomic
+    create-if-absent, so two drivers started within the same second could both win; the lease guards
+    against the usual mistake (a second submission of a running job), not against that race.
+    """
+
+    def __init__(self, out: Output, attempt: str, force: bool = False):
+        self.out, self.attempt = out, attempt
+        self.me = {"attempt": attempt, "host": socket.gethostname(), "pid": os.getpid()}
+        if out.exists(LEASE) and not force:
+            held = out.get_json(LEASE)
+            age = time.time() - float(held.get("heartbeat", 0))
+            dead_here = held.get("host") == self.me["host"] and not _pid_alive(int(held.get("pid", -1)))
+            if not held.get("released") and age < LEASE_SECONDS and not dead_here:
+                raise RunInProgressError(
+                    f"run is being driven by {held.get('host')} pid {held.get('pid')} (attempt {held.get('attempt')},"
+                    f" heartbeat {age:.0f}s ago); wait {LEASE_SECONDS - age:.0f}s for it to lapse, or pass --force "
+                    "if that driver is certainly gone")
+        self._beat()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="sdbatch-lease", daemon=True)
+        self._thread.start()
+
+    def _beat(self, released: bool = False) -> None:
+        self.out.put_json(LEASE, {**self.me, "heartbeat": time.time(), "released": released})
+
+    def _loop(self) -> None:
+        while not self._stop.wait(HEARTBEAT_SECONDS):
+            with contextlib.suppress(Exception):  # a missed beat is not fatal; the next one retries
+                self._beat()
+
+    def release(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+        with contextlib.suppress(Exception):
+            self._beat(released=True)
+
+
+def select_work(job_plan: Plan, committed: pa.Table, mode: Mode) -> tuple[pa.Table, pa.Table]:
+    """The items to generate and the failed rows to commit in this attempt.
+
+    ``run``: everything without a committed record. ``retry_failed``: only images whose latest record
+    failed, except those that would fail the same way again: rows that failed validation, and images the
+    safety checker dropped (same seed and parameters, same image, same verdict).
+    """
+    keys = [row_key(r, k) for r, k in zip(committed.column("manifest_row").to_pylist(),
+                                          committed.column("image_index").to_pylist())]
+    status = dict(zip(keys, committed.column("status").to_pylist()))
+    dropped = {k for k, err in zip(keys, committed.column("error").to_pylist()) if err == NSFW_ERROR}
+    item_keys = [row_key(r, k) for r, k in zip(job_plan.items.column("manifest_row").to_pylist(),
+                                               job_plan.items.column("image_index").to_pylist())]
+    if mode == "retry_failed":
+        keep = [status.get(k, "ok") != "ok" and k not in dropped for k in item_keys]
+        failed_keep = [False] * job_plan.failed.num_rows
+    else:
+        keep = [k not in status for k in item_keys]
+        failed_keep = [row_key(r, None) not in status for r in job_plan.failed.column("manifest_row").to_pylist()]
+    return job_plan.items.filter(pa.array(keep, pa.bool_())), job_plan.failed.filter(pa.array(failed_keep, pa.bool_()))
