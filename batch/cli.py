@@ -7,7 +7,8 @@ import argparse
 import json
 import sys
 
-from batch.spec.config import SpecError, apply_overrides, load_spec, parse_set_option, parse_spec
+from batch.spec.base import SpecError
+from batch.spec.config import apply_overrides, load_spec, parse_set_option, parse_spec
 
 
 def _spec_from_args(args: argparse.Namespace):
@@ -143,7 +144,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_make_tiny_model(args: argparse.Namespace) -> int:
-    from batch.models.tiny import save_tiny_model
+    from batch.models.load import save_tiny_model
 
     path = save_tiny_model(args.directory, task=args.task, prediction_type=args.prediction_type)
     kind = f" ({args.prediction_type})" if args.task == "txt2img" else ""

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from common import emit, save_model
 
-from batch.spec.config import Optimizations
+from batch.spec.base import Optimizations
 from batch.models.load import load_model, make_scheduler
 from batch.sampling.txt2img import SamplingParams, txt2img
 from batch.models.speed import apply_optimizations

@@ -16,7 +16,7 @@ import pytest
 @pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory):
     """The tiny txt2img model (epsilon prediction) as a diffusers folder."""
-    from batch.models.tiny import save_tiny_model
+    from batch.models.load import save_tiny_model
 
     return save_tiny_model(tmp_path_factory.mktemp("tiny") / "model")
 
@@ -24,7 +24,7 @@ def tiny_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_vpred_dir(tmp_path_factory):
     """The tiny model with a v-prediction scheduler config (the SD 2.x layout)."""
-    from batch.models.tiny import save_tiny_model
+    from batch.models.load import save_tiny_model
 
     return save_tiny_model(tmp_path_factory.mktemp("tiny-v") / "model", prediction_type="v_prediction")
 
@@ -48,7 +48,7 @@ def write_manifest(path, rows: list[dict], schema: pa.Schema | None = None):
 @pytest.fixture(scope="session")
 def tiny_variation_dir(tmp_path_factory):
     """The tiny image-variation model (StableDiffusionImageVariationPipeline layout)."""
-    from batch.models.tiny import save_tiny_model
+    from batch.models.load import save_tiny_model
 
     return save_tiny_model(tmp_path_factory.mktemp("tiny-var") / "model", task="variation")
 
@@ -56,7 +56,7 @@ def tiny_variation_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_upscale_dir(tmp_path_factory):
     """The tiny x4 upscaler (StableDiffusionUpscalePipeline layout)."""
-    from batch.models.tiny import save_tiny_model
+    from batch.models.load import save_tiny_model
 
     return save_tiny_model(tmp_path_factory.mktemp("tiny-up") / "model", task="upscale")
 

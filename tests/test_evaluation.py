@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from batch.spec.config import SpecError
+from batch.spec.base import SpecError
 from batch.eval.evaluation import (
     EvalSpec,
     ReferenceStats,

@@ -138,7 +138,7 @@ def test_feature_stage_requests_one_gpu_per_actor(gpu_ray, tmp_path):
 
 
 def test_cpu_device_with_gpus_is_a_spec_error_naming_both_fields():
-    from batch.spec.config import SpecError
+    from batch.spec.base import SpecError
 
     with pytest.raises(SpecError, match="device: cpu with gpus_per_actor: 1"):
         parse_spec({"device": "cpu", "gpus_per_actor": 1})

@@ -25,8 +25,8 @@ def run_dir(tmp_path_factory):
     rows = [{"id": f"r{i}", "prompt": f"prompt number {i} " * 5, "seed": 100 + i} for i in range(5)]
     rows.append({"id": "bad", "prompt": ""})
     p = plan(pa.Table.from_pylist(rows), spec, RESERVED_COLUMNS)
-    sampler = stages.Txt2ImgSampler(model="tiny", revision=None, dtype="float32", device="cpu", batch_size=5)
-    written = stages.encode_and_write(sampler(p.items), out_uri, {})
+    sampler = stages.Sampler(stages.SamplerSettings(model="tiny", dtype="float32", device="cpu", batch_size=5))
+    written = stages.encode_and_write(sampler(p.items), stages.WriterSettings(out_uri))
     committer = MetadataCommitter(open_output(out_uri), pa.schema([]), "grid-test", "attempt-1", 100, 3600)
     committer.add(p.failed.append_column("status", pa.array(["failed"])))
     committer.add(written)

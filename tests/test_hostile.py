@@ -12,7 +12,7 @@ from conftest import write_manifest
 from batch.spec.config import parse_spec
 from batch.run.job import run_job
 from batch.plan.locations import InputLocationError, allowed_prefixes, check_input_uri, manifest_folder
-from batch.plan.manifest import check_id
+from batch.plan.rows import check_id
 from batch.store.commit import read_metadata
 
 LONG_PROMPT = "a very detailed description of a castle on a hill " * 200  # 10,000 characters

@@ -17,7 +17,8 @@ from conftest import smooth_image, write_manifest
 from PIL import Image
 
 from batch.cli import main as cli_main
-from batch.spec.config import SpecError, parse_spec
+from batch.spec.base import SpecError
+from batch.spec.config import parse_spec
 from batch.run.job import run_job
 from batch.plan.manifest import plan
 from batch.store.schema import RESERVED_COLUMNS
@@ -118,7 +119,8 @@ def test_tiny_preset_equals_saved_folder(tiny_upscale_dir):
 # --- stages in-process -----------------------------------------------------------------------------------
 
 def test_fetch_stage_then_sampler_passes_failed_items_through(tmp_path):
-    from batch.run.image_stages import UpscaleSampler, fetch_inputs
+    from batch.run.inputs import fetch_inputs
+    from batch.run.stages import Sampler, SamplerSettings
 
     good = write_png(tmp_path / "g.png", smooth_image(16, 16))
     spec = parse_spec({"task": "upscale", "defaults": {"num_inference_steps": 2, "guidance_scale": 1.0}})
@@ -127,7 +129,7 @@ def test_fetch_stage_then_sampler_passes_failed_items_through(tmp_path):
     items = plan(table, spec, RESERVED_COLUMNS).items
     fetched = fetch_inputs(items, {}, 10**6)
     assert fetched.column("status").to_pylist().count("failed") == 1
-    out = UpscaleSampler("tiny", None, "float32", "cpu", batch_size=2)(fetched).to_pylist()
+    out = Sampler(SamplerSettings(task="upscale", model="tiny", dtype="float32", device="cpu", batch_size=2))(fetched).to_pylist()
     by = {(r["id"], r["image_index"]): r for r in out}
     bad = by[("m", 0)]
     assert bad["status"] == "failed" and bad["error"].startswith("image_uri: not found") and bad["_pixels"] is None

@@ -13,7 +13,8 @@ import torch
 from conftest import write_manifest
 
 from batch.cli import main as cli_main
-from batch.spec.config import SpecError, parse_spec
+from batch.spec.base import SpecError
+from batch.spec.config import parse_spec
 from batch.store.commit import RunExistsError
 from batch.run.job import run_job
 from batch.run.pipeline import cut_blocks, resolve_resources

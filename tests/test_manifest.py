@@ -10,16 +10,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from batch.spec.config import MAX_SEED, parse_spec
-from batch.plan.manifest import (
-    BUCKET_FIELDS,
-    ManifestError,
-    RowError,
-    bucket_key,
-    failure_reason,
-    plan,
-    read_manifest,
-)
+from batch.spec.base import MAX_SEED
+from batch.spec.config import parse_spec
+from batch.plan.manifest import ManifestError, failure_reason, plan, read_manifest
+from batch.plan.rows import BUCKET_FIELDS, RowError, bucket_key
 from batch.store.schema import ITEM_SCHEMA
 from batch.plan.seeds import derive_row_seed
 from batch.store.schema import RESERVED_COLUMNS

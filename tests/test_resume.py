@@ -118,7 +118,7 @@ def _sampler_pids() -> list[int]:
     import psutil
 
     me = psutil.Process()
-    return [p.pid for p in me.children(recursive=True) if "Txt2ImgSampler" in " ".join(p.cmdline())]
+    return [p.pid for p in me.children(recursive=True) if "MapBatches(Sampler)" in " ".join(p.cmdline())]
 
 
 def test_killed_sampler_actor_is_restarted_and_its_rows_redone(tmp_path, ray_session):

@@ -28,8 +28,8 @@ def _items():
 
 
 def _sampler(model, policy="flag"):
-    return stages.Txt2ImgSampler(model=str(model), revision=None, dtype="float32", device="cpu", batch_size=4,
-                                 safety_policy=policy)
+    return stages.Sampler(stages.SamplerSettings(model=str(model), dtype="float32", device="cpu", batch_size=4,
+                                                 safety_policy=policy))
 
 
 def _pixels(rows):
@@ -94,7 +94,7 @@ def test_drop_fails_only_flagged_rows(folders, plain, tmp_path):
     assert len(kept) == folders["expected_mixed"] and len(dropped) == len(PROMPTS) - len(kept) > 0
     assert all(r["status"] == "failed" and r["error"] == NSFW_ERROR and r["_pixels"] is None for r in dropped)
     assert all(r["status"] == "ok" and np.array_equal(_pixels([r])[r["id"]], _pixels(plain)[r["id"]]) for r in kept)
-    written = stages.encode_and_write(rows, str(tmp_path / "out"), {}).to_pylist()
+    written = stages.encode_and_write(rows, stages.WriterSettings(str(tmp_path / "out"))).to_pylist()
     assert {r["id"]: (r["status"], r["uri"] is None, r["nsfw"]) for r in written} == {
         r["id"]: (r["status"], r["status"] != "ok", r["nsfw"]) for r in listed}
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from batch.spec.config import Optimizations
+from batch.spec.base import Optimizations
 from batch.models.load import load_model, make_scheduler
 from batch.sampling.txt2img import SamplingParams, decode, txt2img
 from batch.models.speed import apply_optimizations

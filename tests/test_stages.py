@@ -9,6 +9,7 @@ import pyarrow as pa
 import pytest
 
 import batch.run.stages as stages
+import batch.tasks.txt2img as txt2img_task
 from batch.spec.config import parse_spec
 from batch.plan.manifest import plan
 from batch.store.schema import RESERVED_COLUMNS
@@ -18,7 +19,7 @@ from batch.store.formats import decode_image
 
 @pytest.fixture(scope="module")
 def sampler():
-    return stages.Txt2ImgSampler(model="tiny", revision=None, dtype="float32", device="cpu", batch_size=2)
+    return stages.Sampler(stages.SamplerSettings(model="tiny", dtype="float32", device="cpu", batch_size=2))
 
 
 def _items(prompts):
@@ -29,7 +30,7 @@ def _items(prompts):
 
 def test_a_failing_sampler_call_fails_only_its_own_images(sampler, monkeypatch):
     calls = []
-    real = stages.txt2img
+    real = txt2img_task.txt2img
 
     def flaky(model, scheduler, prompts, negatives, seeds, params, **kwargs):
         calls.append(list(prompts))
@@ -37,7 +38,7 @@ def test_a_failing_sampler_call_fails_only_its_own_images(sampler, monkeypatch):
             raise RuntimeError("CUDA out of memory (simulated)")
         return real(model, scheduler, prompts, negatives, seeds, params, **kwargs)
 
-    monkeypatch.setattr(stages, "txt2img", flaky)
+    monkeypatch.setattr(txt2img_task, "txt2img", flaky)
     out = sampler(_items(["a", "b", "boom", "c", "d"])).to_pylist()
     assert [len(c) for c in calls] == [2, 2, 1]  # batch_size 2 within the one bucket
     by_prompt = {r["prompt"]: r for r in out}
@@ -51,7 +52,7 @@ def test_a_failing_sampler_call_fails_only_its_own_images(sampler, monkeypatch):
 
 def test_encode_and_write_hashes_what_it_writes(sampler, tmp_path):
     generated = sampler(_items(["x", "y"]))
-    result = stages.encode_and_write(generated, str(tmp_path / "out"), {})
+    result = stages.encode_and_write(generated, stages.WriterSettings(str(tmp_path / "out")))
     out = open_output(str(tmp_path / "out"))
     assert "_pixels" not in result.column_names
     for gen, r in zip(generated.to_pylist(), result.to_pylist()):
@@ -64,5 +65,5 @@ def test_encode_and_write_hashes_what_it_writes(sampler, tmp_path):
 def test_encode_and_write_failure_is_per_image(sampler, tmp_path):
     generated = sampler(_items(["x"]))
     (tmp_path / "ro").write_text("a file where the output folder should be")
-    result = stages.encode_and_write(generated, str(tmp_path / "ro"), {}).to_pylist()
+    result = stages.encode_and_write(generated, stages.WriterSettings(str(tmp_path / "ro"))).to_pylist()
     assert result[0]["status"] == "failed" and result[0]["uri"] is None and result[0]["error"]

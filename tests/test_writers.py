@@ -14,7 +14,8 @@ import pyarrow.parquet as pq
 import pytest
 
 import batch.run.stages as stages
-from batch.spec.config import SpecError, parse_spec
+from batch.spec.base import SpecError
+from batch.spec.config import parse_spec
 from batch.plan.manifest import plan
 from batch.store.schema import RESERVED_COLUMNS
 from batch.store.io import open_output
@@ -23,7 +24,7 @@ from batch.store.formats import ImageReader, OutputFormat, apply_driver_writes, 
 
 @pytest.fixture(scope="module")
 def generated():
-    sampler = stages.Txt2ImgSampler(model="tiny", revision=None, dtype="float32", device="cpu", batch_size=2)
+    sampler = stages.Sampler(stages.SamplerSettings(model="tiny", dtype="float32", device="cpu", batch_size=2))
     spec = parse_spec({"defaults": {"height": 64, "width": 64, "num_inference_steps": 3}})
     rows = [{"id": "a", "prompt": "a red cube", "num_images": 2}, {"id": "b", "prompt": "a blue sphere"}]
     return sampler(plan(pa.Table.from_pylist(rows), spec, RESERVED_COLUMNS).items)
@@ -35,7 +36,7 @@ def _pixels(generated):
 
 
 def _write(generated, out, **fmt):
-    return stages.encode_and_write(generated, out, {}, **fmt).to_pylist()
+    return stages.encode_and_write(generated, stages.WriterSettings(out, fmt=OutputFormat(**fmt))).to_pylist()
 
 
 @pytest.fixture(scope="module")
@@ -113,7 +114,7 @@ def test_jpeg_is_lossy_close_and_warned(generated, files_output, tmp_path):
 
 def test_driver_side_writes_for_process_local_storage(generated, files_output, tmp_path):
     out_uri = str(tmp_path / "out")
-    result = stages.encode_and_write(generated, out_uri, {}, upload=False, output_format="webdataset")
+    result = stages.encode_and_write(generated, stages.WriterSettings(out_uri, upload=False, fmt=OutputFormat("webdataset")))
     assert not (tmp_path / "out").exists()  # nothing written by the stage itself
     assert all(r["uri"] is None and r["_uri_key"].startswith("shards/") for r in result.to_pylist())
     written = apply_driver_writes(open_output(out_uri), result)

@@ -46,7 +46,8 @@ import pyarrow.parquet as pq
 import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
 
-from batch.spec.config import MAX_SEED, JobSpec, SchedulerName, SpecError, _Strict, parse_spec
+from batch.spec.base import MAX_SEED, SchedulerName, SpecError, _Strict
+from batch.spec.config import JobSpec, parse_spec
 from batch.run.record import now as _now
 from batch.metrics.clip import DEFAULT_CLIP
 from batch.metrics.inception import FID_WEIGHTS_URL

@@ -17,13 +17,14 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 
-from batch.models.weights import (COMPONENTS, IMAGE_TASK_COMPONENTS, TASK_WEIGHT_COMPONENTS, ModelError,
-                                   locate)
-from batch.models.tiny import tiny_components, tiny_upscale_components, tiny_variation_components
+from batch.models.tiny import TINY_REVISION
+from batch.models.weights import COMPONENTS, IMAGE_TASK_COMPONENTS, ModelError, locate
+from batch.tasks import TASKS
 
 
 # name -> (diffusers class, config overrides). PLMS is PNDM without the Runge-Kutta warm-up steps.
@@ -105,27 +106,24 @@ def load_model(model: str, *, revision: str | None = None, dtype: str = "auto", 
                allow_pickle: bool = False, variant: str | None = None, task: str = "txt2img") -> LoadedModel:
     """Load the components of ``task`` onto ``device`` in ``dtype`` (eval mode, no grad).
 
-    ``txt2img``: unet, vae, text_encoder, tokenizer (``StableDiffusionPipeline``); ``variation``: unet,
-    vae, image_encoder, feature_extractor (``StableDiffusionImageVariationPipeline``); ``upscale``: unet,
-    vae, text_encoder, tokenizer, low_res_scheduler, max_noise_level (``StableDiffusionUpscalePipeline``).
-    ``model: tiny`` is the tiny preset of ``task``.
+    The task (``batch.tasks.TASKS``) names the diffusers pipeline class the weights load with and the
+    weighted components: ``txt2img`` unet, vae, text_encoder, tokenizer (``StableDiffusionPipeline``);
+    ``variation`` unet, vae, image_encoder, feature_extractor (``StableDiffusionImageVariationPipeline``);
+    ``upscale`` unet, vae, text_encoder, tokenizer, low_res_scheduler, max_noise_level
+    (``StableDiffusionUpscalePipeline``). ``model: tiny`` is the tiny preset of ``task``.
     """
-    if task not in TASK_WEIGHT_COMPONENTS:
-        raise ModelError(f"task must be one of {list(TASK_WEIGHT_COMPONENTS)}, got {task!r}")
+    if task not in TASKS:
+        raise ModelError(f"task must be one of {list(TASKS)}, got {task!r}")
+    spec = TASKS[task]
     kind, folder, resolved = locate(model, revision, allow_pickle, variant)
     torch_dtype = resolve_dtype(dtype, device)
-    weighted = TASK_WEIGHT_COMPONENTS[task]
+    weighted = spec.weight_components
     if kind == "tiny":
-        comps = {"txt2img": tiny_components, "variation": tiny_variation_components,
-                 "upscale": tiny_upscale_components}[task]()
+        comps = spec.tiny_components("epsilon")
     else:
         import diffusers
 
-        cls_name, extra = {
-            "txt2img": ("StableDiffusionPipeline", dict(feature_extractor=None, requires_safety_checker=False)),
-            "variation": ("StableDiffusionImageVariationPipeline", dict(requires_safety_checker=False)),
-            "upscale": ("StableDiffusionUpscalePipeline", dict(feature_extractor=None, watermarker=None)),
-        }[task]
+        cls_name = spec.pipeline_class
         try:
             pipe = getattr(diffusers, cls_name).from_pretrained(
                 folder,
@@ -134,7 +132,7 @@ def load_model(model: str, *, revision: str | None = None, dtype: str = "auto", 
                 variant=variant,
                 safety_checker=None,
                 local_files_only=True,
-                **extra,
+                **spec.pipeline_kwargs,
             )
         except (OSError, ValueError, TypeError) as err:
             raise ModelError(f"model {model} ({folder}, variant {variant}): cannot load as {cls_name}: {err}") from None
@@ -169,3 +167,26 @@ def load_model(model: str, *, revision: str | None = None, dtype: str = "auto", 
         max_noise_level=comps.get("max_noise_level"),
         safety_checker=safety,
     )
+
+
+def save_tiny_model(directory: str | Path, task: str = "txt2img", prediction_type: str = "epsilon") -> Path:
+    """Write the tiny model of ``task`` as a standard diffusers folder (model_index.json + safetensors).
+
+    It loads with the task's pipeline class (``StableDiffusionPipeline``, ``StableDiffusionImageVariationPipeline``,
+    ``StableDiffusionUpscalePipeline``); ``prediction_type`` applies to txt2img (the upscaler is
+    v-prediction and the variation model epsilon, as the real ones).
+    """
+    import diffusers
+
+    if task not in TASKS:
+        raise ValueError(f"task: must be one of {list(TASKS)}, got {task!r}")
+    spec = TASKS[task]
+    pipe = getattr(diffusers, spec.pipeline_class)(**spec.tiny_components(prediction_type), safety_checker=None,
+                                                   **spec.pipeline_kwargs)
+    directory = Path(directory)
+    pipe.save_pretrained(directory, safe_serialization=True)
+    (directory / "sdbatch_tiny.json").write_text(
+        json.dumps({"revision": TINY_REVISION, "task": task,
+                    "prediction_type": pipe.scheduler.config.prediction_type}) + "\n"
+    )
+    return directory

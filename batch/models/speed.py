@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from batch.spec.config import Optimizations
+from batch.spec.base import Optimizations
 
 
 def apply_optimizations(model: Any, opts: Optimizations) -> dict[str, Any]:

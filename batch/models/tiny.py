@@ -3,14 +3,12 @@
 The architecture is the real one (diffusers' ``UNet2DConditionModel`` and ``AutoencoderKL``, transformers'
 ``CLIPTextModel``), only narrower and shallower, so every code path that loads, samples and decodes a
 real checkpoint runs unchanged on it. Weights are drawn from a fixed seed, so the ``tiny`` preset is the
-same model on every machine, and ``save_tiny_model`` writes a standard diffusers folder
+same model on every machine, and ``batch.models.load.save_tiny_model`` writes a standard diffusers folder
 (``model_index.json`` + safetensors) that ``StableDiffusionPipeline.from_pretrained(dir)`` loads.
 """
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
 
 import torch
 
@@ -117,39 +115,8 @@ def _build(prediction_type: str, seed: int) -> dict:
     return {"unet": unet, "vae": vae, "text_encoder": text_encoder, "tokenizer": tokenizer, "scheduler": scheduler}
 
 
-def save_tiny_model(directory: str | Path, task: str = "txt2img", prediction_type: str = "epsilon") -> Path:
-    """Write the tiny model of ``task`` as a standard diffusers folder (model_index.json + safetensors).
-
-    ``txt2img`` loads with ``StableDiffusionPipeline``, ``variation`` with
-    ``StableDiffusionImageVariationPipeline`` and ``upscale`` with ``StableDiffusionUpscalePipeline``
-    (``prediction_type`` applies to txt2img; the upscaler is v-prediction and the variation model epsilon,
-    as the real ones).
-    """
-    from diffusers import StableDiffusionPipeline
-
-    if task not in TINY_TASKS:
-        raise ValueError(f"task: must be one of {list(TINY_TASKS)}, got {task!r}")
-    directory = Path(directory)
-    if task == "txt2img":
-        pipe = StableDiffusionPipeline(
-            **tiny_components(prediction_type),
-            safety_checker=None,
-            feature_extractor=None,
-            requires_safety_checker=False,
-        )
-    else:
-        pipe = tiny_pipeline(task)
-    pipe.save_pretrained(directory, safe_serialization=True)
-    (directory / "sdbatch_tiny.json").write_text(
-        json.dumps({"revision": TINY_REVISION, "task": task,
-                    "prediction_type": pipe.scheduler.config.prediction_type}) + "\n"
-    )
-    return directory
-
-
 # --- image tasks -------------------------------------------------------------------------------------
 
-TINY_TASKS = ("txt2img", "variation", "upscale")
 TINY_UPSCALE_SIZE = 32  # default low-res input side for the tiny upscaler (output 128)
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -245,16 +212,3 @@ def tiny_upscale_components(seed: int = TINY_SEED) -> dict:
             "max_noise_level": X4_MAX_NOISE_LEVEL}
 
 
-def tiny_pipeline(task: str):
-    """The tiny diffusers pipeline object of an image task (what ``save_tiny_model`` writes)."""
-    if task == "variation":
-        from diffusers import StableDiffusionImageVariationPipeline
-
-        return StableDiffusionImageVariationPipeline(**tiny_variation_components(), safety_checker=None,
-                                                     requires_safety_checker=False)
-    if task == "upscale":
-        from diffusers import StableDiffusionUpscalePipeline
-
-        return StableDiffusionUpscalePipeline(**tiny_upscale_components(), safety_checker=None,
-                                              feature_extractor=None, watermarker=None)
-    raise ValueError(f"task: must be 'variation' or 'upscale', got {task!r}")

@@ -15,20 +15,11 @@ import re
 from pathlib import Path
 
 from batch.models.tiny import TINY_REVISION
+from batch.tasks import TASKS
 
 COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
-
-
-WEIGHT_COMPONENTS = ("unet", "vae", "text_encoder")
-
-
 # Components of the image tasks (variation: image encoder + CLIP image processor; upscale: low-res schedule).
 IMAGE_TASK_COMPONENTS = ("image_encoder", "feature_extractor", "low_res_scheduler")
-
-
-TASK_WEIGHT_COMPONENTS = {"txt2img": WEIGHT_COMPONENTS, "variation": ("unet", "vae", "image_encoder"),
-                          "upscale": ("unet", "vae", "text_encoder")}
-
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
@@ -65,7 +56,8 @@ def locate(model: str, revision: str | None, allow_pickle: bool, variant: str | 
     suffixes = ["safetensors"] + (["bin", "ckpt"] if allow_pickle else [])
     weights = [f"*.{variant}.{x}" if variant else f"*.{x}" for x in suffixes]
     patterns = ["model_index.json"] + [f"{c}/*.json" for c in COMPONENTS + IMAGE_TASK_COMPONENTS] + ["tokenizer/*.txt"]
-    patterns += [f"{c}/{w}" for c in WEIGHT_COMPONENTS + ("image_encoder",) for w in weights]
+    weighted = sorted({c for t in TASKS.values() for c in t.weight_components})
+    patterns += [f"{c}/{w}" for c in weighted for w in weights]
     patterns += ["safety_checker/*.json"] + [f"safety_checker/{w}" for w in weights]  # feature_extractor: above
     ignore = None if variant else ["*.fp16.*", "*.non_ema.*", "*.ema.*"]
     try:
@@ -82,11 +74,11 @@ def check_weight_format(folder: Path, allow_pickle: bool) -> None:
 
     The weighted components are those of the folder's task: ``image_encoder`` replaces ``text_encoder``
     when ``model_index.json`` lists one (image variation models have no text encoder)."""
-    components = WEIGHT_COMPONENTS
+    components = TASKS["txt2img"].weight_components
     try:
         index = json.loads((folder / "model_index.json").read_text())
         if isinstance(index, dict) and index.get("image_encoder") and not index.get("text_encoder"):
-            components = TASK_WEIGHT_COMPONENTS["variation"]
+            components = TASKS["variation"].weight_components
     except (OSError, ValueError):
         pass
     for comp in components:

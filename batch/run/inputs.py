@@ -1,4 +1,9 @@
-"""Input images for the image tasks: read one URI through fsspec, guard, decode and normalise to RGB.
+"""Input images for the image tasks: the CPU fetch stage, and reading one URI (guard, decode, normalise to RGB).
+
+:func:`fetch_inputs` is the stage before the sampler for tasks with ``input_image`` (``batch.tasks``): it
+fetches each item's ``image_uri`` once per distinct URI and passes raw RGB pixels on in an ``_input``
+column; an image that cannot be used marks its item ``failed`` with ``image_uri: <reason>``. The samplers
+never read storage.
 
 :func:`fetch_image` is the single place where sdbatch reads an input image (every read goes through it,
 so location checks belong here). It returns an (H, W, 3) uint8 RGB array and facts about the input:
@@ -26,6 +31,11 @@ import warnings
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
+
+from batch.plan.batches import pack_batches, unpack_batches
+from batch.store.io import error_text
+from batch.store.schema import set_column as _set_column
 
 
 class ImageError(ValueError):
@@ -126,3 +136,39 @@ def _to_rgb(img) -> np.ndarray:
         gray = np.clip(np.round(np.asarray(img, dtype=np.float64)), 0, 255).astype(np.uint8)
         return np.repeat(gray[..., None], 3, axis=2)
     return np.ascontiguousarray(np.asarray(img.convert("RGB"), dtype=np.uint8))
+
+
+def fetch_inputs(batch: pa.Table, storage_options: dict[str, Any], max_pixels: int,
+                 allowed: list[str] | None = None) -> pa.Table:
+    """CPU stage: fetch each item's input image once per distinct URI in the batch; add ``_input`` (raw
+    uint8 RGB bytes), ``input_sha256``/``input_width``/``input_height``/``input_mode``, ``status``, ``error``."""
+    uris = batch.column("image_uri").to_pylist()
+    cache: dict[str, tuple[bytes | None, dict[str, Any], str | None]] = {}
+    for uri in dict.fromkeys(uris):
+        try:
+            rgb, info = fetch_image(uri, storage_options, max_pixels, allowed)
+            cache[uri] = (np.ascontiguousarray(rgb).tobytes(), info, None)
+        except ImageError as err:
+            cache[uri] = (None, {}, f"image_uri: {err}")
+        except Exception as err:  # anything unexpected still fails only this image
+            cache[uri] = (None, {}, f"image_uri: {error_text(err)}")
+    cols: dict[str, list] = {k: [] for k in ("_input", "input_sha256", "input_width", "input_height", "input_mode",
+                                             "status", "error")}
+    for uri in uris:
+        data, info, err = cache[uri]
+        cols["_input"].append(data)
+        for k in ("input_sha256", "input_width", "input_height", "input_mode"):
+            cols[k].append(info.get(k))
+        cols["status"].append("ok" if err is None else "failed")
+        cols["error"].append(err)
+    out = batch
+    for name, type_ in (("_input", pa.binary()), ("input_sha256", pa.string()), ("input_width", pa.int32()),
+                        ("input_height", pa.int32()), ("input_mode", pa.string()), ("status", pa.string()),
+                        ("error", pa.string())):
+        out = _set_column(out, name, cols[name], type_)
+    return out
+
+
+def fetch_packed_inputs(packed: pa.Table, **kwargs: Any) -> pa.Table:
+    """:func:`fetch_inputs` over whole GPU batches packed one per row (:func:`batch.run.stages.pack_batches`)."""
+    return pack_batches(fetch_inputs(unpack_batches(packed), **kwargs))

@@ -36,7 +36,8 @@ from batch.plan.manifest import Plan, plan, read_manifest
 from batch.run import pipeline
 from batch.run.record import check_same_run, manifest_digest, new_run_id, now, package_versions, redact, redact_arg
 from batch.run.stats import Summary, call_ends, sampler_calls, steady_rate, tally, warmup_seconds
-from batch.spec.config import JobSpec, SpecError
+from batch.spec.config import JobSpec
+from batch.spec.base import SpecError
 from batch.store.commit import (
     RUN_RECORD,
     SLIM_COLUMNS,

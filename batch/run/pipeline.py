@@ -2,15 +2,16 @@
 
     planned items (driver) -> blocks -> [sampler actor pool] -> [encode + write tasks] -> driver
 
-1. The driver's plan (validated, seeded, bucket-sorted items) is cut into blocks of whole GPU batches,
-   so a one-file manifest still spreads over every actor and batch composition is deterministic.
-2. GPU stage: ``ActorPoolStrategy(size=actors)`` of :class:`batch.run.stages.Txt2ImgSampler`, each actor one
-   model replica with ``num_gpus=gpus_per_actor``; it returns raw pixels, never encodes or uploads.
-   Blocks travel as whole GPU batches packed one per row (:func:`batch.run.stages.pack_batches`) and the
-   sampler is called with ``batch_size=1``: Ray Data requires an integer batch size whenever GPUs are
-   requested, and merges or slices blocks to honour it, which must never split a GPU batch.
-   Image tasks (variation, upscale) first fetch their input images in a CPU stage
-   (:func:`batch.run.image_stages.fetch_inputs`), then sample with ``VariationSampler``/``UpscaleSampler``.
+1. The driver's plan (validated, seeded, bucket-sorted items) is cut into blocks of whole GPU batches
+   (:func:`batch.plan.batches.cut_blocks`), so a one-file manifest still spreads over every actor and batch
+   composition is deterministic.
+2. GPU stage: ``ActorPoolStrategy(size=actors)`` of :class:`batch.run.stages.Sampler`, each actor one
+   model replica of the spec's task with ``num_gpus=gpus_per_actor``; it returns raw pixels, never encodes
+   or uploads. Blocks travel as whole GPU batches packed one per row (:func:`batch.plan.batches.pack_batches`)
+   and the sampler is called with ``batch_size=1``: Ray Data requires an integer batch size whenever GPUs
+   are requested, and merges or slices blocks to honour it, which must never split a GPU batch.
+   Tasks with input images (variation, upscale) first fetch them in a CPU stage
+   (:func:`batch.run.inputs.fetch_inputs`).
 3. CPU stage: a small autoscaling pool of :class:`batch.run.stages.EncodeWriter` (warm processes running
    :func:`batch.run.stages.encode_and_write`) encodes images and writes objects via fsspec; as Ray tasks, each
    block paid a fresh worker's start-up and imports (``BENCHMARKS.md``).
@@ -26,19 +27,17 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 import os
 from dataclasses import dataclass
 from typing import Any, Iterator
 
 import pyarrow as pa
 
-from batch.spec.config import JobSpec, SpecError
+from batch.plan.batches import cut_blocks, pack_batches
 from batch.plan.locations import input_rules
-from batch.run.stages import assign_batches, pack_batches
-
-MAX_BATCHES_PER_BLOCK = 8
-BLOCKS_PER_ACTOR = 4
+from batch.spec.base import SpecError
+from batch.spec.config import JobSpec
+from batch.tasks import TASKS
 
 
 @dataclass(frozen=True)
@@ -120,19 +119,6 @@ def resolve_resources(spec: JobSpec, cluster: dict[str, float], local: bool) -> 
                      threads_per_actor=max(1, round(cpa)), cluster_cpus=cpus, cluster_gpus=gpus)
 
 
-def cut_blocks(items: pa.Table, batch_size: int, actors: int) -> list[pa.Table]:
-    """Number the GPU batches (``_batch``), then cut blocks of whole batches: enough blocks to feed
-    every actor (``BLOCKS_PER_ACTOR`` each where there is work), none over ``MAX_BATCHES_PER_BLOCK``."""
-    if items.num_rows == 0:
-        return []
-    ids = assign_batches(items, batch_size)
-    items = items.append_column("_batch", pa.array(ids, pa.int64()))
-    starts = [i for i in range(len(ids)) if i == 0 or ids[i] != ids[i - 1]]
-    per_block = min(MAX_BATCHES_PER_BLOCK, max(1, math.ceil(len(starts) / (actors * BLOCKS_PER_ACTOR))))
-    bounds = starts[::per_block] + [items.num_rows]
-    return [items.slice(a, b - a) for a, b in zip(bounds, bounds[1:])]
-
-
 def _quiet_data_context():
     """Ray Data's context with its own logs and progress bars quieted: the driver shows one bar instead."""
     from ray.data import DataContext
@@ -150,7 +136,8 @@ def run_items(items: pa.Table, spec: JobSpec, res: Resources, upload: bool) -> I
     import ray
     from ray.data import ActorPoolStrategy
 
-    from batch.run.stages import EncodeWriter, Txt2ImgSampler
+    from batch.run.inputs import fetch_packed_inputs
+    from batch.run.stages import EncodeWriter, Sampler, SamplerSettings, WriterSettings
 
     blocks = cut_blocks(items, spec.batch_size, res.actors)
     if not blocks:
@@ -161,13 +148,9 @@ def run_items(items: pa.Table, spec: JobSpec, res: Resources, upload: bool) -> I
     ctx.wait_for_min_actors_s = spec.wait_for_actors_s or -1
 
     # whole GPU batches, one per Ray row: Ray's integer batch_size (required with GPUs) can then never
-    # split a GPU batch across sampler calls, whatever it merges or slices (stages.pack_batches)
+    # split a GPU batch across sampler calls, whatever it merges or slices (batch.plan.batches)
     ds = ray.data.from_arrow([pack_batches(b) for b in blocks])
-    sampler = Txt2ImgSampler
-    if spec.task != "txt2img":  # image tasks: fetch inputs in a CPU stage first, never inside the actors
-        from batch.run.image_stages import SAMPLER_FOR_TASK, fetch_packed_inputs
-
-        sampler = SAMPLER_FOR_TASK[spec.task]
+    if TASKS[spec.task].input_image:  # fetch input images in a CPU stage first, never inside the actors
         fetch_kwargs = dict(storage_options=spec.storage_options, max_pixels=spec.limits.max_input_pixels,
                             allowed=input_rules(spec)[0])
         if any(str(u).startswith("memory://") for u in items.column("image_uri").to_pylist()):
@@ -176,13 +159,10 @@ def run_items(items: pa.Table, spec: JobSpec, res: Resources, upload: bool) -> I
         else:
             ds = ds.map_batches(fetch_packed_inputs, fn_kwargs=fetch_kwargs, batch_size=None,
                                 batch_format="pyarrow", num_cpus=spec.writer_cpus)
+    threads = res.threads_per_actor if res.device == "cpu" else None
     ds = ds.map_batches(
-        sampler,
-        fn_constructor_kwargs=dict(model=spec.model, revision=spec.revision, dtype=spec.dtype, device=res.device,
-                                   batch_size=spec.batch_size, allow_pickle=spec.allow_pickle, variant=spec.variant,
-                                   num_threads=res.threads_per_actor if res.device == "cpu" else None,
-                                   optimizations=spec.optimizations.model_dump(),
-                                   safety_policy=spec.safety_policy),
+        Sampler,
+        fn_constructor_args=(SamplerSettings.from_spec(spec, res.device, threads),),
         batch_size=1,  # one packed row = one whole GPU batch per sampler call (Ray requires an int with GPUs)
         batch_format="pyarrow",
         compute=ActorPoolStrategy(size=min(res.actors, len(blocks))),
@@ -193,10 +173,7 @@ def run_items(items: pa.Table, spec: JobSpec, res: Resources, upload: bool) -> I
     )
     ds = ds.map_batches(
         EncodeWriter,
-        fn_constructor_kwargs=dict(output=spec.output, storage_options=spec.storage_options, upload=upload,
-                                   retries=spec.storage_retries, output_format=spec.output_format,
-                                   image_format=spec.image_format, webp_lossless=spec.webp_lossless,
-                                   jpeg_quality=spec.jpeg_quality),
+        fn_constructor_args=(WriterSettings.from_spec(spec, upload),),
         batch_size=None,
         batch_format="pyarrow",
         # warm writer processes, one to start with, more while blocks queue up (PNG encoding of many GPUs)

@@ -1,8 +1,9 @@
-"""The job's stages as plain Python: a stateful sampler class and a CPU encode/write function.
+"""The job's stages as plain Python: the sampler (a stateful class) and the encode/write stage, with their settings.
 
 ``pipeline`` wires these into Ray; here they take and return ``pyarrow.Table`` batches and know nothing
 of Ray, so they run (and are tested) in-process too. The sampler never encodes or uploads; the writer
-never touches the model.
+never touches the model. Each is configured by one settings object built once from the spec
+(:class:`SamplerSettings`, :class:`WriterSettings`).
 """
 
 from __future__ import annotations
@@ -10,77 +11,98 @@ from __future__ import annotations
 import json
 import time
 import traceback
+from dataclasses import dataclass, field
 from itertools import groupby
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import torch
 
 from batch.models.devices import torch_device, worker_id
-from batch.plan.manifest import BUCKET_FIELDS, bucket_key
-from batch.spec.config import Optimizations
 from batch.models.load import load_model, make_scheduler, scheduler_class_name
-from batch.store.schema import NSFW_ERROR
 from batch.models.safety import apply_policy
-from batch.sampling.txt2img import SamplingParams, truncation_warnings, txt2img
 from batch.models.speed import apply_optimizations
-from batch.store.schema import METADATA_SCHEMA
+from batch.plan.batches import PACKED, assign_batches, unpack_batches
+from batch.spec.base import Optimizations
+from batch.store.formats import OutputFormat, write_block
 from batch.store.io import error_text
+from batch.store.schema import METADATA_SCHEMA, NSFW_ERROR
 from batch.store.schema import set_column as _set_column
-
-_SAMPLER_INPUTS = ["prompt", "negative_prompt", "seed", "height", "width", "num_inference_steps",
-                   "guidance_scale", "scheduler"]
+from batch.tasks import TASKS
 
 
-def assign_batches(items: pa.Table, batch_size: int) -> list[int]:
-    """GPU batch number of each item: runs of equal bucket key, cut every ``batch_size`` items.
+@dataclass(frozen=True)
+class SamplerSettings:
+    """Everything a sampler replica needs, built once from the spec (:meth:`from_spec`)."""
 
-    Computed from the (bucket-sorted) items alone, so which images share a sampler call depends only
-    on the manifest, the spec's defaults and ``batch_size``, never on blocks, actors or timing.
-    """
-    rows = items.select(list(BUCKET_FIELDS)).to_pylist()
-    ids: list[int] = []
-    batch, run_start = -1, 0
-    for i, row in enumerate(rows):
-        new_run = i == 0 or bucket_key(row) != bucket_key(rows[i - 1])
-        if new_run:
-            run_start = i
-        if new_run or (i - run_start) % batch_size == 0:
-            batch += 1
-        ids.append(batch)
-    return ids
+    task: str = "txt2img"
+    model: str = "tiny"
+    revision: str | None = None
+    dtype: str = "auto"
+    device: str = "cpu"
+    batch_size: int = 4  # images (upscale: tiles) per sampler call
+    allow_pickle: bool = False
+    variant: str | None = None
+    num_threads: int | None = None  # torch threads of a CPU actor; None: leave torch's choice
+    optimizations: Optimizations = field(default_factory=Optimizations)
+    safety_policy: str = "flag"
 
-
-PACKED = "_gpu_batch"  # one Ray row per GPU batch: list<struct> of the batch's items
-
-
-def pack_batches(items: pa.Table) -> pa.Table:
-    """One row per GPU batch (``_batch``, consecutive): a ``_gpu_batch`` list of the batch's item structs.
-
-    Ray Data needs an integer ``batch_size`` when GPUs are requested, and with one it merges and slices
-    blocks into calls of exactly that many rows. Packing makes a Ray row a whole GPU batch, so whatever
-    Ray merges or slices, a sampler call only ever receives whole batches (``batch_size=1``: one each).
-    """
-    ids = items.column("_batch").to_pylist()
-    starts = [i for i in range(len(ids)) if i == 0 or ids[i] != ids[i - 1]]
-    offsets = pa.array(starts + [len(ids)], pa.int32())
-    structs = items.combine_chunks().to_struct_array().combine_chunks()
-    return pa.table({PACKED: pa.ListArray.from_arrays(offsets, structs)})
+    @classmethod
+    def from_spec(cls, spec: Any, device: str, num_threads: int | None = None) -> "SamplerSettings":
+        return cls(task=spec.task, model=spec.model, revision=spec.revision, dtype=spec.dtype, device=device,
+                   batch_size=spec.batch_size, allow_pickle=spec.allow_pickle, variant=spec.variant,
+                   num_threads=num_threads, optimizations=spec.optimizations, safety_policy=spec.safety_policy)
 
 
-def unpack_batches(packed: pa.Table) -> pa.Table:
-    """The items of packed GPU batches (:func:`pack_batches`), in order, ``_batch`` included."""
-    lists = packed.column(PACKED).combine_chunks()
-    return pa.Table.from_struct_array(lists.flatten())
+@dataclass(frozen=True)
+class WriterSettings:
+    """Where and how the encode/write stage stores images, built once from the spec (:meth:`from_spec`)."""
+
+    output: str
+    storage_options: dict[str, Any] = field(default_factory=dict)
+    upload: bool = True  # False: return the objects (``_puts``) for the driver to write (process-local fs)
+    retries: int | None = None  # tries per storage operation on transient errors
+    fmt: OutputFormat = field(default_factory=OutputFormat)
+
+    @classmethod
+    def from_spec(cls, spec: Any, upload: bool = True) -> "WriterSettings":
+        return cls(output=spec.output, storage_options=spec.storage_options, upload=upload,
+                   retries=spec.storage_retries, fmt=OutputFormat.from_spec(spec))
+
+
+@dataclass
+class ItemResult:
+    """What the sampler decides for one item (one metadata row's sampler columns)."""
+
+    height: int | None
+    width: int | None
+    status: str = "ok"
+    error: str | None = None
+    pixels: bytes | None = None  # raw uint8 HxWx3, encoded by the writer stage
+    scheduler_config: str | None = None  # JSON: the exact config the call's scheduler was built from
+    t_sample_s: float = 0.0
+    sampled_at: float | None = None
+    vae_redecoded_fp32: bool | None = None
+    nsfw: bool | None = None  # null: the model has no safety checker
+
+    def fail(self, error: str) -> None:
+        self.status, self.error = "failed", error
 
 
 def with_sampler_columns(batch: pa.Table, model: Any, worker: str, optimized_json: str, rows: list[dict],
-                         per_image: dict[str, list]) -> pa.Table:
-    """``batch`` plus what a sampler adds: the effective ``scheduler``, the ``per_image`` outputs
-    (``_pixels``, status, error, timings, ...) and the model's identity (same for every row)."""
+                         results: list[ItemResult], extra: dict[str, list]) -> pa.Table:
+    """``batch`` plus what a sampler adds: the effective ``scheduler``, each item's result (``_pixels``,
+    status, error, timings, ...), the task's ``extra`` columns and the model's identity (same for every row)."""
     n = len(rows)
     out = _set_column(batch, "scheduler", [r["scheduler"] for r in rows], pa.string())
+    per_item = {
+        "height": [r.height for r in results], "width": [r.width for r in results],
+        "_pixels": [r.pixels for r in results], "status": [r.status for r in results],
+        "error": [r.error for r in results], "scheduler_config": [r.scheduler_config for r in results],
+        "t_sample_s": [r.t_sample_s for r in results], "sampled_at": [r.sampled_at for r in results],
+        "vae_redecoded_fp32": [r.vae_redecoded_fp32 for r in results], "nsfw": [r.nsfw for r in results],
+    }
     identity = {
         "model": [model.model_id] * n,
         "model_revision": [model.revision] * n,
@@ -91,7 +113,7 @@ def with_sampler_columns(batch: pa.Table, model: Any, worker: str, optimized_jso
         "worker": [worker] * n,
         "optimizations": [optimized_json] * n,
     }
-    for name, values in {**per_image, **identity}.items():
+    for name, values in {**per_item, **extra, **identity}.items():
         type_ = pa.binary() if name == "_pixels" else METADATA_SCHEMA.field(name).type
         out = _set_column(out, name, values, type_)
     return out
@@ -100,154 +122,107 @@ def with_sampler_columns(batch: pa.Table, model: Any, worker: str, optimized_jso
 class Sampler:
     """GPU stage: ``__init__`` loads one model replica, ``__call__(batch)`` generates a block's images.
 
-    ``batch`` holds items, or whole GPU batches packed one per row (:func:`pack_batches`, what the Ray
-    pipeline sends). Items are split into sampler calls by its ``_batch`` column (see :func:`assign_batches`; computed
-    here when absent): at most ``batch_size`` images sharing a bucket (shape, steps, guidance,
-    scheduler). A call that raises marks only its own images failed; the rest go on. Items that arrive
-    failed (an image that could not be fetched) pass through untouched. Each task says how to read its
-    rows (:meth:`_rows`) and how to sample one GPU batch (:meth:`_sample`).
+    ``batch`` holds items, or whole GPU batches packed one per row (:func:`batch.plan.batches.pack_batches`,
+    what the Ray pipeline sends). Items are split into sampler calls by their ``_batch`` column
+    (:func:`batch.plan.batches.assign_batches`; computed here when absent): at most ``batch_size`` images
+    sharing a bucket (shape, steps, guidance, scheduler). A call that raises marks only its own images
+    failed; the rest go on. Items that arrive failed (an image that could not be fetched) pass through
+    untouched. The task (``batch.tasks``) says how to read its rows and how to sample one GPU batch.
     """
 
-    task = "txt2img"
-
-    def __init__(self, model: str, revision: str | None, dtype: str, device: str, batch_size: int,
-                 allow_pickle: bool = False, variant: str | None = None, num_threads: int | None = None,
-                 optimizations: dict[str, Any] | None = None, safety_policy: str = "flag"):
-        if num_threads:
-            torch.set_num_threads(num_threads)
-        self.batch_size = batch_size
-        self.model = load_model(model, revision=revision, dtype=dtype, device=torch_device(device),
-                                allow_pickle=allow_pickle, variant=variant, task=self.task)
-        self.opts = Optimizations.model_validate(optimizations or {})
+    def __init__(self, settings: SamplerSettings):
+        if settings.num_threads:
+            torch.set_num_threads(settings.num_threads)
+        self.settings = settings
+        self.task = TASKS[settings.task]
+        self.model = load_model(settings.model, revision=settings.revision, dtype=settings.dtype,
+                                device=torch_device(settings.device), allow_pickle=settings.allow_pickle,
+                                variant=settings.variant, task=settings.task)
+        self.opts = settings.optimizations
         self.optimized = apply_optimizations(self.model, self.opts)
         self.optimized_json = json.dumps(self.optimized, sort_keys=True, default=str)
         self.worker = worker_id()
-        self.safety_policy = safety_policy
 
-    # -- what each task defines ---------------------------------------------------------------------------
-    def _rows(self, batch: pa.Table) -> list[dict]:
-        """The block's items as dicts (the columns the sampler reads)."""
-        raise NotImplementedError
-
-    def _row_error(self, row: dict) -> str | None:
-        """A per-item problem only the loaded model can see (e.g. a noise level above its maximum)."""
-        return None
-
-    def _sample(self, rows: list[dict], new_scheduler: Callable[[], Any], rescued: list[bool]) -> Any:
-        """Images (uint8 HxWx3) of one GPU batch; may append one fp32-re-decode flag per image to ``rescued``."""
-        raise NotImplementedError
-
-    def _extra_columns(self, rows: list[dict]) -> dict[str, list]:
-        return {}
-
-    # -- the shared loop ----------------------------------------------------------------------------------
-    def _safety(self, images: Any, chunk: list[int], nsfw: list[bool | None]) -> tuple[Any, list[bool]]:
-        """``batch.models.safety`` policy (flag, blackout or drop): the images to keep and whether each is kept."""
-        m = self.model
+    def _safety(self, images: Any, results: list[ItemResult]) -> tuple[Any, list[bool]]:
+        """``batch.models.safety`` policy (flag, blackout or drop): the images to keep and whether each is kept;
+        each result's ``nsfw`` is the checker's verdict."""
+        m, policy = self.model, self.settings.safety_policy
         if m.safety_checker is None:
-            return images, [True] * len(chunk)
+            return images, [True] * len(results)
         if isinstance(images, np.ndarray):  # one shape: one checker call
             flags = m.safety_checker(images)
-            images, keep = apply_policy(images, flags, self.safety_policy)
+            images, keep = apply_policy(images, flags, policy)
         else:  # outputs of one batch may differ in size (upscales): one by one
             flags, keep, kept_images = [], [], []
             for img in images:
                 flag = m.safety_checker(img[None])
-                kept, ok = apply_policy(img[None], flag, self.safety_policy)
+                kept, ok = apply_policy(img[None], flag, policy)
                 flags.append(flag[0])
                 keep.append(ok[0])
                 kept_images.append(kept[0])
             images = kept_images
-        for j, i in enumerate(chunk):
-            nsfw[i] = flags[j]
+        for res, flag in zip(results, flags):
+            res.nsfw = flag
         return images, keep
 
-    def __call__(self, batch: pa.Table) -> pa.Table:
+    def _sample_call(self, rows: list[dict], results: list[ItemResult]) -> None:
+        """One GPU batch: a fresh scheduler, the task's sampler, the safety policy; fills ``results``."""
         m = self.model
+        name = rows[0]["scheduler"]
+        try:
+            # a fresh scheduler per call (schedulers keep per-run state); its config is metadata
+            cfg = json.dumps(dict(make_scheduler(name, m.scheduler_config).config), sort_keys=True, default=str)
+            t0 = time.perf_counter()
+            rescued: list[bool] = []
+            images = self.task.sample(m, rows, lambda: make_scheduler(name, m.scheduler_config), self.opts,
+                                      self.settings.batch_size, rescued)
+            images, keep = self._safety(images, results)
+            dt = (time.perf_counter() - t0) / len(rows)
+            done_at = time.time()
+        except Exception as err:  # failures are data: this call's images fail, the job goes on
+            traceback.print_exc()
+            for res in results:
+                res.fail(error_text(err))
+            return
+        # raw pixels travel to the CPU stage; encoding happens there, not here
+        for j, res in enumerate(results):
+            res.t_sample_s, res.scheduler_config, res.sampled_at = dt, cfg, done_at
+            res.vae_redecoded_fp32 = rescued[j] if rescued else None
+            if not keep[j]:
+                res.fail(NSFW_ERROR)
+                continue
+            res.pixels = np.ascontiguousarray(images[j]).tobytes()
+            res.height, res.width = int(images[j].shape[0]), int(images[j].shape[1])
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        # 1. the items and their GPU batch numbers
         if PACKED in batch.column_names:  # whole GPU batches packed one per row (the Ray pipeline's input)
             batch = unpack_batches(batch)
         if "_batch" in batch.column_names:
             batch_ids = batch.column("_batch").to_pylist()
             batch = batch.drop_columns(["_batch"])
         else:
-            batch_ids = assign_batches(batch, self.batch_size)
-        rows = self._rows(batch)
+            batch_ids = assign_batches(batch, self.settings.batch_size)
+        rows = self.task.read_rows(batch)
         for r in rows:
             if r["scheduler"] == "model":
-                r["scheduler"] = m.default_scheduler
-        n = len(rows)
-        pixels: list[bytes | None] = [None] * n
-        status = [r.get("status") or "ok" for r in rows]
-        error = [r.get("error") for r in rows]
-        t_sample, sched_cfg = [0.0] * n, [None] * n
-        redecoded: list[bool | None] = [None] * n
-        sampled_at: list[float | None] = [None] * n
-        nsfw: list[bool | None] = [None] * n  # null: the model has no safety checker
-        height, width = [r["height"] for r in rows], [r["width"] for r in rows]
-        for i, r in enumerate(rows):
-            problem = self._row_error(r) if status[i] == "ok" else None
+                r["scheduler"] = self.model.default_scheduler
+        # 2. one result per item: failed on arrival, failed by a check only the model can make, or to sample
+        results = [ItemResult(height=r["height"], width=r["width"], status=r.get("status") or "ok",
+                              error=r.get("error")) for r in rows]
+        for r, res in zip(rows, results):
+            problem = self.task.row_error(self.model, r) if res.status == "ok" else None
             if problem:
-                status[i], error[i] = "failed", problem
-
-        # 1. one sampler call per GPU batch (consecutive items with one batch number share a bucket)
-        for _, group in groupby(range(n), key=lambda i: batch_ids[i]):
-            chunk = [i for i in group if status[i] == "ok"]
-            if not chunk:
-                continue
-            name = rows[chunk[0]]["scheduler"]
-            try:
-                # 2. a fresh scheduler per call (schedulers keep per-run state); its config is metadata
-                cfg = json.dumps(dict(make_scheduler(name, m.scheduler_config).config), sort_keys=True, default=str)
-                t0 = time.perf_counter()
-                rescued: list[bool] = []
-                images = self._sample([rows[i] for i in chunk], lambda: make_scheduler(name, m.scheduler_config),
-                                      rescued)
-                images, keep = self._safety(images, chunk, nsfw)
-                dt = (time.perf_counter() - t0) / len(chunk)
-                done_at = time.time()
-            except Exception as err:  # failures are data: this call's images fail, the job goes on
-                traceback.print_exc()
-                for i in chunk:
-                    status[i], error[i] = "failed", error_text(err)
-                continue
-            # 3. raw pixels travel to the CPU stage; encoding happens there, not here
-            for j, i in enumerate(chunk):
-                t_sample[i], sched_cfg[i], sampled_at[i] = dt, cfg, done_at
-                redecoded[i] = rescued[j] if rescued else None
-                if not keep[j]:
-                    status[i], error[i] = "failed", NSFW_ERROR
-                    continue
-                pixels[i] = np.ascontiguousarray(images[j]).tobytes()
-                height[i], width[i] = int(images[j].shape[0]), int(images[j].shape[1])
-
+                res.fail(problem)
+        # 3. one sampler call per GPU batch (consecutive items with one batch number share a bucket)
+        for _, group in groupby(range(len(rows)), key=lambda i: batch_ids[i]):
+            chunk = [i for i in group if results[i].status == "ok"]
+            if chunk:
+                self._sample_call([rows[i] for i in chunk], [results[i] for i in chunk])
+        # 4. the metadata columns; the fetched input pixels stay behind
         out = batch.drop_columns(["_input"]) if "_input" in batch.column_names else batch
-        return with_sampler_columns(out, m, self.worker, self.optimized_json, rows, {
-            "height": height, "width": width, "_pixels": pixels, "status": status, "error": error,
-            "scheduler_config": sched_cfg, "t_sample_s": t_sample, "sampled_at": sampled_at,
-            "vae_redecoded_fp32": redecoded, "nsfw": nsfw, **self._extra_columns(rows)})
-
-
-class Txt2ImgSampler(Sampler):
-    """GPU stage of ``task: txt2img`` (:func:`batch.sampling.txt2img.txt2img`, diffusers' ``StableDiffusionPipeline``
-    math); the images of one GPU batch share a bucket (shape, steps, guidance, scheduler)."""
-
-    task = "txt2img"
-
-    def _rows(self, batch: pa.Table) -> list[dict]:
-        return batch.select(_SAMPLER_INPUTS).to_pylist()
-
-    def _sample(self, rows, new_scheduler, rescued):
-        h, w, steps, g, _ = bucket_key(rows[0])
-        return txt2img(self.model, new_scheduler(), [r["prompt"] for r in rows],
-                       [r["negative_prompt"] for r in rows], [r["seed"] for r in rows],
-                       SamplingParams(height=h, width=w, num_inference_steps=steps, guidance_scale=g),
-                       nan_fallback=self.opts.nan_fallback, rescued=rescued)
-
-    def _extra_columns(self, rows):
-        # texts longer than the encoder's window are cut (as diffusers does); say so per row
-        return {"warnings": [truncation_warnings(self.model.tokenizer, {"prompt": r["prompt"],
-                                                                         "negative_prompt": r["negative_prompt"]})
-                             for r in rows]}
+        return with_sampler_columns(out, self.model, self.worker, self.optimized_json, rows, results,
+                                    self.task.extra_columns(self.model, rows))
 
 
 class EncodeWriter:
@@ -255,16 +230,14 @@ class EncodeWriter:
     settings given at construction. A pool of these keeps one warm process per writer instead of starting
     (and importing into) a fresh worker for each block, which cost seconds of CPU per block."""
 
-    def __init__(self, **settings: Any):
+    def __init__(self, settings: WriterSettings):
         self.settings = settings
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        return encode_and_write(batch, **self.settings)
+        return encode_and_write(batch, self.settings)
 
 
-def encode_and_write(batch: pa.Table, output: str, storage_options: dict[str, Any], upload: bool = True,
-                     retries: int | None = None, output_format: str = "files", image_format: str = "png",
-                     webp_lossless: bool = True, jpeg_quality: int = 95) -> pa.Table:
+def encode_and_write(batch: pa.Table, settings: WriterSettings) -> pa.Table:
     """CPU stage: encode each generated image, hash it and write it under the output prefix.
 
     The container (image files, WebDataset tar or Parquet shard) and the encoding (PNG, WebP, JPEG) are
@@ -273,7 +246,5 @@ def encode_and_write(batch: pa.Table, output: str, storage_options: dict[str, An
     errors are retried (``retries`` tries). With ``upload=False`` (process-local filesystems such as
     ``memory://``) the objects are returned in a ``_puts`` column for the driver to write instead.
     """
-    from batch.store.formats import OutputFormat, write_block
-
-    fmt = OutputFormat(output_format, image_format, webp_lossless, jpeg_quality)
-    return write_block(batch, output, storage_options, upload, fmt, retries=retries)
+    s = settings
+    return write_block(batch, s.output, s.storage_options, s.upload, s.fmt, retries=s.retries)

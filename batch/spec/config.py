@@ -7,123 +7,25 @@ is allowed. Command-line flags override spec values through :func:`apply_overrid
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
-SCHEDULER_NAMES = ("pndm", "plms", "ddim", "euler", "euler_a", "dpmpp_2m", "lms")
-SchedulerName = Literal["model", "pndm", "plms", "ddim", "euler", "euler_a", "dpmpp_2m", "lms"]
-MAX_SEED = 2**63  # seeds live in [0, 2**63); seed + image index then always fits a uint64
+from batch.spec.base import MAX_SEED, Limits, Optimizations, SpecError, _Strict
+from batch.tasks import TASKS
 
-
-class SpecError(ValueError):
-    """A job spec that cannot be used; the message names the field and what is allowed."""
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
-
-
-class _SamplingDefaults(_Strict):
-    """What every task's per-row defaults share; each task sets its own guidance and step defaults."""
-
-    guidance_scale: float = Field(7.5, gt=0)
-    num_inference_steps: int = Field(50, ge=1, le=1000)
-    num_images: int = Field(1, ge=1)
-    scheduler: SchedulerName = "model"
-
-    @field_validator("guidance_scale")
-    @classmethod
-    def _finite(cls, v: float) -> float:
-        if not math.isfinite(v):
-            raise ValueError("must be a finite number")
-        return v
-
-
-class Txt2ImgDefaults(_SamplingDefaults):
-    """Per-row values used where a manifest row leaves a column missing or null."""
-
-    negative_prompt: str | None = None
-    height: int = Field(512, ge=8, multiple_of=8)
-    width: int = Field(512, ge=8, multiple_of=8)
-
-
-class VariationDefaults(_SamplingDefaults):
-    """Per-row defaults of an image-variation job (``task: variation``).
-
-    ``preprocessing`` picks how an input image becomes the CLIP image encoder's 224x224 input: ``card``
-    (the model card's recipe: float tensor, resize to 224x224 bicubic *without* antialiasing via
-    ``torch.nn.functional.interpolate``, CLIP mean/std) or ``pipeline`` (the model's own
-    ``CLIPImageProcessor``: PIL bicubic resize of the short side, centre crop, same mean/std).
-    """
-
-    guidance_scale: float = Field(3.0, gt=0)  # the model card's example
-    height: int = Field(512, ge=8, multiple_of=8)
-    width: int = Field(512, ge=8, multiple_of=8)
-    preprocessing: Literal["card", "pipeline"] = "card"
-
-
-class UpscaleDefaults(_SamplingDefaults):
-    """Per-row defaults of an x4 upscaling job (``task: upscale``).
-
-    Inputs larger than ``tile_size`` (low-res pixels; the x4 upscaler was trained on 128 px crops) are
-    upscaled tile by tile: tiles of ``tile_size`` overlap by ``tile_overlap`` pixels and are blended with
-    linear ramps across the overlap (see ``batch.sampling.image``); memory is bounded by ``batch_size``
-    tiles whatever the input size.
-    """
-
-    negative_prompt: str | None = None
-    noise_level: int = Field(20, ge=0, le=350)
-    guidance_scale: float = Field(9.0, gt=0)
-    num_inference_steps: int = Field(75, ge=1, le=1000)
-    tile_size: int = Field(128, ge=16, multiple_of=8)
-    tile_overlap: int = Field(32, ge=0)
-
-    @model_validator(mode="after")
-    def _overlap_below_tile(self) -> "UpscaleDefaults":
-        if self.tile_overlap >= self.tile_size:
-            raise ValueError(f"tile_overlap ({self.tile_overlap}) must be smaller than tile_size ({self.tile_size})")
-        return self
-
-
-DEFAULTS_FOR_TASK: dict[str, type[_Strict]] = {
-    "txt2img": Txt2ImgDefaults,
-    "variation": VariationDefaults,
-    "upscale": UpscaleDefaults,
-}
-
-
-class Limits(_Strict):
-    """Bounds a manifest row may not exceed (each violation fails that row only)."""
-
-    max_images_per_row: int = Field(16, ge=1)
-    max_side: int = Field(2048, ge=8)
-    max_prompt_chars: int = Field(10_000, ge=1)
-    # Input images (variation, upscale): more pixels than this fails the row before decoding
-    # (decompression-bomb guard); 16 Mpx = 4096 x 4096.
-    max_input_pixels: int = Field(16_777_216, ge=1)
-
-
-class Optimizations(_Strict):
-    """Speed switches (``batch/models/speed.py``). Defaults keep outputs bit-identical to the plain path."""
-
-    attention: Literal["sdpa", "math"] = "sdpa"  # sdpa: PyTorch scaled_dot_product_attention (diffusers' default)
-    channels_last: bool = False  # UNet/VAE convolutions in NHWC memory layout (faster on tensor cores)
-    fuse_qkv: bool = False  # one matmul for the q/k/v projections of self-attention
-    compile: bool = False  # torch.compile the UNet (first batch of each shape pays the compile cost)
-    compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = "default"
-    cudnn_benchmark: bool = False  # let cuDNN time its convolution algorithms per shape (process-wide; GPU only)
-    vae_dtype: Literal["model", "float32"] = "model"  # float32: decode in fp32 always (SD2.1/x4 fp16 safety)
-    nan_fallback: bool = True  # fp16/bf16 decodes with NaN/inf or all-black output are re-decoded in fp32
+TaskName = Literal[tuple(TASKS)]  # type: ignore[valid-type]
+# ``defaults`` is the defaults class of the spec's ``task`` (a union discriminated on ``task``, which
+# :meth:`JobSpec._task_into_defaults` copies from the spec into ``defaults`` before validation)
+TaskDefaults = Annotated[Union[tuple(t.defaults for t in TASKS.values())], Field(discriminator="task")]
 
 
 class JobSpec(_Strict):
     """One batch job. See ``configs/`` for annotated examples and README "Job spec" for every field."""
 
-    task: Literal["txt2img", "variation", "upscale"] = "txt2img"
+    task: TaskName = "txt2img"  # one of batch.tasks.TASKS
 
     # Model: the built-in ``tiny`` preset, a local diffusers folder, or a hub id ("org/name").
     model: str = "tiny"
@@ -133,9 +35,8 @@ class JobSpec(_Strict):
     variant: str | None = None  # weight file variant, e.g. "fp16" (diffusion_pytorch_model.fp16.safetensors)
     allow_pickle: bool = False  # load pickled .bin/.ckpt weights; off by default (safetensors only)
 
-    # The defaults class follows ``task`` (``DEFAULTS_FOR_TASK``); fields of another task are refused.
-    defaults: Txt2ImgDefaults | VariationDefaults | UpscaleDefaults = Field(default_factory=Txt2ImgDefaults,
-                                                                            validate_default=True)
+    # The defaults class follows ``task`` (``batch.tasks.TASKS[task].defaults``); fields of another task are refused.
+    defaults: TaskDefaults = Field(default_factory=dict, validate_default=True)
     limits: Limits = Field(default_factory=Limits)
     optimizations: Optimizations = Field(default_factory=Optimizations)
 
@@ -177,14 +78,21 @@ class JobSpec(_Strict):
     # flag = keep the image and set metadata nsfw; blackout = zero its pixels (diffusers); drop = fail the row.
     safety_policy: Literal["flag", "blackout", "drop"] = "flag"
 
-    @field_validator("defaults", mode="wrap")
+    @model_validator(mode="before")
     @classmethod
-    def _defaults_for_task(cls, v: Any, handler: Any, info: Any) -> Any:
-        """Validate ``defaults`` against the class of the spec's ``task`` (errors keep dotted fields)."""
-        kind = DEFAULTS_FOR_TASK.get(info.data.get("task", "txt2img"), Txt2ImgDefaults)
-        if isinstance(v, BaseModel):
-            v = v.model_dump(exclude_unset=True) if not isinstance(v, kind) else v
-        return v if isinstance(v, kind) else kind.model_validate(v if v is not None else {})
+    def _task_into_defaults(cls, data: Any) -> Any:
+        """``defaults`` is validated by the spec's task's class: give it the discriminator, ``task``."""
+        if not isinstance(data, dict):
+            return data
+        task = data.get("task", "txt2img")
+        defaults = data.get("defaults")
+        if isinstance(defaults, BaseModel):  # e.g. model_copy(update=...) or a defaults object
+            defaults = defaults.model_dump(exclude_unset=True)
+        if defaults is None:
+            defaults = {}
+        if isinstance(defaults, dict) and task in TASKS:
+            data = {**data, "defaults": {**defaults, "task": task}}
+        return data
 
     @model_validator(mode="after")
     def _cpu_requests_no_gpus(self) -> "JobSpec":
@@ -202,9 +110,19 @@ class JobSpec(_Strict):
         return v
 
 
+def _user_loc(loc: tuple) -> tuple:
+    """An error's location as the user wrote it: ``defaults.<task>.height`` (the union's tag) -> ``defaults.height``."""
+    if len(loc) >= 2 and loc[0] == "defaults" and loc[1] in TASKS:
+        return (loc[0],) + tuple(loc[2:])
+    return tuple(loc)
+
+
 def _format_errors(err: ValidationError, source: str, task: str = "txt2img") -> str:
     lines = [f"invalid job spec ({source}):"]
     for e in err.errors():
+        if e["type"] == "union_tag_not_found":  # no valid task: reported at ``task`` itself
+            continue
+        e = {**e, "loc": _user_loc(e["loc"])}
         field = ".".join(str(p) for p in e["loc"]) or "<root>"
         msg = e["msg"]
         if e["type"] == "extra_forbidden":
@@ -222,10 +140,11 @@ def _allowed_at(loc: tuple, task: str = "txt2img") -> list[str]:
     for part in loc[:-1]:
         ann = model.model_fields[str(part)].annotation
         if model is JobSpec and part == "defaults":
-            ann = DEFAULTS_FOR_TASK.get(task, Txt2ImgDefaults)
+            ann = TASKS[task].defaults
         if isinstance(ann, type) and issubclass(ann, BaseModel):
             model = ann
-    return list(model.model_fields)
+    # the defaults' discriminator is the spec's own ``task``, never written inside ``defaults``
+    return [f for f in model.model_fields if not (model is not JobSpec and f == "task")]
 
 
 def parse_spec(data: dict[str, Any], source: str = "<dict>") -> JobSpec:
@@ -235,7 +154,7 @@ def parse_spec(data: dict[str, Any], source: str = "<dict>") -> JobSpec:
     try:
         return JobSpec.model_validate(data)
     except ValidationError as err:
-        task = data.get("task") if data.get("task") in DEFAULTS_FOR_TASK else "txt2img"
+        task = data.get("task") if data.get("task") in TASKS else "txt2img"
         raise SpecError(_format_errors(err, source, task)) from None
 
 

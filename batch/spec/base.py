@@ -1,0 +1,66 @@
+"""What every part of a job spec shares: the strict base model, scheduler names, seed range, limits, speed switches.
+
+Dependency-free (pydantic only), so the task modules (``batch.tasks``) can declare their per-row defaults on
+it and :mod:`batch.spec.config` can assemble the whole spec from them without an import circle.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+SCHEDULER_NAMES = ("pndm", "plms", "ddim", "euler", "euler_a", "dpmpp_2m", "lms")
+SchedulerName = Literal["model", "pndm", "plms", "ddim", "euler", "euler_a", "dpmpp_2m", "lms"]
+MAX_SEED = 2**63  # seeds live in [0, 2**63); seed + image index then always fits a uint64
+
+
+class SpecError(ValueError):
+    """A job spec that cannot be used; the message names the field and what is allowed."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class SamplingDefaults(_Strict):
+    """What every task's per-row defaults share; each task (``batch.tasks``) sets its own guidance and step
+    defaults. ``task`` is the discriminator of ``JobSpec.defaults``: it is always the spec's own ``task``
+    (filled in from it, never written by hand) and is left out of dumps, so ``run.json`` is unchanged."""
+
+    guidance_scale: float = Field(7.5, gt=0)
+    num_inference_steps: int = Field(50, ge=1, le=1000)
+    num_images: int = Field(1, ge=1)
+    scheduler: SchedulerName = "model"
+
+    @field_validator("guidance_scale")
+    @classmethod
+    def _finite(cls, v: float) -> float:
+        if not math.isfinite(v):
+            raise ValueError("must be a finite number")
+        return v
+
+
+class Limits(_Strict):
+    """Bounds a manifest row may not exceed (each violation fails that row only)."""
+
+    max_images_per_row: int = Field(16, ge=1)
+    max_side: int = Field(2048, ge=8)
+    max_prompt_chars: int = Field(10_000, ge=1)
+    # Input images (variation, upscale): more pixels than this fails the row before decoding
+    # (decompression-bomb guard); 16 Mpx = 4096 x 4096.
+    max_input_pixels: int = Field(16_777_216, ge=1)
+
+
+class Optimizations(_Strict):
+    """Speed switches (``batch/models/speed.py``). Defaults keep outputs bit-identical to the plain path."""
+
+    attention: Literal["sdpa", "math"] = "sdpa"  # sdpa: PyTorch scaled_dot_product_attention (diffusers' default)
+    channels_last: bool = False  # UNet/VAE convolutions in NHWC memory layout (faster on tensor cores)
+    fuse_qkv: bool = False  # one matmul for the q/k/v projections of self-attention
+    compile: bool = False  # torch.compile the UNet (first batch of each shape pays the compile cost)
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = "default"
+    cudnn_benchmark: bool = False  # let cuDNN time its convolution algorithms per shape (process-wide; GPU only)
+    vae_dtype: Literal["model", "float32"] = "model"  # float32: decode in fp32 always (SD2.1/x4 fp16 safety)
+    nan_fallback: bool = True  # fp16/bf16 decodes with NaN/inf or all-black output are re-decoded in fp32

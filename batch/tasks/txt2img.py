@@ -1,0 +1,110 @@
+"""Task ``txt2img``: prompts to images (SD 1.x/2.x text-to-image, diffusers' ``StableDiffusionPipeline``).
+
+A manifest row is one prompt:
+
+=====================  ========  =====================================================
+column                 required  meaning (missing or null takes the spec's ``defaults``)
+=====================  ========  =====================================================
+``id``                 yes       unique non-empty string naming the row
+``prompt``             yes       non-empty text
+``negative_prompt``    no        text for the unconditional branch of CFG ("" when null)
+``seed``               no        integer in [0, 2**63); null derives one (see ``batch.plan.seeds``)
+``guidance_scale``     no        finite number > 0
+``num_inference_steps`` no       integer in [1, 1000]
+``height``, ``width``  no        integers, multiples of 8, at most ``limits.max_side``
+``num_images``         no        integer in [1, ``limits.max_images_per_row``]
+``scheduler``          no        one of ``batch.spec.base.SCHEDULER_NAMES`` or ``model``
+=====================  ========  =====================================================
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import pyarrow as pa
+from pydantic import Field
+
+from batch.models.tiny import tiny_components
+from batch.plan.rows import RowError, begin_row, bucket_key, check_numbers, check_scheduler_and_seed
+from batch.sampling.txt2img import SamplingParams, truncation_warnings, txt2img
+from batch.spec.base import SamplingDefaults
+from batch.store.schema import ITEM_SCHEMA
+from batch.tasks.base import Task
+
+COLUMNS = ("id", "prompt", "negative_prompt", "seed", "guidance_scale", "num_inference_steps", "height", "width",
+           "num_images", "scheduler")
+SAMPLER_INPUTS = ["prompt", "negative_prompt", "seed", "height", "width", "num_inference_steps",
+                  "guidance_scale", "scheduler"]
+
+
+class Txt2ImgDefaults(SamplingDefaults):
+    """Per-row values used where a manifest row leaves a column missing or null."""
+
+    task: Literal["txt2img"] = Field("txt2img", exclude=True)
+    negative_prompt: str | None = None
+    height: int = Field(512, ge=8, multiple_of=8)
+    width: int = Field(512, ge=8, multiple_of=8)
+
+
+def validate_row(raw: dict[str, Any], spec: Any, rules: Any = None) -> dict[str, Any]:
+    """Effective parameters of one manifest row, or :class:`RowError` listing every bad field."""
+    lim = spec.limits
+    # 1. Identity and text.
+    take, problems, out = begin_row(raw, spec)
+    prompt = raw.get("prompt")
+    if not isinstance(prompt, str) or not prompt.strip():
+        problems.append(("prompt", f"missing or empty, got {prompt!r}"))
+    elif len(prompt) > lim.max_prompt_chars:
+        problems.append(("prompt", f"longer than limits.max_prompt_chars={lim.max_prompt_chars}, got {len(prompt)}"))
+    out["prompt"] = prompt
+
+    neg = take("negative_prompt")
+    if neg is not None and not isinstance(neg, str):
+        problems.append(("negative_prompt", f"must be a string or null, got {type(neg).__name__}"))
+    out["negative_prompt"] = neg
+
+    # 2. Numbers, scheduler and seed (shared with the image tasks).
+    check_numbers(take, [("num_inference_steps", 1, 1000), ("num_images", 1, lim.max_images_per_row),
+                         ("height", 8, lim.max_side), ("width", 8, lim.max_side)], problems, out)
+    check_scheduler_and_seed(raw, take, spec, problems, out)
+
+    if problems:
+        raise RowError(problems)
+    return out
+
+
+def read_rows(batch: pa.Table) -> list[dict]:
+    return batch.select(SAMPLER_INPUTS).to_pylist()
+
+
+def sample(model, rows, new_scheduler, opts, batch_size, rescued):
+    """One GPU batch (one bucket: shape, steps, guidance, scheduler) through :func:`batch.sampling.txt2img.txt2img`."""
+    h, w, steps, g, _ = bucket_key(rows[0])
+    return txt2img(model, new_scheduler(), [r["prompt"] for r in rows], [r["negative_prompt"] for r in rows],
+                   [r["seed"] for r in rows],
+                   SamplingParams(height=h, width=w, num_inference_steps=steps, guidance_scale=g),
+                   nan_fallback=opts.nan_fallback, rescued=rescued)
+
+
+def extra_columns(model, rows):
+    # texts longer than the encoder's window are cut (as diffusers does); say so per row
+    return {"warnings": [truncation_warnings(model.tokenizer, {"prompt": r["prompt"],
+                                                               "negative_prompt": r["negative_prompt"]})
+                         for r in rows]}
+
+
+TASK = Task(
+    name="txt2img",
+    defaults=Txt2ImgDefaults,
+    columns=COLUMNS,
+    required=("id", "prompt"),
+    item_schema=ITEM_SCHEMA,
+    validate_row=validate_row,
+    read_rows=read_rows,
+    sample=sample,
+    extra_columns=extra_columns,
+    pipeline_class="StableDiffusionPipeline",
+    pipeline_kwargs=dict(feature_extractor=None, requires_safety_checker=False),
+    weight_components=("unet", "vae", "text_encoder"),
+    tiny_components=tiny_components,
+)
