@@ -24,6 +24,8 @@ from conftest import write_manifest
 from batch.storage import RUN_RECORD, SUCCESS_MARKER, open_output, read_metadata
 from batch.writers import decode_image
 
+pytestmark = pytest.mark.e2e  # every test here starts a Ray head (`ray start`) in a subprocess
+
 REPO = Path(__file__).resolve().parent.parent
 AUTH_TOKEN = Path.home() / ".ray" / "auth_token"
 

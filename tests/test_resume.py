@@ -28,6 +28,8 @@ from batch.job import RunExistsError, RunInProgressError, run_job
 from batch.storage import (LEASE, RUN_RECORD, SUCCESS_MARKER, RetryPolicy, metadata_parts, open_output,
                            read_metadata, read_parts)
 
+pytestmark = pytest.mark.e2e  # every test here runs a job on Ray
+
 ROOT = Path(__file__).resolve().parents[1]
 ROWS = [{"id": f"row-{i:02d}", "prompt": f"a small picture number {i}", "num_images": 1 + i % 2} for i in range(10)]
 PLANNED = sum(r["num_images"] for r in ROWS)

@@ -15,6 +15,8 @@ from batch.job import run_job
 from batch.storage import RUN_RECORD, SUCCESS_MARKER, open_output, read_metadata
 from batch.writers import decode_image
 
+pytestmark = pytest.mark.e2e  # every test here runs a job on Ray
+
 
 @pytest.fixture(scope="module")
 def s3_options():
