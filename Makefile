@@ -8,7 +8,7 @@ export RAY_AUTH_MODE ?= disabled
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install demo demo-images test clean
+.PHONY: install demo demo-images test test-fast clean
 
 install: $(STAMP)
 
@@ -38,6 +38,11 @@ demo-images: install
 
 test: install
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+# Everything but the tests marked e2e (they start Ray or run a job; tests/conftest.py enforces the mark) or
+# slow (torch.compile on CPU).
+test-fast: install
+	$(BIN)/python -m pytest -q -m "not e2e and not slow" $(PYTEST_ARGS)
 
 clean:
 	rm -rf build .pytest_cache

@@ -29,9 +29,43 @@ def tiny_vpred_dir(tmp_path_factory):
     return save_tiny_model(tmp_path_factory.mktemp("tiny-v") / "model", prediction_type="v_prediction")
 
 
+# Fixtures that start Ray. A test that requests one, directly or through another fixture, must be marked e2e
+# (`make test-fast` runs `-m "not e2e"`): checked at collection, so an unmarked one fails the whole run.
+RAY_FIXTURES = ("ray_session", "ray_head", "gpu_ray")
+
+
+@pytest.hookimpl(tryfirst=True)  # before `-m` deselects anything
+def pytest_collection_modifyitems(config, items):
+    unmarked = [f"{item.nodeid} (uses {', '.join(f for f in RAY_FIXTURES if f in item.fixturenames)})"
+                for item in items
+                if any(f in item.fixturenames for f in RAY_FIXTURES) and item.get_closest_marker("e2e") is None]
+    if unmarked:
+        raise pytest.UsageError("these tests start Ray but are not marked e2e; mark them "
+                                "`@pytest.mark.e2e` (or `pytestmark = pytest.mark.e2e` for a whole module):\n  "
+                                + "\n  ".join(unmarked))
+
+
+@pytest.fixture(autouse=True)
+def _no_ray_outside_e2e(request):
+    """A test not marked e2e must not start Ray by other means either (``run_job`` embeds one on demand)."""
+    import sys
+
+    if request.node.get_closest_marker("e2e") is not None:
+        yield
+        return
+    ray = sys.modules.get("ray")
+    was_up = ray is not None and ray.is_initialized()
+    yield
+    ray = sys.modules.get("ray")
+    if not was_up and ray is not None and ray.is_initialized():
+        ray.shutdown()
+        pytest.fail(f"{request.node.nodeid} started Ray but is not marked e2e: mark it `@pytest.mark.e2e`")
+
+
 @pytest.fixture(scope="session")
 def ray_session():
-    """One embedded 2-CPU Ray for all pipeline tests (jobs reuse it and leave it running)."""
+    """One embedded 2-CPU Ray for all pipeline tests (jobs reuse it and leave it running). Only for tests
+    marked e2e (enforced by ``pytest_collection_modifyitems`` above)."""
     import ray
 
     ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING")

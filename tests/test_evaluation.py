@@ -212,6 +212,7 @@ def demo_inputs(tmp_path_factory):
             "root": d}
 
 
+@pytest.mark.e2e
 def test_eval_end_to_end_with_cached_reference_stats(demo_inputs, ray_session, capsys):
     from batch.cli import main
 
@@ -286,6 +287,7 @@ def test_jobs_evaluate_maps_config_flag():
     assert mod._argv(["c.yaml"]) == ["eval", "c.yaml"]
 
 
+@pytest.mark.e2e
 def test_failed_eval_says_so_in_its_record(tmp_path, ray_session):
     from batch.eval.evaluation import run_eval
 

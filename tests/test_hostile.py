@@ -55,6 +55,7 @@ def _tree(root) -> dict[str, bytes]:
     return {str(p.relative_to(root)): p.read_bytes() for p in root.rglob("*") if p.is_file()}
 
 
+@pytest.mark.e2e
 def test_hostile_manifest_fails_bad_rows_only_and_writes_nowhere_else(tmp_path, ray_session):
     manifest = write_manifest(tmp_path / "m.parquet", GOOD + [r for r, _ in HOSTILE], SCHEMA)
     before = _tree(tmp_path)

@@ -171,6 +171,7 @@ def variation_run(tmp_path_factory, ray_session, tiny_variation_dir):
     return run_job(spec), str(d / "out"), read_metadata(str(d / "out"))
 
 
+@pytest.mark.e2e
 def test_variation_job_end_to_end_equals_diffusers(variation_run, tiny_variation_dir):
     from batch.sampling.image import card_preprocess
     from batch.run.inputs import fetch_image
@@ -223,6 +224,7 @@ def upscale_run(tmp_path_factory, ray_session, tiny_upscale_dir):
     return run_job(spec), str(d / "out"), read_metadata(str(d / "out"))
 
 
+@pytest.mark.e2e
 def test_upscale_job_end_to_end(upscale_run, tiny_upscale_dir):
     summary, out_uri, meta = upscale_run
     rows = {r["id"]: r for r in meta.to_pylist()}

@@ -58,6 +58,7 @@ def mixed_run(tmp_path_factory, ray_session):
     return summary, str(d / "out"), read_metadata(str(d / "out"))
 
 
+@pytest.mark.e2e
 def test_good_rows_complete_and_bad_rows_fail_with_field(mixed_run):
     summary, out, meta = mixed_run
     rows = meta.to_pylist()
@@ -79,6 +80,7 @@ def test_good_rows_complete_and_bad_rows_fail_with_field(mixed_run):
     assert summary.failure_reasons["id: duplicate id"] == 2
 
 
+@pytest.mark.e2e
 def test_objects_match_metadata_and_stay_under_prefix(mixed_run):
     _, out_uri, meta = mixed_run
     out = open_output(out_uri)
@@ -101,6 +103,7 @@ def test_objects_match_metadata_and_stay_under_prefix(mixed_run):
     assert out.get_json(SUCCESS_MARKER)["run_id"] == record["run_id"]
 
 
+@pytest.mark.e2e
 def test_stored_png_equals_plain_diffusers_from_metadata_row_alone(mixed_run, tiny_dir):
     """Reproduce images with plain diffusers using nothing but each metadata row (tiny == tiny_dir)."""
     from diffusers import StableDiffusionPipeline
@@ -124,6 +127,7 @@ def test_stored_png_equals_plain_diffusers_from_metadata_row_alone(mixed_run, ti
     assert checked == 5
 
 
+@pytest.mark.e2e
 def test_rerun_is_byte_identical_and_memory_filesystem_works(mixed_run, tmp_path, ray_session):
     _, _, first = mixed_run
     manifest = write_manifest(tmp_path / "m.parquet", GOOD + BAD, SCHEMA)
@@ -139,6 +143,7 @@ def test_rerun_is_byte_identical_and_memory_filesystem_works(mixed_run, tmp_path
             assert hashlib.sha256(out.fs.cat_file(out.fs._strip_protocol(r["uri"]))).hexdigest() == r["sha256"]
 
 
+@pytest.mark.e2e
 def test_one_file_manifest_spreads_over_two_actors_without_deadlock(tmp_path, ray_session):
     rows = [{"id": f"r{i}", "prompt": f"prompt number {i}"} for i in range(16)]
     manifest = write_manifest(tmp_path / "m.parquet", rows)
@@ -148,6 +153,7 @@ def test_one_file_manifest_spreads_over_two_actors_without_deadlock(tmp_path, ra
     assert len(set(meta.column("worker").to_pylist())) == 2
 
 
+@pytest.mark.e2e
 def test_existing_output_resumes_the_same_run_and_refuses_another(mixed_run, tmp_path):
     _, out, meta = mixed_run
     manifest = write_manifest(tmp_path / "m.parquet", GOOD + BAD, SCHEMA)
@@ -205,6 +211,7 @@ def test_cli_validate_and_fail_fast(tmp_path, capsys):
     assert "lacks required column(s) ['prompt']" in capsys.readouterr().err
 
 
+@pytest.mark.e2e
 def test_cli_run_uses_spec_and_flags(tmp_path, ray_session, capsys):
     manifest = write_manifest(tmp_path / "m.parquet", [{"id": "only", "prompt": "a cat"}])
     cfg = tmp_path / "job.yaml"
@@ -233,6 +240,7 @@ def test_make_tiny_model_cli_writes_a_loadable_folder(tmp_path):
     assert pipe.scheduler.config.prediction_type == "v_prediction"
 
 
+@pytest.mark.e2e
 def test_model_that_cannot_load_marks_the_run_crashed(tmp_path, ray_session, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     manifest = write_manifest(tmp_path / "m.parquet", [{"id": "a", "prompt": "a cat"}])

@@ -25,6 +25,8 @@ from batch.store.commit import RUN_RECORD, SUCCESS_MARKER, read_metadata
 from batch.store.io import open_output
 from batch.store.formats import decode_image
 
+pytestmark = pytest.mark.e2e  # every test here starts a Ray head (`ray start`) in a subprocess
+
 REPO = Path(__file__).resolve().parent.parent
 AUTH_TOKEN = Path.home() / ".ray" / "auth_token"
 

@@ -29,6 +29,8 @@ from batch.run.job import run_job
 from batch.store.commit import LEASE, RUN_RECORD, SUCCESS_MARKER, metadata_parts, read_metadata, read_parts
 from batch.store.io import RetryPolicy, open_output
 
+pytestmark = pytest.mark.e2e  # every test here runs a job on Ray
+
 ROOT = Path(__file__).resolve().parents[1]
 ROWS = [{"id": f"row-{i:02d}", "prompt": f"a small picture number {i}", "num_images": 1 + i % 2} for i in range(10)]
 PLANNED = sum(r["num_images"] for r in ROWS)

@@ -16,6 +16,8 @@ from batch.store.commit import RUN_RECORD, SUCCESS_MARKER, read_metadata
 from batch.store.io import open_output
 from batch.store.formats import decode_image
 
+pytestmark = pytest.mark.e2e  # every test here runs a job on Ray
+
 
 @pytest.fixture(scope="module")
 def s3_options():

@@ -55,6 +55,7 @@ def first_run(setup, ray_session):
     return dated_prefix(str(d / "datasets"), parse_day(DAY))
 
 
+@pytest.mark.e2e
 def test_dated_prefix_and_formats_through_ray(first_run, setup):
     d, _ = setup
     assert first_run == f"{d / 'datasets'}/dt={DAY}/"
@@ -71,6 +72,7 @@ def test_dated_prefix_and_formats_through_ray(first_run, setup):
     assert sum(out.get_json(k)["written"] for k in stats) == 6
 
 
+@pytest.mark.e2e
 def test_structured_log(first_run):
     out = open_output(first_run)
     events = read_log(out, scheduled_run_id(parse_day(DAY)))
@@ -83,12 +85,14 @@ def test_structured_log(first_run):
     assert json.dumps(events)  # plain JSON values only
 
 
+@pytest.mark.e2e
 def test_grid_from_webdataset_shards(first_run, tmp_path):
     assert cli_main(["grid", first_run, "--n", "4", "--out", str(tmp_path / "g.png"), "--cell", "32"]) == 0
     sheet = np.asarray(Image.open(tmp_path / "g.png").convert("RGB"))
     assert not sheet[:32, :32].any()  # first cell: the blacked-out image
 
 
+@pytest.mark.e2e
 def test_same_day_rerun_does_not_duplicate(first_run, setup, ray_session):
     """The second attempt on the same day resumes the day's run in the same prefix (issue 4's resume)."""
     _, argv = setup
@@ -101,6 +105,7 @@ def test_same_day_rerun_does_not_duplicate(first_run, setup, ray_session):
     assert [e["images_to_do"] for e in starts] == [6, 0]  # the second attempt found everything committed
 
 
+@pytest.mark.e2e
 def test_status_reads_a_shard_format_run(first_run, capsys):
     capsys.readouterr()
     assert cli_main(["status", first_run, "--json"]) == 0

@@ -37,7 +37,8 @@ def test_default_switches_change_nothing(plain):
     Optimizations(channels_last=True),
     Optimizations(fuse_qkv=True),
     Optimizations(attention="math", channels_last=True, fuse_qkv=True, vae_dtype="float32", cudnn_benchmark=True),
-    Optimizations(compile=True),  # inductor's C++ backend on CPU: about a minute to compile the tiny UNet
+    # inductor's C++ backend on CPU: about a minute to compile the tiny UNet (slow: not in `make test-fast`)
+    pytest.param(Optimizations(compile=True), marks=pytest.mark.slow),
 ], ids=["math-attention", "channels-last", "fused-qkv", "all-eager", "compile"])
 def test_switches_on_stay_within_one_level(plain, opts, monkeypatch):
     monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)  # process-wide switch: restored after
