@@ -49,6 +49,7 @@ def gpu_spec(manifest: str, output: str, **kw):
     return parse_spec(base | kw)
 
 
+@pytest.mark.e2e
 def test_resources_resolve_one_actor_per_declared_gpu(gpu_ray):
     spec = gpu_spec("m", "o")
     res = resolve_resources(spec, dict(gpu_ray.cluster_resources()), local=True)
@@ -64,6 +65,7 @@ def _images(meta: pa.Table, out_uri: str) -> dict[tuple, np.ndarray]:
             for r in meta.to_pylist() if r["status"] == "ok"}
 
 
+@pytest.mark.e2e
 def test_generation_requests_one_gpu_per_actor_and_matches_a_cpu_run(gpu_ray, tmp_path):
     manifest = write_manifest(tmp_path / "m.parquet", ROWS)
     summary = run_job(gpu_spec(manifest, str(tmp_path / "gpu")))
@@ -86,6 +88,7 @@ def test_generation_requests_one_gpu_per_actor_and_matches_a_cpu_run(gpu_ray, tm
     assert max(int(np.abs(a[k].astype(int) - b[k]).max()) for k in a) <= 1
 
 
+@pytest.mark.e2e
 def test_image_task_requests_gpus_too(gpu_ray, tmp_path, tiny_variation_dir):
     """The image tasks' fetch stage (CPU) feeds GPU actors the same packed batches."""
     from PIL import Image
@@ -106,6 +109,7 @@ def test_image_task_requests_gpus_too(gpu_ray, tmp_path, tiny_variation_dir):
     assert all("/gpu" in w for w in meta.column("worker").to_pylist())
 
 
+@pytest.mark.e2e
 def test_feature_stage_requests_one_gpu_per_actor(gpu_ray, tmp_path):
     from PIL import Image
 
