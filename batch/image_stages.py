@@ -109,7 +109,8 @@ class UpscaleSampler(_ImageSampler):
                     for r, img in zip(rows, self._inputs(rows))]
         return upscale(m, new_scheduler, requests, num_inference_steps=r0["num_inference_steps"],
                        guidance_scale=r0["guidance_scale"], tile_size=r0["tile_size"],
-                       tile_overlap=r0["tile_overlap"], tiles_per_call=self.batch_size)
+                       tile_overlap=r0["tile_overlap"], tiles_per_call=self.batch_size,
+                       nan_fallback=self.opts.nan_fallback, rescued=rescued)
 
 
 SAMPLER_FOR_TASK = {"variation": VariationSampler, "upscale": UpscaleSampler}
