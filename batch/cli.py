@@ -183,9 +183,18 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_fid_stats(args: argparse.Namespace) -> int:
+    from pydantic import ValidationError
+
     from batch.evaluation import StatsSpec, reference_statistics
 
-    spec = _eval_spec_from_args(args) if args.config else StatsSpec()
+    if args.config:
+        spec = _eval_spec_from_args(args)
+    else:  # no config: --set still applies (storage_options.*, fid.*, features.*)
+        try:
+            spec = StatsSpec.model_validate(apply_overrides({}, _quiet_and_set_overrides(args)))
+        except ValidationError as err:
+            raise SpecError("invalid fid-stats settings (--set):\n" + "\n".join(
+                f"  {'.'.join(str(p) for p in e['loc']) or '<root>'}: {e['msg']}" for e in err.errors())) from None
     spec = StatsSpec(fid=spec.fid, features=spec.features, storage_options=spec.storage_options,
                      ray_address=spec.ray_address, progress=not args.quiet)
     if args.weights:
