@@ -167,13 +167,16 @@ def _eval_spec_from_args(args: argparse.Namespace):
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from batch.evaluation import run_eval
+    from batch.evaluation import EvalError, run_eval
 
     try:
         result = run_eval(_eval_spec_from_args(args), args.coco_captions, args.coco_images, args.output,
                           limit=args.limit, stats_cache=args.fid_stats)
     except FileNotFoundError as err:  # weights or model files: a usage error, not a crash
         raise SpecError(str(err)) from None
+    except EvalError as err:  # a generation failed too much, or nothing to score: eval.json says "failed"
+        print(f"sdbatch: error: {err}", file=sys.stderr)
+        return 2
     ref = result.reference
     print(f"reference statistics: {ref.n} images, key {ref.key} ({'cached' if ref.cached else 'computed'})")
     print(result.table_md)
