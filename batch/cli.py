@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from batch.config import SpecError, apply_overrides, load_spec, parse_set_option, parse_spec
@@ -210,8 +211,18 @@ def cmd_fid_stats(args: argparse.Namespace) -> int:
     return 0
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("sdbatch")
+    except PackageNotFoundError:  # run from a source tree that is not installed
+        return "unknown"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sdbatch", description="Batch Stable Diffusion generation on Ray.")
+    parser.add_argument("--version", action="version", version=f"sdbatch {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     def spec_args(p: argparse.ArgumentParser, config_required: bool) -> None:
@@ -315,10 +326,18 @@ def main(argv: list[str] | None = None) -> int:
     from batch.models import ModelError
 
     try:
-        return args.func(args)
+        rc = args.func(args)
+        sys.stdout.flush()  # a closed pipe shows here, not at interpreter exit
+        return rc
     except (SpecError, ManifestError, ModelError, RunExistsError, RunInProgressError) as err:
         print(f"sdbatch: error: {err}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # the reader went away (`sdbatch status | head -1`): stop quietly
+        # https://docs.python.org/3/library/signal.html#note-on-sigpipe: send the rest of stdout to devnull so
+        # the flush at exit does not raise again
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 1
 
 
 if __name__ == "__main__":
