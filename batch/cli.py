@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from batch.spec.base import SpecError
@@ -177,13 +178,16 @@ def _eval_spec_from_args(args: argparse.Namespace):
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from batch.eval.evaluation import run_eval
+    from batch.eval.evaluation import EvalError, run_eval
 
     try:
         result = run_eval(_eval_spec_from_args(args), args.coco_captions, args.coco_images, args.output,
                           limit=args.limit, stats_cache=args.fid_stats)
     except FileNotFoundError as err:  # weights or model files: a usage error, not a crash
         raise SpecError(str(err)) from None
+    except EvalError as err:  # a generation failed too much, or nothing to score: eval.json says "failed"
+        print(f"sdbatch: error: {err}", file=sys.stderr)
+        return 2
     ref = result.reference
     print(f"reference statistics: {ref.n} images, key {ref.key} ({'cached' if ref.cached else 'computed'})")
     print(result.table_md)
@@ -193,9 +197,18 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_fid_stats(args: argparse.Namespace) -> int:
+    from pydantic import ValidationError
+
     from batch.eval.evaluation import StatsSpec, reference_statistics
 
-    spec = _eval_spec_from_args(args) if args.config else StatsSpec()
+    if args.config:
+        spec = _eval_spec_from_args(args)
+    else:  # no config: --set still applies (storage_options.*, fid.*, features.*)
+        try:
+            spec = StatsSpec.model_validate(apply_overrides({}, _quiet_and_set_overrides(args)))
+        except ValidationError as err:
+            raise SpecError("invalid fid-stats settings (--set):\n" + "\n".join(
+                f"  {'.'.join(str(p) for p in e['loc']) or '<root>'}: {e['msg']}" for e in err.errors())) from None
     spec = StatsSpec(fid=spec.fid, features=spec.features, storage_options=spec.storage_options,
                      ray_address=spec.ray_address, progress=not args.quiet)
     if args.weights:
@@ -208,8 +221,18 @@ def cmd_fid_stats(args: argparse.Namespace) -> int:
     return 0
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("sdbatch")
+    except PackageNotFoundError:  # run from a source tree that is not installed
+        return "unknown"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sdbatch", description="Batch Stable Diffusion generation on Ray.")
+    parser.add_argument("--version", action="version", version=f"sdbatch {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     def spec_args(p: argparse.ArgumentParser, config_required: bool) -> None:
@@ -314,10 +337,18 @@ def main(argv: list[str] | None = None) -> int:
     from batch.models.weights import ModelError
 
     try:
-        return args.func(args)
+        rc = args.func(args)
+        sys.stdout.flush()  # a closed pipe shows here, not at interpreter exit
+        return rc
     except (SpecError, ManifestError, ModelError, RunExistsError, RunInProgressError) as err:
         print(f"sdbatch: error: {err}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # the reader went away (`sdbatch status | head -1`): stop quietly
+        # https://docs.python.org/3/library/signal.html#note-on-sigpipe: send the rest of stdout to devnull so
+        # the flush at exit does not raise again
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 1
 
 
 if __name__ == "__main__":

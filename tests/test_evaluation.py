@@ -297,3 +297,72 @@ def test_failed_eval_says_so_in_its_record(tmp_path, ray_session):
     record = json.loads((tmp_path / "out" / "eval.json").read_text())
     assert record["status"] == "crashed" and "not a folder" in record["error"]
     assert pq.read_table(tmp_path / "out" / "prompts.parquet").num_rows == 2
+
+
+def test_fid_stats_set_reaches_statistics_without_a_config(tmp_path, monkeypatch, capsys):
+    """``--set`` applies to ``sdbatch fid-stats`` with no ``--config`` (storage options, fid.*)."""
+    import batch.eval.evaluation as ev
+    from batch.cli import main
+
+    seen = {}
+
+    def fake(images_uri, spec, cache=None):
+        seen["spec"] = spec
+        return ReferenceStats(np.zeros(2), np.eye(2), 2, "k", f"{cache}/k.npz", cached=True)
+
+    monkeypatch.setattr(ev, "reference_statistics", fake)
+    assert main(["fid-stats", "memory://imgs", "--output", str(tmp_path), "--quiet",
+                 "--set", "storage_options.anon=true", "--set", "fid.reference_size=64"]) == 0
+    assert seen["spec"].storage_options == {"anon": True}
+    assert seen["spec"].fid.reference_size == 64 and seen["spec"].progress is False
+    assert main(["fid-stats", "memory://imgs", "--output", str(tmp_path), "--set", "fid.nope=1"]) == 2
+    assert "fid.nope" in capsys.readouterr().err
+
+
+def test_feature_stage_refuses_an_empty_table():
+    from batch.eval.evaluation import EvalError, _run_features
+
+    spec = EvalSpec(models=[{"name": "tiny", "model": "tiny"}], progress=False)
+    with pytest.raises(EvalError, match="no images to score"):
+        _run_features(pa.table({"uri": pa.array([], pa.string())}), {}, spec, desc="features")
+
+
+@pytest.fixture(scope="module")
+def failing_eval(demo_inputs):
+    """Eval CLI arguments whose generations fail every row at planning (prompts over max_prompt_chars), with the
+    reference statistics cached beforehand."""
+    from batch.cli import main
+
+    d = demo_inputs["root"]
+    common = ["--set", f"fid.weights={demo_inputs['weights']}", "--set", f"clip.model={demo_inputs['clip']}",
+              "--set", "fid.reference_size=64", "--quiet"]
+    stats = str(d / "stats-failing")
+
+    def args(out, *extra):
+        return ["eval", str(ROOT / "configs/eval-pareto-tiny.yaml"), "--coco-captions", demo_inputs["captions"],
+                "--coco-images", demo_inputs["images"], "--output", str(out), "--limit", "2", "--fid-stats", stats,
+                *common, "--set", 'models=[{"name": "tiny", "model": "tiny"}]',
+                "--set", "generation.limits.max_prompt_chars=1", *extra]
+    return main, args, stats, common
+
+
+def test_eval_stops_when_a_generation_exceeds_max_failed_fraction(failing_eval, demo_inputs, ray_session, capsys):
+    main, args, stats, common = failing_eval
+    out = demo_inputs["root"] / "eval-genfail"
+    assert main(args(out)) == 2
+    err = capsys.readouterr().err
+    assert "generation of model 'tiny' failed" in err and "max_failed_fraction" in err
+    record = json.loads((out / "eval.json").read_text())
+    assert record["status"] == "failed" and "max_failed_fraction" in record["error"]
+    assert record["generations"]["tiny"]["rows_failed"] == 6
+    assert not (out / "results.json").exists() and not (out / "scores").exists()
+
+
+def test_eval_with_no_images_to_score_says_so(failing_eval, demo_inputs, ray_session, capsys):
+    main, args, stats, common = failing_eval
+    out = demo_inputs["root"] / "eval-noimages"
+    assert main(args(out, "--set", "generation.max_failed_fraction=1")) == 2
+    err = capsys.readouterr().err
+    assert "no images to score" in err and "ArrowInvalid" not in err
+    record = json.loads((out / "eval.json").read_text())
+    assert record["status"] == "failed" and "no images to score" in record["error"]

@@ -141,6 +141,32 @@ def test_fetch_stage_then_sampler_passes_failed_items_through(tmp_path):
     assert "_input" not in out[0]
 
 
+@pytest.mark.parametrize("fallback", [True, False])
+def test_upscale_sampler_records_the_fp32_redecode(tmp_path, fallback):
+    """``optimizations.nan_fallback`` reaches the upscaler: an fp16 VAE decode that overflows is redone in
+    fp32 and ``vae_redecoded_fp32`` says so per image (False for every image when the fallback is off)."""
+    from batch.run.inputs import fetch_inputs
+    from batch.run.stages import Sampler, SamplerSettings
+    from batch.spec.base import Optimizations
+
+    spec = parse_spec({"task": "upscale", "defaults": {"num_inference_steps": 2, "guidance_scale": 1.0,
+                                                       "tile_size": 16, "tile_overlap": 8}})
+    table = pa.Table.from_pylist([{"id": "big", "image_uri": write_png(tmp_path / "b.png", smooth_image(24, 24))},
+                                  {"id": "small", "image_uri": write_png(tmp_path / "s.png", smooth_image(16, 16))}])
+    fetched = fetch_inputs(plan(table, spec, RESERVED_COLUMNS).items, {}, 10**6)
+    sampler = Sampler(SamplerSettings(task="upscale", model="tiny", dtype="float32", device="cpu", batch_size=2,
+                                      optimizations=Optimizations(nan_fallback=fallback)))
+    with torch.no_grad():
+        sampler.model.vae.post_quant_conv.weight.mul_(3e4)  # fp16 activations overflow (the x4 fp16 failure)
+    sampler.model.vae.to(torch.float16)
+    with np.errstate(invalid="ignore"):
+        out = sampler(fetched).to_pylist()
+    assert [r["status"] for r in out] == ["ok", "ok"]
+    assert [r["vae_redecoded_fp32"] for r in out] == [fallback, fallback]
+    black = [not np.frombuffer(r["_pixels"], np.uint8).any() for r in out]
+    assert black == [not fallback, not fallback]
+
+
 # --- end to end through Ray --------------------------------------------------------------------------------
 
 def base_spec(task, model, manifest, output, defaults, **kw):

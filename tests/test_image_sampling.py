@@ -193,3 +193,27 @@ def test_tiled_upscale_has_the_right_size_and_no_visible_seam(tiled):
     assert seam_ratio(tiled["blended"], tiled["untiled"], blend_seams + hard_seams) < 1.45
     # 3. ...while abutting tiles without overlap show exactly such a band (the check can fail)
     assert seam_ratio(tiled["hard"], tiled["untiled"], hard_seams) > 1.45
+
+
+def test_upscale_nan_fp16_decode_is_rescued_per_image(tiny_upscale_dir):
+    """x4 upscaling honours ``nan_fallback`` as txt2img does: a VAE whose fp16 decode overflows (NaN ->
+    black) is re-decoded in fp32; one flag per output image, set when any of its tiles was rescued."""
+    model = load_model(str(tiny_upscale_dir), task="upscale")
+    with torch.no_grad():
+        model.vae.post_quant_conv.weight.mul_(3e4)  # fp16 activations overflow (the x4 fp16 failure)
+    reqs = [UpscaleRequest(smooth_image(24, 24, seed=1), "a cat", None, 20, 5),  # 4 tiles of 16 px
+            UpscaleRequest(smooth_image(16, 16, seed=2), "a dog", None, 20, 6)]  # one tile
+    kw = dict(guidance=1.0, tile_size=16, tile_overlap=8)
+    reference = run_upscale(model, reqs, **kw)  # fp32 VAE: finite and not black
+    assert all(img.max() > 0 for img in reference)
+    model.vae.to(torch.float16)
+    flags: list[bool] = []
+    with np.errstate(invalid="ignore"):
+        broken = run_upscale(model, reqs, **kw, rescued=flags)
+    assert flags == [False, False] and all(img.max() == 0 for img in broken)
+    rescued: list[bool] = []
+    fixed = run_upscale(model, reqs, **kw, nan_fallback=True, rescued=rescued)
+    assert rescued == [True, True]
+    for a, b in zip(fixed, reference):
+        assert a.shape == b.shape and np.abs(a.astype(int) - b).max() <= 1
+    assert model.vae.dtype == torch.float16

@@ -146,3 +146,34 @@ def test_decode_image_round_trips_all_encodings():
     assert np.array_equal(decode_image(encode_image(px, OutputFormat(image_format="png"))), px)
     assert np.array_equal(decode_image(encode_image(px, OutputFormat(image_format="webp"))), px)
     assert decode_image(encode_image(px, OutputFormat(image_format="jpeg"))).shape == px.shape
+
+
+
+def test_image_reader_retries_a_transient_read_error(tmp_path, monkeypatch):
+    """A transient storage error (dropped connection) is retried with the storage retry policy, so a hiccup does
+    not drop an image from FID; a permanent one (not found) is not retried."""
+    from fsspec.implementations.local import LocalFileSystem
+
+    from batch.store.formats import encode_image
+
+    img = np.zeros((8, 8, 3), np.uint8)
+    img[2:5, 3:6] = 200
+    data = encode_image(img, OutputFormat())
+    (tmp_path / "a.png").write_bytes(data)
+    calls, real = [], LocalFileSystem.cat_file
+
+    def flaky(self, path, *args, **kwargs):  # the first read of each path drops its connection
+        calls.append(path)
+        if calls.count(path) == 1 and path.endswith("a.png"):
+            raise ConnectionError("connection reset by peer")
+        return real(self, path, *args, **kwargs)
+
+    monkeypatch.setattr(LocalFileSystem, "cat_file", flaky)
+    reader = ImageReader()  # the default storage retry policy (first pause <= 0.5 s)
+    assert reader.read_bytes({"uri": str(tmp_path / "a.png"), "member": None}) == data
+    assert len(calls) == 2  # the failure, then its retry
+    assert np.array_equal(reader.read({"uri": str(tmp_path / "a.png"), "member": None}), img)
+    calls.clear()
+    with pytest.raises(FileNotFoundError):
+        reader.read_bytes({"uri": str(tmp_path / "missing.png"), "member": None})
+    assert len(calls) == 1  # not found is permanent: no retry

@@ -61,6 +61,11 @@ _EVAL_OWNED = {"task", "model", "revision", "variant", "manifest", "output", "de
                "storage_options", "ray_address", "progress"}
 
 
+class EvalError(RuntimeError):
+    """The evaluation cannot score: a model's generation failed more rows than its ``max_failed_fraction``
+    allows, or there are no images to score. The CLI prints it; ``eval.json`` says ``failed``."""
+
+
 class EvalModel(_Strict):
     """One model of the sweep."""
 
@@ -330,6 +335,8 @@ def _run_features(table: pa.Table, kwargs: dict, spec: StatsSpec, desc: str) -> 
 
     from batch.run import pipeline
 
+    if table.num_rows == 0:
+        raise EvalError(f"no images to score ({desc}): the input table is empty")
     f = spec.features
     compute = parse_spec({"ray_address": spec.ray_address, "device": f.device, "actors": f.actors,
                           "gpus_per_actor": f.gpus_per_actor, "cpus_per_actor": f.cpus_per_actor, "writer_cpus": 0.25})
@@ -493,9 +500,10 @@ def run_eval(spec: EvalSpec, coco_captions: str, coco_images: str, output: str, 
 
     try:
         return _run_eval(spec, coco_captions, coco_images, output, out, n, record, stats_cache, t0)
-    except BaseException as err:  # the run record says the evaluation died, and why
-        out.put_json(EVAL_RECORD, {**record, "status": "crashed", "error": f"{type(err).__name__}: {err}",
-                                   "crashed_at": _now()})
+    except BaseException as err:  # the run record says the evaluation died (or failed), and why
+        status = "failed" if isinstance(err, EvalError) else "crashed"
+        out.put_json(EVAL_RECORD, {**record, "status": status, "error": f"{type(err).__name__}: {err}",
+                                   f"{status}_at": _now()})
         raise
 
 
@@ -543,6 +551,11 @@ def _run_eval(spec: EvalSpec, coco_captions: str, coco_images: str, output: str,
                                                             "images_generated_now": summary.images_this_attempt,
                                                             "rows_failed": summary.rows_failed,
                                                             "images_per_second": summary.images_per_second}
+            if summary.exit_code != 0:  # more failed rows than generation.max_failed_fraction allows
+                raise EvalError(f"generation of model {m.name!r} failed: {summary.rows_failed} of {summary.rows} "
+                                f"rows failed, above generation.max_failed_fraction={job.max_failed_fraction}; "
+                                f"failure reasons: {dict(summary.failure_reasons)}; see {gen_uri} "
+                                "(sdbatch status / retry-failed)")
             meta = read_metadata(gen_uri, spec.storage_options)
             metas.append(meta.filter(pc.equal(meta.column("status"), "ok"))
                          .select(["id", "prompt", "guidance_scale", "seed", "uri", "member", "eval_model",
@@ -552,6 +565,10 @@ def _run_eval(spec: EvalSpec, coco_captions: str, coco_images: str, output: str,
         # 4. features of every generated image (Ray actors), per-image scores stored
         t = time.perf_counter()
         images = pa.concat_tables(metas)
+        if images.num_rows == 0:
+            raise EvalError("no images to score: every model's generation finished with 0 ok images "
+                            f"({ {m: g['rows_failed'] for m, g in record['generations'].items()} } rows failed; "
+                            "generation.max_failed_fraction allowed it)")
         kwargs = dict(inception=spec.fid.weights, clip=spec.clip.model, clip_revision=spec.clip.revision,
                       storage_options=spec.storage_options, reference=False, batch_size=spec.features.batch_size)
         scores = _run_features(images, kwargs, spec, desc="features")

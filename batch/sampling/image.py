@@ -38,9 +38,17 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from batch.sampling.txt2img import SamplingParams, decode, denoise, encode_text, initial_latents, uses_guidance
-from batch.plan.seeds import derive_row_seed, generator_for
 from batch.models.tiny import CLIP_MEAN, CLIP_STD
+from batch.plan.seeds import derive_row_seed, generator_for
+from batch.sampling.txt2img import (
+    SamplingParams,
+    decode,
+    decode_scaled,
+    denoise,
+    encode_text,
+    initial_latents,
+    uses_guidance,
+)
 
 CLIP_SIZE = 224
 UPSCALE_FACTOR = 4
@@ -156,11 +164,13 @@ def _pad_to(x: torch.Tensor, multiple: int) -> torch.Tensor:
 @torch.no_grad()
 def upscale_tiles(model, scheduler, low_res: torch.Tensor, image_noise: torch.Tensor, latents: torch.Tensor,
                   cond: torch.Tensor, uncond: torch.Tensor | None, noise_levels: list[int],
-                  num_inference_steps: int, guidance_scale: float, generators: list[torch.Generator]) -> torch.Tensor:
+                  num_inference_steps: int, guidance_scale: float, generators: list[torch.Generator],
+                  nan_fallback: bool = False, rescued: list[bool] | None = None) -> torch.Tensor:
     """Upscale a batch of equally sized tiles; returns decoded float images (N, 3, 4h, 4w) in [-1, 1].
 
     ``low_res`` (N, 3, h, w) in [-1, 1]; ``image_noise`` (N, 3, h, w) and ``latents`` (N, C, h, w) are
     standard normal draws; ``cond``/``uncond`` text embeddings per tile (``uncond`` None: no guidance).
+    ``nan_fallback``/``rescued``: see :func:`batch.sampling.decode` (one flag per tile).
     """
     dev = model.device
     levels = torch.tensor(noise_levels, dtype=torch.long, device=dev)
@@ -172,7 +182,7 @@ def upscale_tiles(model, scheduler, low_res: torch.Tensor, image_noise: torch.Te
     latents = denoise(model.unet, scheduler, latents.to(dev, cond.dtype), cond, uncond, params, generators,
                       image=image, class_labels=levels)
     vae = model.vae
-    return vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor, return_dict=False)[0].float().cpu()
+    return decode_scaled(vae, latents.to(vae.dtype) / vae.config.scaling_factor, nan_fallback, rescued).float().cpu()
 
 
 @dataclass
@@ -189,8 +199,12 @@ class _Tile:
 @torch.no_grad()
 def upscale(model, new_scheduler: Callable[[], object], requests: list[UpscaleRequest], num_inference_steps: int,
             guidance_scale: float, tile_size: int = 128, tile_overlap: int = 32, tiles_per_call: int = 4,
-            progress: Callable[[int], None] | None = None) -> list[np.ndarray]:
+            progress: Callable[[int], None] | None = None, nan_fallback: bool = False,
+            rescued: list[bool] | None = None) -> list[np.ndarray]:
     """x4-upscale every request; returns uint8 (4h, 4w, 3) arrays (tiling rules in the module docstring).
+
+    ``nan_fallback``/``rescued``: see :func:`batch.sampling.decode`; one flag per request is appended to
+    ``rescued`` (True when any of its tiles was re-decoded in fp32).
 
     Tiles of equal shape from all requests are denoised together, at most ``tiles_per_call`` per UNet
     batch, each with a fresh scheduler from ``new_scheduler``; each tile's noise comes from its own
@@ -240,14 +254,18 @@ def upscale(model, new_scheduler: Callable[[], object], requests: list[UpscaleRe
             groups[-1].append(k)
         else:
             groups.append([k])
+    image_rescued = [False] * len(requests)
     for group in groups:
         ts = [tiles[k] for k in group]
+        tile_rescued: list[bool] = []
         idx = torch.tensor([t.image for t in ts], device=cond_all.device)
         out = upscale_tiles(
             model, new_scheduler(), torch.stack([t.low_res for t in ts]), torch.stack([t.noise for t in ts]),
             torch.stack([t.latents for t in ts]), cond_all[idx], None if uncond_all is None else uncond_all[idx],
             [requests[t.image].noise_level for t in ts], num_inference_steps, guidance_scale,
-            [t.generator for t in ts])
+            [t.generator for t in ts], nan_fallback=nan_fallback, rescued=tile_rescued)
+        for t, flag in zip(ts, tile_rescued):
+            image_rescued[t.image] |= flag
         for t, pix in zip(ts, out):
             hp, wp, th, tw, ys, xs = layouts[t.image]
             s = UPSCALE_FACTOR
@@ -262,6 +280,8 @@ def upscale(model, new_scheduler: Callable[[], object], requests: list[UpscaleRe
             progress(len(ts))
 
     # 4. normalise, quantise as diffusers does, crop the padding away
+    if rescued is not None:
+        rescued.extend(image_rescued)
     results = []
     for i, r in enumerate(requests):
         img = (acc[i] / wsum[i] / 2 + 0.5).clamp(0, 1).permute(1, 2, 0).numpy()

@@ -121,6 +121,16 @@ def decode(vae, latents: torch.Tensor, fallback: bool = False, rescued: list[boo
     fp32; one flag per image (True: re-decoded) is appended to ``rescued`` when given.
     """
     scaled = (latents / vae.config.scaling_factor).to(vae.dtype)
+    images = decode_scaled(vae, scaled, fallback, rescued)
+    images = (images / 2 + 0.5).clamp(0, 1)
+    images = images.cpu().permute(0, 2, 3, 1).float().numpy()
+    return (images * 255).round().astype(np.uint8)
+
+
+def decode_scaled(vae, scaled: torch.Tensor, fallback: bool = False,
+                  rescued: list[bool] | None = None) -> torch.Tensor:
+    """The VAE decode of already scaled latents (in the VAE's dtype) with :func:`decode`'s fp32 fallback;
+    returns the decoder's output in [-1, 1] (the VAE's dtype, or float32 when an image was re-decoded)."""
     images = vae.decode(scaled, return_dict=False)[0]
     flags = [False] * images.shape[0]
     if fallback and vae.dtype != torch.float32:
@@ -138,9 +148,7 @@ def decode(vae, latents: torch.Tensor, fallback: bool = False, rescued: list[boo
                 flags[i] = True
     if rescued is not None:
         rescued.extend(flags)
-    images = (images / 2 + 0.5).clamp(0, 1)
-    images = images.cpu().permute(0, 2, 3, 1).float().numpy()
-    return (images * 255).round().astype(np.uint8)
+    return images
 
 
 def uses_guidance(unet, guidance_scale: float) -> bool:

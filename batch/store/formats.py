@@ -37,7 +37,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
-from batch.store.io import Output, error_text, image_key, open_output
+from batch.store.io import DEFAULT_RETRY, Output, RetryPolicy, error_text, image_key, open_output, retrying
 from batch.store.schema import set_column as _set_column
 
 SHARDS_DIR = "shards"
@@ -271,11 +271,13 @@ def _stats_bytes(stats: dict) -> bytes:
 class ImageReader:
     """Reads any stored image back from its metadata row (``uri`` + ``member``), whatever the format.
 
-    Keeps the last shard it opened, so reading a shard's images in order costs one fetch.
+    Keeps the last shard it opened, so reading a shard's images in order costs one fetch. Transient storage
+    errors are retried per ``retry`` (:func:`batch.store.io.retrying`), as every other storage operation is.
     """
 
-    def __init__(self, storage_options: dict[str, Any] | None = None):
+    def __init__(self, storage_options: dict[str, Any] | None = None, retry: RetryPolicy = DEFAULT_RETRY):
         self.storage_options = storage_options or {}
+        self.retry = retry
         self._shard_uri: str | None = None
         self._shard: dict[str, bytes] = {}
 
@@ -283,7 +285,7 @@ class ImageReader:
         import fsspec
 
         fs, path = fsspec.core.url_to_fs(uri, **self.storage_options)
-        return fs.cat_file(path)
+        return retrying(fs.cat_file, path, policy=self.retry, what=f"read {uri}")
 
     def _open_shard(self, uri: str) -> dict[str, bytes]:
         if uri != self._shard_uri:

@@ -87,7 +87,8 @@ def sample(model, rows, new_scheduler, opts, batch_size, rescued):
                 for r, img in zip(rows, input_pixels(rows))]
     return upscale(model, new_scheduler, requests, num_inference_steps=r0["num_inference_steps"],
                    guidance_scale=r0["guidance_scale"], tile_size=r0["tile_size"],
-                   tile_overlap=r0["tile_overlap"], tiles_per_call=batch_size)
+                   tile_overlap=r0["tile_overlap"], tiles_per_call=batch_size,
+                   nan_fallback=opts.nan_fallback, rescued=rescued)
 
 
 TASK = Task(
