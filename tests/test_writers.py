@@ -19,7 +19,8 @@ from batch.spec.config import parse_spec
 from batch.plan.manifest import plan
 from batch.store.schema import RESERVED_COLUMNS
 from batch.store.io import open_output
-from batch.store.formats import ImageReader, OutputFormat, apply_driver_writes, decode_image, format_warnings
+from batch.store.formats import (WRITERS, ImageReader, OutputFormat, Sample, Stored, apply_driver_writes, decode_image,
+                                  encode_image, format_warnings, sample_key)
 
 
 @pytest.fixture(scope="module")
@@ -177,3 +178,32 @@ def test_image_reader_retries_a_transient_read_error(tmp_path, monkeypatch):
     with pytest.raises(FileNotFoundError):
         reader.read_bytes({"uri": str(tmp_path / "missing.png"), "member": None})
     assert len(calls) == 1  # not found is permanent: no retry
+
+
+@pytest.mark.parametrize("name", sorted(WRITERS))
+def test_each_writer_class_round_trips_a_block_through_the_reader(name, tmp_path):
+    """The BlockWriter interface itself: write(samples) says per sample where it went, ImageReader reads it
+    back; a failed put fails its image (files) or, for a shard or its stats, every image in the shard."""
+    fmt, out = OutputFormat(output_format=name), open_output(str(tmp_path / "out"))
+    pixels = [np.random.default_rng(j).integers(0, 256, (8, 12, 3), dtype=np.uint8) for j in range(3)]
+    samples = [Sample(sample_key(f"r{j}", 0), {"id": f"r{j}", "image_index": 0, "prompt": f"p{j}", "seed": j,
+                                               "height": 8, "width": 12}, encode_image(px, fmt))
+               for j, px in enumerate(pixels)]
+    owners = []
+    stored = WRITERS[name](fmt, lambda j, key, data: (owners.append(j), out.put(key, data)), 4).write(samples)
+    assert all(isinstance(s, Stored) for s in stored) and len(stored) == 3
+    reader = ImageReader()
+    for s, px in zip(stored, pixels):
+        assert np.array_equal(reader.read({"uri": out.uri(s.key), "member": s.member}), px)
+    assert owners == ([0, 1, 2] if name == "files" else [0, 0])  # a shard and its stats go with sample 0
+
+    calls = []
+
+    def second_put_fails(j, key, data):
+        calls.append(key)
+        if len(calls) == 2:
+            raise OSError("storage down")
+
+    failed = WRITERS[name](fmt, second_put_fails, 3).write(samples)
+    expected = [False, True, False] if name == "files" else [True, True, True]
+    assert [isinstance(s, OSError) for s in failed] == expected

@@ -1,15 +1,24 @@
 """Output formats: where and how a block of generated images is written (img2dataset conventions).
 
-``output_format`` (spec) picks the container, ``image_format`` the encoding of each image:
+``output_format`` (spec) picks the container, ``image_format`` the encoding of each image. Each container is
+one :class:`BlockWriter` subclass, registered by name in :data:`WRITERS` (as img2dataset's ``writer.py``):
 
-* ``files`` (default): one object per image, ``images/<slug>-<sha16>/<k>.<ext>``; metadata ``uri`` is the
-  object, ``member`` is null.
-* ``webdataset``: one tar shard per written block, ``shards/<block>.tar``, holding per sample
-  ``<key>.<ext>`` (the image), ``<key>.json`` (its generation parameters) and ``<key>.txt`` (the prompt);
-  metadata ``uri`` is the shard and ``member`` the image's tar member name.
-* ``parquet``: one Parquet file per written block, ``shards/<block>.parquet``, one row per image with the
-  encoded bytes in a column named by the extension (``png``/``webp``/``jpg``) next to ``key``, ``caption``,
-  ``id``, ``image_index``, ``seed``, ``width``, ``height``, ``sha256``; metadata ``member`` is the ``key``.
+* :class:`FilesWriter` (``files``, default): one object per image, ``images/<slug>-<sha16>/<k>.<ext>``;
+  metadata ``uri`` is the object, ``member`` is null.
+* :class:`WebDatasetWriter` (``webdataset``): one tar shard per written block, ``shards/<block>.tar``,
+  holding per sample ``<key>.<ext>`` (the image), ``<key>.json`` (its generation parameters) and
+  ``<key>.txt`` (the prompt); metadata ``uri`` is the shard and ``member`` the image's tar member name.
+* :class:`ParquetWriter` (``parquet``): one Parquet file per written block, ``shards/<block>.parquet``, one
+  row per image with the encoded bytes in a column named by the extension (``png``/``webp``/``jpg``) next
+  to ``key``, ``caption``, ``id``, ``image_index``, ``seed``, ``width``, ``height``, ``sha256``; metadata
+  ``member`` is the ``key``.
+
+The interface: ``BlockWriter(fmt, put, block_images).write(samples)`` takes the block's encoded samples
+(:class:`Sample`: ``key``, ``meta``, ``data``), writes them through ``put`` and returns, per sample, a
+:class:`Stored` (object ``key`` under the output prefix, ``member`` inside it, write ``seconds``) or the
+exception that failed it. :class:`ShardWriter` is the shared base of the two shard formats: a subclass
+says only how to build its shard bytes and name a sample's member. :func:`write_block` does the rest for
+every format: encoding, hashing, per-image failures as data, retries and the ``upload=False`` hand-off.
 
 Every shard has a ``shards/<block>_stats.json`` next to it (counts, bytes, format, timings). ``<block>`` is
 derived from the block's sample keys only (16 hex digits of their SHA-256), so a rerun of the same block
@@ -29,8 +38,9 @@ import io
 import json
 import tarfile
 import time
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable, ClassVar, NamedTuple, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -123,34 +133,151 @@ def _jsonable(v: Any) -> Any:
     return v.item() if isinstance(v, np.generic) else v
 
 
-def build_webdataset(samples: list[tuple[str, dict, bytes]], ext: str) -> bytes:
-    """A WebDataset tar: per sample ``key.<ext>``, ``key.json``, ``key.txt`` (members grouped by key)."""
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
-        for key, meta, data in samples:
-            _tar_member(tar, f"{key}.{ext}", data)
-            _tar_member(tar, f"{key}.json", json.dumps({k: _jsonable(v) for k, v in meta.items()},
-                                                       sort_keys=True).encode())
-            _tar_member(tar, f"{key}.txt", (meta.get("prompt") or "").encode())
-    return buf.getvalue()
+def _stats_bytes(stats: dict) -> bytes:
+    return (json.dumps(stats, indent=2, sort_keys=True) + "\n").encode()
 
 
-def build_parquet(samples: list[tuple[str, dict, bytes]], ext: str) -> bytes:
-    """A Parquet shard: one row per image, encoded bytes in the column named ``ext``."""
-    table = pa.table({
-        "key": pa.array([k for k, _, _ in samples], pa.string()),
-        "caption": pa.array([m.get("prompt") for _, m, _ in samples], pa.string()),
-        "id": pa.array([m["id"] for _, m, _ in samples], pa.string()),
-        "image_index": pa.array([m["image_index"] for _, m, _ in samples], pa.int64()),
-        "seed": pa.array([m.get("seed") for _, m, _ in samples], pa.uint64()),
-        "width": pa.array([m["width"] for _, m, _ in samples], pa.int64()),
-        "height": pa.array([m["height"] for _, m, _ in samples], pa.int64()),
-        "sha256": pa.array([hashlib.sha256(d).hexdigest() for _, _, d in samples], pa.string()),
-        ext: pa.array([d for _, _, d in samples], pa.binary()),
-    })
-    out = pa.BufferOutputStream()
-    pq.write_table(table, out, compression="none")  # image bytes are already compressed
-    return out.getvalue().to_pybytes()
+class Sample(NamedTuple):
+    """One encoded image of a block, as a writer gets it (a plain ``(key, meta, data)`` tuple works too)."""
+
+    key: str  # sample key (:func:`sample_key`): no dots, no slashes
+    meta: dict  # its generation parameters (the :data:`SAMPLE_FIELDS` the block has; always id, image_index)
+    data: bytes  # the encoded image
+
+
+class Stored(NamedTuple):
+    """Where a writer stored one sample."""
+
+    key: str  # the object holding it, relative to the output prefix (metadata ``uri`` names it)
+    member: str | None  # its name inside that object (shards), or None (the object is the image)
+    seconds: float  # write time attributed to this sample
+
+
+# put(j, key, data): write one whole object; j is the position (in the samples passed to write) of the
+# sample whose row carries the object when the driver writes instead (upload=False)
+Put = Callable[[int, str, bytes], None]
+
+
+class BlockWriter(ABC):
+    """One output format: writes a block's encoded samples and says where each one went.
+
+    ``put`` writes one whole object (and raises on failure); ``block_images`` counts the block's images,
+    written or not (the shard stats report it). Writers never raise for a sample: a failure is returned.
+    """
+
+    def __init__(self, fmt: OutputFormat, put: Put, block_images: int):
+        self.fmt, self.put, self.block_images = fmt, put, block_images
+
+    @abstractmethod
+    def write(self, samples: Sequence[Sample]) -> list[Stored | Exception]:
+        """Write ``samples``; return per sample where it was stored, or the exception that failed it."""
+
+
+class FilesWriter(BlockWriter):
+    """``files``: one object per image, ``images/<slug>-<sha16>/<k>.<ext>``; a failed put fails its image."""
+
+    def write(self, samples: Sequence[Sample]) -> list[Stored | Exception]:
+        stored: list[Stored | Exception] = []
+        for j, (_, meta, data) in enumerate(samples):
+            t0 = time.perf_counter()
+            key = image_key(meta["id"], meta["image_index"], self.fmt.ext)
+            try:
+                self.put(j, key, data)
+            except Exception as err:  # a storage error fails this image only
+                stored.append(err)
+                continue
+            stored.append(Stored(key, None, time.perf_counter() - t0))
+        return stored
+
+
+class ShardWriter(BlockWriter):
+    """A shard format: the block's samples in one object, ``shards/<block>.<extension>``, written whole by
+    one put, then ``shards/<block>_stats.json``; a failure of either fails every sample in the shard."""
+
+    extension: ClassVar[str]
+
+    @staticmethod
+    @abstractmethod
+    def build(samples: Sequence[Sample], ext: str) -> bytes:
+        """The shard's bytes; ``ext`` is the image extension (``png``/``webp``/``jpg``)."""
+
+    @abstractmethod
+    def member(self, sample: Sample) -> str:
+        """The name of ``sample``'s image inside the shard (metadata ``member``)."""
+
+    def write(self, samples: Sequence[Sample]) -> list[Stored | Exception]:
+        if not samples:  # nothing to write: no shard, no stats
+            return []
+        t0 = time.perf_counter()
+        name = block_name([s.key for s in samples])
+        key = f"{SHARDS_DIR}/{name}.{self.extension}"
+        fmt = self.fmt
+        stats: dict[str, Any] = {"output_format": fmt.output_format, "image_format": fmt.image_format,
+                                 "lossless": fmt.lossless, "images": self.block_images,
+                                 "failed_before_write": self.block_images - len(samples)}
+        try:
+            shard = self.build(samples, fmt.ext)
+            self.put(0, key, shard)  # atomic: the whole shard or nothing
+            stats.update(shard=key, written=len(samples), bytes=len(shard),
+                         image_bytes=sum(len(d) for _, _, d in samples), t_write_s=time.perf_counter() - t0)
+            self.put(0, f"{SHARDS_DIR}/{name}_stats.json", _stats_bytes(stats))
+        except Exception as err:  # the shard failed: every image in it fails
+            return [err] * len(samples)
+        dt = (time.perf_counter() - t0) / len(samples)
+        return [Stored(key, self.member(s), dt) for s in samples]
+
+
+class WebDatasetWriter(ShardWriter):
+    """``webdataset``: a tar shard; per sample ``key.<ext>``, ``key.json``, ``key.txt`` (grouped by key)."""
+
+    extension = "tar"
+
+    @staticmethod
+    def build(samples: Sequence[Sample], ext: str) -> bytes:
+        buf = io.BytesIO()
+        with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+            for key, meta, data in samples:
+                _tar_member(tar, f"{key}.{ext}", data)
+                _tar_member(tar, f"{key}.json", json.dumps({k: _jsonable(v) for k, v in meta.items()},
+                                                           sort_keys=True).encode())
+                _tar_member(tar, f"{key}.txt", (meta.get("prompt") or "").encode())
+        return buf.getvalue()
+
+    def member(self, sample: Sample) -> str:
+        return f"{sample[0]}.{self.fmt.ext}"
+
+
+class ParquetWriter(ShardWriter):
+    """``parquet``: a Parquet shard, one row per image, the encoded bytes in the column named ``ext``."""
+
+    extension = "parquet"
+
+    @staticmethod
+    def build(samples: Sequence[Sample], ext: str) -> bytes:
+        table = pa.table({
+            "key": pa.array([k for k, _, _ in samples], pa.string()),
+            "caption": pa.array([m.get("prompt") for _, m, _ in samples], pa.string()),
+            "id": pa.array([m["id"] for _, m, _ in samples], pa.string()),
+            "image_index": pa.array([m["image_index"] for _, m, _ in samples], pa.int64()),
+            "seed": pa.array([m.get("seed") for _, m, _ in samples], pa.uint64()),
+            "width": pa.array([m["width"] for _, m, _ in samples], pa.int64()),
+            "height": pa.array([m["height"] for _, m, _ in samples], pa.int64()),
+            "sha256": pa.array([hashlib.sha256(d).hexdigest() for _, _, d in samples], pa.string()),
+            ext: pa.array([d for _, _, d in samples], pa.binary()),
+        })
+        out = pa.BufferOutputStream()
+        pq.write_table(table, out, compression="none")  # image bytes are already compressed
+        return out.getvalue().to_pybytes()
+
+    def member(self, sample: Sample) -> str:
+        return sample[0]
+
+
+# one writer class per output_format (the spec's names)
+WRITERS: dict[str, type[BlockWriter]] = {"files": FilesWriter, "webdataset": WebDatasetWriter,
+                                         "parquet": ParquetWriter}
+build_webdataset = WebDatasetWriter.build  # the shard builders on their own (bench, tests)
+build_parquet = ParquetWriter.build
 
 
 def write_block(batch: pa.Table, output: str, storage_options: dict[str, Any], upload: bool,
@@ -164,7 +291,7 @@ def write_block(batch: pa.Table, output: str, storage_options: dict[str, Any], u
     order, and ``_uri_key`` the key each row's ``uri`` will name (see :func:`apply_driver_writes`).
 
     1. encode every generated image (per-image failure isolation);
-    2. files: put each image; shards: build the shard whole, put it, then its stats JSON;
+    2. write the encoded samples with the format's :data:`WRITERS` class;
     3. fill the result columns.
     """
     # puts retry transient storage errors; without upload the filesystem may not even exist in this process
@@ -181,12 +308,6 @@ def write_block(batch: pa.Table, output: str, storage_options: dict[str, Any], u
     t_write: list = [None] * n
     puts: list[list[dict]] = [[] for _ in range(n)]
 
-    def put(i: int, key: str, data: bytes) -> None:
-        if upload:
-            out.put(key, data)
-        else:
-            puts[i].append({"key": key, "data": data})
-
     # 1. encode
     encoded: dict[int, bytes] = {}
     t_enc: dict[int, float] = {}
@@ -202,54 +323,33 @@ def write_block(batch: pa.Table, output: str, storage_options: dict[str, Any], u
         t_enc[i] = time.perf_counter() - t0
 
     # 2. write
-    keys = {i: sample_key(rows[i]["id"], rows[i]["image_index"]) for i in encoded}
-    name = block_name([keys[i] for i in sorted(encoded)]) if encoded else None
-    stats: dict[str, Any] = {"output_format": fmt.output_format, "image_format": fmt.image_format,
-                             "lossless": fmt.lossless, "images": n, "failed_before_write": n - len(encoded)}
-    if fmt.output_format == "files":
-        for i, data in encoded.items():
-            t0 = time.perf_counter()
-            key = image_key(rows[i]["id"], rows[i]["image_index"], fmt.ext)
-            try:
-                put(i, key, data)
-            except Exception as err:  # a storage error fails this image only
-                status[i], error[i] = "failed", error_text(err)
-                continue
-            uri_key[i], t_write[i] = key, t_enc[i] + time.perf_counter() - t0
-    elif encoded:
-        t0 = time.perf_counter()
-        samples = [(keys[i], params[i], encoded[i]) for i in sorted(encoded)]
-        ext = "tar" if fmt.output_format == "webdataset" else "parquet"
-        key = f"{SHARDS_DIR}/{name}.{ext}"
-        try:
-            if fmt.output_format == "webdataset":
-                shard = build_webdataset(samples, fmt.ext)
-            elif fmt.output_format == "parquet":
-                shard = build_parquet(samples, fmt.ext)
-            else:
-                raise ValueError(f"output_format must be files, webdataset or parquet, got {fmt.output_format!r}")
-            first = min(encoded)
-            put(first, key, shard)  # atomic: the whole shard or nothing
-            stats.update(shard=key, written=len(samples), bytes=len(shard),
-                         image_bytes=sum(len(d) for _, _, d in samples), t_write_s=time.perf_counter() - t0)
-            put(first, f"{SHARDS_DIR}/{name}_stats.json", _stats_bytes(stats))
-        except Exception as err:  # the shard failed: every image in it fails
-            for i in encoded:
-                status[i], error[i] = "failed", error_text(err)
+    order = sorted(encoded)  # the row of each sample, in block order
+    samples = [Sample(sample_key(rows[i]["id"], rows[i]["image_index"]), params[i], encoded[i]) for i in order]
+
+    def put(j: int, key: str, data: bytes) -> None:
+        if upload:
+            out.put(key, data)
         else:
-            dt = (time.perf_counter() - t0) / len(samples)
-            for i in encoded:
-                uri_key[i] = key
-                member[i] = f"{keys[i]}.{fmt.ext}" if fmt.output_format == "webdataset" else keys[i]
-                t_write[i] = t_enc[i] + dt
+            puts[order[j]].append({"key": key, "data": data})
+
+    writer = WRITERS.get(fmt.output_format)
+    if writer is None:
+        names = list(WRITERS)
+        bad = ValueError(f"output_format must be {', '.join(names[:-1])} or {names[-1]}, "
+                         f"got {fmt.output_format!r}")
+        stored: list[Stored | Exception] = [bad] * len(samples)
+    else:
+        stored = writer(fmt, put, n).write(samples)
+    for i, s in zip(order, stored):
+        if isinstance(s, Exception):
+            status[i], error[i] = "failed", error_text(s)
+        else:
+            uri_key[i], member[i], t_write[i] = s.key, s.member, t_enc[i] + s.seconds
 
     # 3. results
     for i, data in encoded.items():
         if status[i] == "ok":
             sha[i], size[i] = hashlib.sha256(data).hexdigest(), len(data)
-        else:
-            t_write[i] = None
-    uri_key = [k if status[i] == "ok" else None for i, k in enumerate(uri_key)]
     uri = [out.uri(k) if k else None for k in uri_key] if upload else [None] * n
     result = batch.drop_columns(["_pixels"])
     for col, values, type_ in (
@@ -262,10 +362,6 @@ def write_block(batch: pa.Table, output: str, storage_options: dict[str, Any], u
         result = _set_column(result, "_puts", puts, PUTS_TYPE)
         result = _set_column(result, "_uri_key", uri_key, pa.string())
     return result
-
-
-def _stats_bytes(stats: dict) -> bytes:
-    return (json.dumps(stats, indent=2, sort_keys=True) + "\n").encode()
 
 
 class ImageReader:
