@@ -172,20 +172,21 @@ def cmd_grid(args: argparse.Namespace) -> int:
 
 
 def _eval_spec_from_args(args: argparse.Namespace):
-    from batch.eval.evaluation import load_eval_spec
+    from batch.eval.spec import load_eval_spec
 
     return load_eval_spec(args.config, _quiet_and_set_overrides(args))
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from batch.eval.evaluation import EvalError, run_eval
+    from batch.eval.evaluation import run_eval
+    from batch.metrics.reference import ScoringError
 
     try:
         result = run_eval(_eval_spec_from_args(args), args.coco_captions, args.coco_images, args.output,
                           limit=args.limit, stats_cache=args.fid_stats)
     except FileNotFoundError as err:  # weights or model files: a usage error, not a crash
         raise SpecError(str(err)) from None
-    except EvalError as err:  # a generation failed too much, or nothing to score: eval.json says "failed"
+    except ScoringError as err:  # a generation failed too much, or nothing to score: eval.json says "failed"
         print(f"sdbatch: error: {err}", file=sys.stderr)
         return 2
     ref = result.reference
@@ -199,7 +200,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_fid_stats(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
-    from batch.eval.evaluation import StatsSpec, reference_statistics
+    from batch.metrics.settings import StatsSpec
+    from batch.metrics.reference import reference_statistics
 
     if args.config:
         spec = _eval_spec_from_args(args)

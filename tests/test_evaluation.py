@@ -14,19 +14,11 @@ import pytest
 from PIL import Image
 
 from batch.spec.base import SpecError
-from batch.eval.evaluation import (
-    EvalSpec,
-    ReferenceStats,
-    build_manifest,
-    job_spec,
-    load_eval_spec,
-    markdown_table,
-    pareto_plot,
-    read_coco_captions,
-    reduce_results,
-    sample_prompts,
-    stats_key,
-)
+from batch.eval.spec import EvalSpec, job_spec, load_eval_spec
+from batch.metrics.reference import ReferenceStats, stats_key
+from batch.eval.coco import build_manifest, read_coco_captions, sample_prompts
+from batch.eval.report import markdown_table, pareto_plot
+from batch.metrics.reduce import reduce_results
 from batch.plan.seeds import derive_row_seed
 from batch.store.formats import OutputFormat, encode_image
 
@@ -301,7 +293,7 @@ def test_failed_eval_says_so_in_its_record(tmp_path, ray_session):
 
 def test_fid_stats_set_reaches_statistics_without_a_config(tmp_path, monkeypatch, capsys):
     """``--set`` applies to ``sdbatch fid-stats`` with no ``--config`` (storage options, fid.*)."""
-    import batch.eval.evaluation as ev
+    import batch.metrics.reference as ev
     from batch.cli import main
 
     seen = {}
@@ -320,10 +312,11 @@ def test_fid_stats_set_reaches_statistics_without_a_config(tmp_path, monkeypatch
 
 
 def test_feature_stage_refuses_an_empty_table():
-    from batch.eval.evaluation import EvalError, _run_features
+    from batch.metrics.reference import ScoringError
+    from batch.metrics.reference import score_images as _run_features
 
     spec = EvalSpec(models=[{"name": "tiny", "model": "tiny"}], progress=False)
-    with pytest.raises(EvalError, match="no images to score"):
+    with pytest.raises(ScoringError, match="no images to score"):
         _run_features(pa.table({"uri": pa.array([], pa.string())}), {}, spec, desc="features")
 
 
