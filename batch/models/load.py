@@ -117,13 +117,13 @@ def load_model(model: str, *, revision: str | None = None, dtype: str = "auto", 
     spec = TASKS[task]
     kind, folder, resolved = locate(model, revision, allow_pickle, variant)
     torch_dtype = resolve_dtype(dtype, device)
-    weighted = spec.weight_components
+    weighted = spec.model.weight_components
     if kind == "tiny":
-        comps = spec.tiny_components("epsilon")
+        comps = spec.model.tiny_components("epsilon")
     else:
         import diffusers
 
-        cls_name = spec.pipeline_class
+        cls_name = spec.model.pipeline_class
         try:
             pipe = getattr(diffusers, cls_name).from_pretrained(
                 folder,
@@ -132,7 +132,7 @@ def load_model(model: str, *, revision: str | None = None, dtype: str = "auto", 
                 variant=variant,
                 safety_checker=None,
                 local_files_only=True,
-                **spec.pipeline_kwargs,
+                **spec.model.pipeline_kwargs,
             )
         except (OSError, ValueError, TypeError) as err:
             raise ModelError(f"model {model} ({folder}, variant {variant}): cannot load as {cls_name}: {err}") from None
@@ -180,9 +180,9 @@ def save_tiny_model(directory: str | Path, task: str = "txt2img", prediction_typ
 
     if task not in TASKS:
         raise ValueError(f"task: must be one of {list(TASKS)}, got {task!r}")
-    spec = TASKS[task]
-    pipe = getattr(diffusers, spec.pipeline_class)(**spec.tiny_components(prediction_type), safety_checker=None,
-                                                   **spec.pipeline_kwargs)
+    layout = TASKS[task].model
+    pipe = getattr(diffusers, layout.pipeline_class)(**layout.tiny_components(prediction_type), safety_checker=None,
+                                                     **layout.pipeline_kwargs)
     directory = Path(directory)
     pipe.save_pretrained(directory, safe_serialization=True)
     (directory / "sdbatch_tiny.json").write_text(

@@ -10,6 +10,8 @@ same model on every machine, and ``batch.models.load.save_tiny_model`` writes a 
 from __future__ import annotations
 
 
+from typing import Any
+
 import torch
 
 TINY_SEED = 0
@@ -64,36 +66,35 @@ def tiny_components(prediction_type: str = "epsilon", seed: int = TINY_SEED) -> 
         return _build(prediction_type, seed)
 
 
+def _unet(seed: int, **arch: Any):
+    """A tiny ``UNet2DConditionModel`` (two blocks of 32/64 channels, one layer each), drawn from ``seed``."""
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    return UNet2DConditionModel(out_channels=4, block_out_channels=(32, 64), layers_per_block=1,
+                                cross_attention_dim=32, attention_head_dim=8, norm_num_groups=32, **arch)
+
+
+def _vae(seed: int, blocks: int, **arch: Any):
+    """A tiny ``AutoencoderKL`` of ``blocks`` blocks (x2 each after the first), drawn from ``seed``."""
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(seed)
+    return AutoencoderKL(in_channels=3, out_channels=3, block_out_channels=(8,) + (16,) * (blocks - 1),
+                         down_block_types=("DownEncoderBlock2D",) * blocks,
+                         up_block_types=("UpDecoderBlock2D",) * blocks, latent_channels=4, layers_per_block=1,
+                         norm_num_groups=8, **arch)
+
+
 def _build(prediction_type: str, seed: int) -> dict:
-    from diffusers import AutoencoderKL, PNDMScheduler, UNet2DConditionModel
+    from diffusers import PNDMScheduler
     from transformers import CLIPTextConfig, CLIPTextModel
 
     tokenizer = tiny_tokenizer()
-    torch.manual_seed(seed)
-    unet = UNet2DConditionModel(
-        sample_size=TINY_SIZE // 8,
-        in_channels=4,
-        out_channels=4,
-        block_out_channels=(32, 64),
-        layers_per_block=1,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=32,
-        attention_head_dim=8,
-        norm_num_groups=32,
-    )
-    torch.manual_seed(seed + 1)
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        block_out_channels=(8, 16, 16, 16),  # 4 blocks: the same x8 downsampling as SD's VAE
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        latent_channels=4,
-        layers_per_block=1,
-        norm_num_groups=8,
-        sample_size=TINY_SIZE,
-    )
+    unet = _unet(seed, sample_size=TINY_SIZE // 8, in_channels=4,
+                 down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                 up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"))
+    vae = _vae(seed + 1, blocks=4, sample_size=TINY_SIZE)  # 4 blocks: the same x8 downsampling as SD's VAE
     torch.manual_seed(seed + 2)
     text_encoder = CLIPTextModel(
         CLIPTextConfig(
@@ -172,38 +173,17 @@ def tiny_upscale_components(seed: int = TINY_SEED) -> dict:
     7 channels (4 latent + 3 noised low-res RGB) with a class embedding for the noise level, a 3-block
     VAE (x4: latents are the low-res size, the decoded image four times larger), the tiny text encoder,
     DDIM v-prediction and the low-res DDPM schedule, ``max_noise_level`` 350."""
-    from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, UNet2DConditionModel
+    from diffusers import DDIMScheduler, DDPMScheduler
 
     with torch.random.fork_rng(devices=[]):
         base = _build("epsilon", seed)
-        torch.manual_seed(seed + 4)
-        unet = UNet2DConditionModel(
-            sample_size=TINY_UPSCALE_SIZE,
-            in_channels=7,
-            out_channels=4,
-            block_out_channels=(32, 64),
-            layers_per_block=1,
-            # as the real x4 UNet: no attention at full latent resolution (= the low-res input size)
-            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-            cross_attention_dim=32,
-            attention_head_dim=8,
-            norm_num_groups=32,
-            num_class_embeds=1000,  # as the real x4 UNet: the noise level is the class label
-        )
-        torch.manual_seed(seed + 5)
-        vae = AutoencoderKL(
-            in_channels=3,
-            out_channels=3,
-            block_out_channels=(8, 16, 16),  # 3 blocks: x4 between latents and pixels
-            down_block_types=("DownEncoderBlock2D",) * 3,
-            up_block_types=("UpDecoderBlock2D",) * 3,
-            latent_channels=4,
-            layers_per_block=1,
-            norm_num_groups=8,
-            sample_size=TINY_UPSCALE_SIZE * 4,
-            scaling_factor=X4_VAE_SCALING,
-        )
+        # as the real x4 UNet: 7 input channels (4 latent + 3 noised low-res RGB), no attention at full latent
+        # resolution (= the low-res input size), the noise level as the class label
+        unet = _unet(seed + 4, sample_size=TINY_UPSCALE_SIZE, in_channels=7,
+                     down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                     up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), num_class_embeds=1000)
+        # 3 blocks: x4 between latents and pixels
+        vae = _vae(seed + 5, blocks=3, sample_size=TINY_UPSCALE_SIZE * 4, scaling_factor=X4_VAE_SCALING)
     for module in (unet, vae):
         module.eval().requires_grad_(False)
     return {"unet": unet, "vae": vae, "text_encoder": base["text_encoder"], "tokenizer": base["tokenizer"],

@@ -56,7 +56,7 @@ def locate(model: str, revision: str | None, allow_pickle: bool, variant: str | 
     suffixes = ["safetensors"] + (["bin", "ckpt"] if allow_pickle else [])
     weights = [f"*.{variant}.{x}" if variant else f"*.{x}" for x in suffixes]
     patterns = ["model_index.json"] + [f"{c}/*.json" for c in COMPONENTS + IMAGE_TASK_COMPONENTS] + ["tokenizer/*.txt"]
-    weighted = sorted({c for t in TASKS.values() for c in t.weight_components})
+    weighted = sorted({c for t in TASKS.values() for c in t.model.weight_components})
     patterns += [f"{c}/{w}" for c in weighted for w in weights]
     patterns += ["safety_checker/*.json"] + [f"safety_checker/{w}" for w in weights]  # feature_extractor: above
     ignore = None if variant else ["*.fp16.*", "*.non_ema.*", "*.ema.*"]
@@ -74,11 +74,11 @@ def check_weight_format(folder: Path, allow_pickle: bool) -> None:
 
     The weighted components are those of the folder's task: ``image_encoder`` replaces ``text_encoder``
     when ``model_index.json`` lists one (image variation models have no text encoder)."""
-    components = TASKS["txt2img"].weight_components
+    components = TASKS["txt2img"].model.weight_components
     try:
         index = json.loads((folder / "model_index.json").read_text())
         if isinstance(index, dict) and index.get("image_encoder") and not index.get("text_encoder"):
-            components = TASKS["variation"].weight_components
+            components = TASKS["variation"].model.weight_components
     except (OSError, ValueError):
         pass
     for comp in components:

@@ -139,3 +139,15 @@ def check_scheduler_and_seed(raw: dict[str, Any], take: Any, spec: JobSpec, prob
 def bucket_key(item: dict[str, Any]) -> tuple:
     """Items with equal keys can share one sampler call (same shape, steps, guidance and scheduler)."""
     return tuple(item[f] for f in BUCKET_FIELDS)
+
+
+def finish_row(raw: dict[str, Any], take: Callable[[str], Any], spec: "JobSpec", problems: list[tuple[str, str]],
+               out: dict[str, Any], ranges: list[tuple[str, int, int]]) -> dict[str, Any]:
+    """The checks every task ends a row with: guidance and the integer ``ranges`` (:func:`check_numbers`),
+    then scheduler and seed (:func:`check_scheduler_and_seed`); ``out`` when the row is good, else
+    :class:`RowError` with every problem found."""
+    check_numbers(take, ranges, problems, out)
+    check_scheduler_and_seed(raw, take, spec, problems, out)
+    if problems:
+        raise RowError(problems)
+    return out

@@ -18,6 +18,7 @@ import pyarrow as pa
 from batch.plan.locations import InputLocationError, check_input_uri
 from batch.plan.rows import begin_row
 from batch.spec.base import SamplingDefaults
+from batch.store.schema import IMAGE_ITEM_SCHEMA
 
 # sample(model, rows, new_scheduler, opts, batch_size, rescued) -> images (uint8 HxWx3 array or list of them)
 SampleFn = Callable[[Any, list[dict], Callable[[], Any], Any, int, list[bool]], Any]
@@ -36,6 +37,18 @@ def no_failed_fields(raw: dict) -> dict:
 
 
 @dataclass(frozen=True)
+class ModelLayout:
+    """How a task's model is stored: the diffusers pipeline class its weights load with (and the
+    ``from_pretrained`` extras that leave out what sdbatch does not use), its weighted components, and the
+    tiny random-weight preset (``tiny_components(prediction_type) -> pipeline components``)."""
+
+    pipeline_class: str
+    pipeline_kwargs: dict[str, Any]
+    weight_components: tuple[str, ...]
+    tiny_components: Callable[[str], dict]
+
+
+@dataclass(frozen=True)
 class Task:
     """Everything sdbatch knows about one task, declared once (see the module docstring)."""
 
@@ -51,11 +64,8 @@ class Task:
     # 2. the sampler: the item columns it reads, one GPU batch -> images, per-row checks that need the model
     read_rows: Callable[[pa.Table], list[dict]]
     sample: SampleFn
-    # 3. the model: diffusers pipeline class and from_pretrained extras, weighted components, tiny preset
-    pipeline_class: str
-    pipeline_kwargs: dict[str, Any]
-    weight_components: tuple[str, ...]
-    tiny_components: Callable[[str], dict]  # (prediction_type) -> pipeline components of the tiny preset
+    # 3. the model: how its weights are stored and its tiny preset
+    model: ModelLayout
     # optional parts
     input_image: bool = False  # items name an input image (``image_uri``), fetched in a CPU stage first
     row_error: Callable[[Any, dict], str | None] = no_row_error
@@ -105,3 +115,11 @@ def image_failed_fields(task: str) -> Callable[[dict], dict]:
         uri = raw.get("image_uri")
         return {"task": task, "image_uri": uri if isinstance(uri, str) else None}
     return fields
+
+
+def image_task(name: str, **parts: Any) -> Task:
+    """A task whose rows name an input image (``image_uri``): what every such task shares (the required
+    columns, the image item schema, the fetch stage, the sampler's row reading, the failed-row record),
+    plus the task's own ``parts`` (see :class:`Task`)."""
+    return Task(name=name, required=("id", "image_uri"), item_schema=IMAGE_ITEM_SCHEMA, input_image=True,
+                read_rows=image_task_rows, failed_fields=image_failed_fields(name), **parts)

@@ -25,11 +25,11 @@ import pyarrow as pa
 from pydantic import Field
 
 from batch.models.tiny import tiny_components
-from batch.plan.rows import RowError, begin_row, bucket_key, check_numbers, check_scheduler_and_seed
+from batch.plan.rows import begin_row, bucket_key, finish_row
 from batch.sampling.txt2img import SamplingParams, truncation_warnings, txt2img
 from batch.spec.base import SamplingDefaults
 from batch.store.schema import ITEM_SCHEMA
-from batch.tasks.base import Task
+from batch.tasks.base import ModelLayout, Task
 
 COLUMNS = ("id", "prompt", "negative_prompt", "seed", "guidance_scale", "num_inference_steps", "height", "width",
            "num_images", "scheduler")
@@ -64,13 +64,9 @@ def validate_row(raw: dict[str, Any], spec: Any, rules: Any = None) -> dict[str,
     out["negative_prompt"] = neg
 
     # 2. Numbers, scheduler and seed (shared with the image tasks).
-    check_numbers(take, [("num_inference_steps", 1, 1000), ("num_images", 1, lim.max_images_per_row),
-                         ("height", 8, lim.max_side), ("width", 8, lim.max_side)], problems, out)
-    check_scheduler_and_seed(raw, take, spec, problems, out)
-
-    if problems:
-        raise RowError(problems)
-    return out
+    return finish_row(raw, take, spec, problems, out, [
+        ("num_inference_steps", 1, 1000), ("num_images", 1, lim.max_images_per_row),
+        ("height", 8, lim.max_side), ("width", 8, lim.max_side)])
 
 
 def read_rows(batch: pa.Table) -> list[dict]:
@@ -94,17 +90,8 @@ def extra_columns(model, rows):
 
 
 TASK = Task(
-    name="txt2img",
-    defaults=Txt2ImgDefaults,
-    columns=COLUMNS,
-    required=("id", "prompt"),
-    item_schema=ITEM_SCHEMA,
-    validate_row=validate_row,
-    read_rows=read_rows,
-    sample=sample,
-    extra_columns=extra_columns,
-    pipeline_class="StableDiffusionPipeline",
-    pipeline_kwargs=dict(feature_extractor=None, requires_safety_checker=False),
-    weight_components=("unet", "vae", "text_encoder"),
-    tiny_components=tiny_components,
+    name="txt2img", defaults=Txt2ImgDefaults, columns=COLUMNS, required=("id", "prompt"), item_schema=ITEM_SCHEMA,
+    validate_row=validate_row, read_rows=read_rows, sample=sample, extra_columns=extra_columns,
+    model=ModelLayout("StableDiffusionPipeline", dict(feature_extractor=None, requires_safety_checker=False),
+                      weight_components=("unet", "vae", "text_encoder"), tiny_components=tiny_components),
 )

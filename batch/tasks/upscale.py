@@ -14,11 +14,10 @@ from typing import Any, Literal
 from pydantic import Field, model_validator
 
 from batch.models.tiny import tiny_upscale_components
-from batch.plan.rows import RowError, check_numbers, check_scheduler_and_seed
+from batch.plan.rows import finish_row
 from batch.sampling.image import UpscaleRequest, upscale
 from batch.spec.base import SamplingDefaults
-from batch.store.schema import IMAGE_ITEM_SCHEMA
-from batch.tasks.base import Task, begin_image_row, image_failed_fields, image_task_rows, input_pixels
+from batch.tasks.base import ModelLayout, begin_image_row, image_task, input_pixels
 
 COLUMNS = ("id", "image_uri", "prompt", "negative_prompt", "noise_level", "seed", "guidance_scale",
            "num_inference_steps", "num_images", "scheduler")
@@ -61,14 +60,10 @@ def validate_row(raw: dict[str, Any], spec: Any, rules: Any = None) -> dict[str,
             problems.append((field, f"longer than limits.max_prompt_chars={lim.max_prompt_chars}, got {len(v)}"))
         out[field] = "" if field == "prompt" and v is None else v
     out["tile_size"], out["tile_overlap"] = d.tile_size, d.tile_overlap
-    # 3. numbers, scheduler and seed (as for txt2img)
-    check_numbers(take, [("num_inference_steps", 1, 1000), ("num_images", 1, lim.max_images_per_row),
-                         ("noise_level", 0, 350)], problems, out)
     out["height"] = out["width"] = None  # 4x the input: known once the image is read
-    check_scheduler_and_seed(raw, take, spec, problems, out)
-    if problems:
-        raise RowError(problems)
-    return out
+    # 3. numbers, scheduler and seed (as for txt2img)
+    return finish_row(raw, take, spec, problems, out, [
+        ("num_inference_steps", 1, 1000), ("num_images", 1, lim.max_images_per_row), ("noise_level", 0, 350)])
 
 
 def row_error(model, row):
@@ -91,20 +86,10 @@ def sample(model, rows, new_scheduler, opts, batch_size, rescued):
                    nan_fallback=opts.nan_fallback, rescued=rescued)
 
 
-TASK = Task(
-    name="upscale",
-    defaults=UpscaleDefaults,
-    columns=COLUMNS,
-    required=("id", "image_uri"),
-    item_schema=IMAGE_ITEM_SCHEMA,
-    validate_row=validate_row,
-    failed_fields=image_failed_fields("upscale"),
-    input_image=True,
-    read_rows=image_task_rows,
-    sample=sample,
-    row_error=row_error,
-    pipeline_class="StableDiffusionUpscalePipeline",
-    pipeline_kwargs=dict(feature_extractor=None, watermarker=None),
-    weight_components=("unet", "vae", "text_encoder"),
-    tiny_components=lambda prediction_type: tiny_upscale_components(),
+TASK = image_task(
+    "upscale", defaults=UpscaleDefaults, columns=COLUMNS, validate_row=validate_row, sample=sample,
+    row_error=row_error,  # the model's max_noise_level
+    model=ModelLayout("StableDiffusionUpscalePipeline", dict(feature_extractor=None, watermarker=None),
+                      weight_components=("unet", "vae", "text_encoder"),
+                      tiny_components=lambda prediction_type: tiny_upscale_components()),
 )

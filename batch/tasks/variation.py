@@ -13,12 +13,11 @@ from typing import Any, Literal
 from pydantic import Field
 
 from batch.models.tiny import tiny_variation_components
-from batch.plan.rows import RowError, check_numbers, check_scheduler_and_seed
+from batch.plan.rows import finish_row
 from batch.sampling.image import preprocess_for_variation, variation
 from batch.sampling.txt2img import SamplingParams
 from batch.spec.base import SamplingDefaults
-from batch.store.schema import IMAGE_ITEM_SCHEMA
-from batch.tasks.base import Task, begin_image_row, image_failed_fields, image_task_rows, input_pixels
+from batch.tasks.base import ModelLayout, begin_image_row, image_task, input_pixels
 
 COLUMNS = ("id", "image_uri", "seed", "guidance_scale", "num_inference_steps", "height", "width", "num_images",
            "scheduler")
@@ -46,12 +45,9 @@ def validate_row(raw: dict[str, Any], spec: Any, rules: Any = None) -> dict[str,
     take, problems, out = begin_image_row(raw, spec, rules)  # 1. identity and input
     out["prompt"], out["negative_prompt"], out["preprocessing"] = None, None, spec.defaults.preprocessing
     # 2. numbers, scheduler and seed (as for txt2img)
-    check_numbers(take, [("num_inference_steps", 1, 1000), ("num_images", 1, lim.max_images_per_row),
-                         ("height", 8, lim.max_side), ("width", 8, lim.max_side)], problems, out)
-    check_scheduler_and_seed(raw, take, spec, problems, out)
-    if problems:
-        raise RowError(problems)
-    return out
+    return finish_row(raw, take, spec, problems, out, [
+        ("num_inference_steps", 1, 1000), ("num_images", 1, lim.max_images_per_row),
+        ("height", 8, lim.max_side), ("width", 8, lim.max_side)])
 
 
 def sample(model, rows, new_scheduler, opts, batch_size, rescued):
@@ -68,19 +64,9 @@ def sample(model, rows, new_scheduler, opts, batch_size, rescued):
                           nan_fallback=opts.nan_fallback, rescued=rescued))
 
 
-TASK = Task(
-    name="variation",
-    defaults=VariationDefaults,
-    columns=COLUMNS,
-    required=("id", "image_uri"),
-    item_schema=IMAGE_ITEM_SCHEMA,
-    validate_row=validate_row,
-    failed_fields=image_failed_fields("variation"),
-    input_image=True,
-    read_rows=image_task_rows,
-    sample=sample,
-    pipeline_class="StableDiffusionImageVariationPipeline",
-    pipeline_kwargs=dict(requires_safety_checker=False),
-    weight_components=("unet", "vae", "image_encoder"),
-    tiny_components=lambda prediction_type: tiny_variation_components(),
+TASK = image_task(
+    "variation", defaults=VariationDefaults, columns=COLUMNS, validate_row=validate_row, sample=sample,
+    model=ModelLayout("StableDiffusionImageVariationPipeline", dict(requires_safety_checker=False),
+                      weight_components=("unet", "vae", "image_encoder"),
+                      tiny_components=lambda prediction_type: tiny_variation_components()),
 )
