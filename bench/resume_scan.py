@@ -2,8 +2,8 @@
 
 Writes N rows in parts of ``--rows-per-part`` (as a long run with ``commit_every`` would), then times what
 a resuming driver does before generating anything: list and read every part, keep the latest record per
-image (:func:`batch.store.io.latest_rows`), and select the missing work from a plan of N + 1,000 items
-(:func:`batch.run.job.select_work`). Then the same after ``compact``.
+image (:func:`batch.store.commit.latest_rows`), and select the missing work from a plan of N + 1,000 items
+(:func:`batch.store.commit.select_work`). Then the same after ``compact``.
 
     .venv/bin/python bench/resume_scan.py [--rows 100000] [--rows-per-part 256] [--output DIR_OR_URI]
 """

@@ -170,5 +170,5 @@ def fetch_inputs(batch: pa.Table, storage_options: dict[str, Any], max_pixels: i
 
 
 def fetch_packed_inputs(packed: pa.Table, **kwargs: Any) -> pa.Table:
-    """:func:`fetch_inputs` over whole GPU batches packed one per row (:func:`batch.run.stages.pack_batches`)."""
+    """:func:`fetch_inputs` over whole GPU batches packed one per row (:func:`batch.plan.batches.pack_batches`)."""
     return pack_batches(fetch_inputs(unpack_batches(packed), **kwargs))

@@ -170,7 +170,7 @@ def upscale_tiles(model, scheduler, low_res: torch.Tensor, image_noise: torch.Te
 
     ``low_res`` (N, 3, h, w) in [-1, 1]; ``image_noise`` (N, 3, h, w) and ``latents`` (N, C, h, w) are
     standard normal draws; ``cond``/``uncond`` text embeddings per tile (``uncond`` None: no guidance).
-    ``nan_fallback``/``rescued``: see :func:`batch.sampling.decode` (one flag per tile).
+    ``nan_fallback``/``rescued``: see :func:`batch.sampling.txt2img.decode` (one flag per tile).
     """
     dev = model.device
     levels = torch.tensor(noise_levels, dtype=torch.long, device=dev)
@@ -203,7 +203,7 @@ def upscale(model, new_scheduler: Callable[[], object], requests: list[UpscaleRe
             rescued: list[bool] | None = None) -> list[np.ndarray]:
     """x4-upscale every request; returns uint8 (4h, 4w, 3) arrays (tiling rules in the module docstring).
 
-    ``nan_fallback``/``rescued``: see :func:`batch.sampling.decode`; one flag per request is appended to
+    ``nan_fallback``/``rescued``: see :func:`batch.sampling.txt2img.decode`; one flag per request is appended to
     ``rescued`` (True when any of its tiles was re-decoded in fp32).
 
     Tiles of equal shape from all requests are denoised together, at most ``tiles_per_call`` per UNet
