@@ -339,6 +339,7 @@ def failing_eval(demo_inputs):
     return main, args, stats, common
 
 
+@pytest.mark.e2e
 def test_eval_stops_when_a_generation_exceeds_max_failed_fraction(failing_eval, demo_inputs, ray_session, capsys):
     main, args, stats, common = failing_eval
     out = demo_inputs["root"] / "eval-genfail"
@@ -351,6 +352,7 @@ def test_eval_stops_when_a_generation_exceeds_max_failed_fraction(failing_eval, 
     assert not (out / "results.json").exists() and not (out / "scores").exists()
 
 
+@pytest.mark.e2e
 def test_eval_with_no_images_to_score_says_so(failing_eval, demo_inputs, ray_session, capsys):
     main, args, stats, common = failing_eval
     out = demo_inputs["root"] / "eval-noimages"
