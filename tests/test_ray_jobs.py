@@ -1,7 +1,7 @@
 """The documented cluster path: a local Ray head with the dashboard (`ray start --head`), a tiny generation
 job submitted with `ray job submit --working-dir . -- python jobs/generate.py --config ...`, its outputs
 checked, the head stopped. Only this test's own head is touched: it runs in its own session with its own
-temp dir and free ports, and is stopped by killing its processes (never `ray stop`, which stops every Ray
+temp dir and ports it holds until Ray binds them, and is stopped by killing its processes (never `ray stop`, which stops every Ray
 on the machine)."""
 
 from __future__ import annotations
@@ -31,14 +31,15 @@ REPO = Path(__file__).resolve().parent.parent
 AUTH_TOKEN = Path.home() / ".ray" / "auth_token"
 
 
-def _free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
+def _reserve_ports(n: int) -> list[socket.socket]:
+    """``n`` distinct loopback ports, each held by a bound socket until the caller closes it (just before Ray
+    binds them), so no other process is handed the same port by the kernel in the meantime."""
+    socks = []
+    for _ in range(n):
+        s = socket.socket()
         s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
+        socks.append(s)
+    return socks
 
 
 def _own_pids(marker: str) -> list[int]:
@@ -54,52 +55,73 @@ def _own_pids(marker: str) -> list[int]:
     return pids
 
 
-@pytest.fixture
-def ray_head():
-    """A Ray head with dashboard on free loopback ports; yields (dashboard URL, env for clients)."""
-    had_token = AUTH_TOKEN.exists()
+def _stop_head(head: subprocess.Popen, temp: str) -> None:
+    """Stop only this head: its process group, then anything else naming its temp dir, by PID."""
+    try:
+        os.killpg(head.pid, signal.SIGTERM)
+    except ProcessLookupError:
+        pass
+    deadline = time.monotonic() + 8
+    while _own_pids(temp) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    for pid in _own_pids(temp):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    head.wait(timeout=30)
+
+
+def _start_head(env: dict, bin_dir: str) -> tuple[subprocess.Popen, str, str]:
+    """One try at a Ray head with its own temp dir and ports held until the moment it starts. Returns
+    (process, temp dir, dashboard URL); raises RuntimeError (head stopped) if it exits or never answers."""
     temp = tempfile.mkdtemp(prefix="sdbr-", dir="/tmp")  # short: Ray's unix sockets live under it
-    gcs, dash, client, nm, om, agent, agent_grpc, rt_env, metrics = _free_ports(9)
-    bin_dir = str(Path(sys.executable).parent)
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0", "HF_HUB_OFFLINE": "1",
-           "PATH": f"{bin_dir}:{os.environ.get('PATH', '')}"}
-    env.pop("RAY_ADDRESS", None)
+    socks = _reserve_ports(9)
+    gcs, dash, client, nm, om, agent, agent_grpc, rt_env, metrics = (s.getsockname()[1] for s in socks)
     cmd = [str(Path(bin_dir) / "ray"), "start", "--head", "--block", "--num-cpus=2", "--num-gpus=0",
            f"--temp-dir={temp}", f"--port={gcs}", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
            f"--dashboard-port={dash}", f"--ray-client-server-port={client}", f"--node-manager-port={nm}",
            f"--object-manager-port={om}", f"--dashboard-agent-listen-port={agent}",
            f"--dashboard-agent-grpc-port={agent_grpc}", f"--runtime-env-agent-port={rt_env}",
            f"--metrics-export-port={metrics}", "--disable-usage-stats", "--node-ip-address=127.0.0.1"]
-    log = open(Path(temp) / "head.log", "w")
-    head = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    for s in socks:  # released only now, for Ray to bind
+        s.close()
+    with open(Path(temp) / "head.log", "w") as log:
+        head = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{dash}"
+    deadline = time.monotonic() + 90
+    while True:
+        try:
+            urllib.request.urlopen(f"{url}/api/version", timeout=2).read()
+            return head, temp, url
+        except OSError:
+            if head.poll() is not None or time.monotonic() > deadline:
+                _stop_head(head, temp)
+                text = (Path(temp) / "head.log").read_text()[-3000:]
+                shutil.rmtree(temp, ignore_errors=True)
+                raise RuntimeError("ray head did not start:\n" + text) from None
+            time.sleep(1)
+
+
+@pytest.fixture
+def ray_head():
+    """A Ray head with dashboard on loopback ports of its own; yields (dashboard URL, env for clients)."""
+    had_token = AUTH_TOKEN.exists()
+    bin_dir = str(Path(sys.executable).parent)
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0", "HF_HUB_OFFLINE": "1",
+           "PATH": f"{bin_dir}:{os.environ.get('PATH', '')}"}
+    env.pop("RAY_ADDRESS", None)
+    for tries_left in (2, 1, 0):  # a port taken between its release and Ray's bind: start again, fresh ports
+        try:
+            head, temp, url = _start_head(env, bin_dir)
+            break
+        except RuntimeError:
+            if not tries_left:
+                raise
     try:
-        deadline = time.monotonic() + 90
-        while True:
-            try:
-                urllib.request.urlopen(f"{url}/api/version", timeout=2).read()
-                break
-            except OSError:
-                if head.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError("ray head did not start:\n" + (Path(temp) / "head.log").read_text()[-3000:])
-                time.sleep(1)
         yield url, env
     finally:
-        # stop only this head: its process group, then anything else naming its temp dir
-        try:
-            os.killpg(head.pid, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
-        deadline = time.monotonic() + 8
-        while _own_pids(temp) and time.monotonic() < deadline:
-            time.sleep(0.5)
-        for pid in _own_pids(temp):
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        head.wait(timeout=30)
-        log.close()
+        _stop_head(head, temp)
         shutil.rmtree(temp, ignore_errors=True)
         if not had_token:
             assert not AUTH_TOKEN.exists(), "a Ray auth token was left under ~/.ray"
