@@ -44,6 +44,7 @@ def test_status_json_is_valid(small_run, capsys):
     assert report["run_id"] == "r1" and report["rows_failed"] == 1
 
 
+@pytest.mark.e2e  # the sdbatch command in a subprocess (~8 s each: a fresh interpreter imports torch)
 @pytest.mark.parametrize("flags", [["--json"], []], ids=["json", "text"])
 def test_status_into_a_closed_pipe_exits_quietly(small_run, flags):
     """``sdbatch status --json | head -1``: the reader is gone before the output is written. The pipe's read
