@@ -9,7 +9,7 @@ import pyarrow as pa
 import pytest
 
 import batch.run.stages as stages
-import batch.tasks.txt2img as txt2img_task
+import batch.sampling.txt2img as sampling
 from batch.spec.config import parse_spec
 from batch.plan.manifest import plan
 from batch.store.schema import RESERVED_COLUMNS
@@ -30,7 +30,7 @@ def _items(prompts):
 
 def test_a_failing_sampler_call_fails_only_its_own_images(sampler, monkeypatch):
     calls = []
-    real = txt2img_task.txt2img
+    real = sampling.txt2img
 
     def flaky(model, scheduler, prompts, negatives, seeds, params, **kwargs):
         calls.append(list(prompts))
@@ -38,7 +38,7 @@ def test_a_failing_sampler_call_fails_only_its_own_images(sampler, monkeypatch):
             raise RuntimeError("CUDA out of memory (simulated)")
         return real(model, scheduler, prompts, negatives, seeds, params, **kwargs)
 
-    monkeypatch.setattr(txt2img_task, "txt2img", flaky)
+    monkeypatch.setattr(sampling, "txt2img", flaky)
     out = sampler(_items(["a", "b", "boom", "c", "d"])).to_pylist()
     assert [len(c) for c in calls] == [2, 2, 1]  # batch_size 2 within the one bucket
     by_prompt = {r["prompt"]: r for r in out}

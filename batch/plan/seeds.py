@@ -12,8 +12,10 @@ device, and plain diffusers reproduces it with ``generator=torch.Generator("cpu"
 from __future__ import annotations
 
 import hashlib
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 SEED_SCHEME = "sdbatch-seed-v1"
 
@@ -31,4 +33,6 @@ def image_seed(row_seed: int, image_index: int) -> int:
 
 def generator_for(seed: int) -> torch.Generator:
     """The CPU generator an image with effective seed ``seed`` draws its noise from."""
+    import torch  # here, not at the top: planning (and so every CLI command) seeds rows without torch
+
     return torch.Generator("cpu").manual_seed(int(seed))

@@ -24,9 +24,7 @@ from typing import Any, Literal
 import pyarrow as pa
 from pydantic import Field
 
-from batch.models.tiny import tiny_components
 from batch.plan.rows import begin_row, bucket_key, finish_row
-from batch.sampling.txt2img import SamplingParams, truncation_warnings, txt2img
 from batch.spec.base import SamplingDefaults
 from batch.store.schema import ITEM_SCHEMA
 from batch.tasks.base import ModelLayout, Task
@@ -75,23 +73,36 @@ def read_rows(batch: pa.Table) -> list[dict]:
 
 def sample(model, rows, new_scheduler, opts, batch_size, rescued):
     """One GPU batch (one bucket: shape, steps, guidance, scheduler) through :func:`batch.sampling.txt2img.txt2img`."""
+    # the sampler's code loads in the sampler actors; the spec and the planner (every CLI command) import
+    # this module only for its rows and defaults, so torch/diffusers are imported here, not at the top
+    from batch.sampling import txt2img as sampling
+
     h, w, steps, g, _ = bucket_key(rows[0])
-    return txt2img(model, new_scheduler(), [r["prompt"] for r in rows], [r["negative_prompt"] for r in rows],
-                   [r["seed"] for r in rows],
-                   SamplingParams(height=h, width=w, num_inference_steps=steps, guidance_scale=g),
-                   nan_fallback=opts.nan_fallback, rescued=rescued)
+    return sampling.txt2img(model, new_scheduler(), [r["prompt"] for r in rows],
+                            [r["negative_prompt"] for r in rows], [r["seed"] for r in rows],
+                            sampling.SamplingParams(height=h, width=w, num_inference_steps=steps, guidance_scale=g),
+                            nan_fallback=opts.nan_fallback, rescued=rescued)
 
 
 def extra_columns(model, rows):
     # texts longer than the encoder's window are cut (as diffusers does); say so per row
+    from batch.sampling.txt2img import truncation_warnings
+
     return {"warnings": [truncation_warnings(model.tokenizer, {"prompt": r["prompt"],
                                                                "negative_prompt": r["negative_prompt"]})
                          for r in rows]}
+
+
+def tiny(prediction_type: str) -> dict:
+    """The tiny txt2img preset's components (:func:`batch.models.tiny.tiny_components`)."""
+    from batch.models.tiny import tiny_components
+
+    return tiny_components(prediction_type)
 
 
 TASK = Task(
     name="txt2img", defaults=Txt2ImgDefaults, columns=COLUMNS, required=("id", "prompt"), item_schema=ITEM_SCHEMA,
     validate_row=validate_row, read_rows=read_rows, sample=sample, extra_columns=extra_columns,
     model=ModelLayout("StableDiffusionPipeline", dict(feature_extractor=None, requires_safety_checker=False),
-                      weight_components=("unet", "vae", "text_encoder"), tiny_components=tiny_components),
+                      weight_components=("unet", "vae", "text_encoder"), tiny_components=tiny),
 )

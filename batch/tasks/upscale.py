@@ -13,9 +13,7 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
-from batch.models.tiny import tiny_upscale_components
 from batch.plan.rows import finish_row
-from batch.sampling.image import UpscaleRequest, upscale
 from batch.spec.base import SamplingDefaults
 from batch.tasks.base import ModelLayout, begin_image_row, image_task, input_pixels
 
@@ -76,6 +74,10 @@ def row_error(model, row):
 def sample(model, rows, new_scheduler, opts, batch_size, rescued):
     """One GPU batch of inputs through :func:`batch.sampling.image.upscale`; at most ``batch_size`` tiles go
     through the UNet at once."""
+    # the sampler's code loads in the sampler actors; the spec and the planner (every CLI command) import
+    # this module only for its rows and defaults, so torch/diffusers are imported here, not at the top
+    from batch.sampling.image import UpscaleRequest, upscale
+
     r0 = rows[0]
     requests = [UpscaleRequest(image=img, prompt=r["prompt"] or "", negative_prompt=r["negative_prompt"],
                                noise_level=int(r["noise_level"]), seed=int(r["seed"]))
@@ -86,10 +88,17 @@ def sample(model, rows, new_scheduler, opts, batch_size, rescued):
                    nan_fallback=opts.nan_fallback, rescued=rescued)
 
 
+def tiny(prediction_type: str) -> dict:
+    """The tiny x4 upscaler preset's components (v-prediction, as the real model)."""
+    from batch.models.tiny import tiny_upscale_components
+
+    return tiny_upscale_components()
+
+
 TASK = image_task(
     "upscale", defaults=UpscaleDefaults, columns=COLUMNS, validate_row=validate_row, sample=sample,
     row_error=row_error,  # the model's max_noise_level
     model=ModelLayout("StableDiffusionUpscalePipeline", dict(feature_extractor=None, watermarker=None),
                       weight_components=("unet", "vae", "text_encoder"),
-                      tiny_components=lambda prediction_type: tiny_upscale_components()),
+                      tiny_components=tiny),
 )

@@ -12,10 +12,7 @@ from typing import Any, Literal
 
 from pydantic import Field
 
-from batch.models.tiny import tiny_variation_components
 from batch.plan.rows import finish_row
-from batch.sampling.image import preprocess_for_variation, variation
-from batch.sampling.txt2img import SamplingParams
 from batch.spec.base import SamplingDefaults
 from batch.tasks.base import ModelLayout, begin_image_row, image_task, input_pixels
 
@@ -52,6 +49,11 @@ def validate_row(raw: dict[str, Any], spec: Any, rules: Any = None) -> dict[str,
 
 def sample(model, rows, new_scheduler, opts, batch_size, rescued):
     """One GPU batch (same output size, steps, guidance, scheduler) through :func:`batch.sampling.image.variation`."""
+    # the sampler's code loads in the sampler actors; the spec and the planner (every CLI command) import
+    # this module only for its rows and defaults, so torch/diffusers are imported here, not at the top
+    from batch.sampling.image import preprocess_for_variation, variation
+    from batch.sampling.txt2img import SamplingParams
+
     how = {r["preprocessing"] for r in rows}
     if len(how) != 1:
         raise ValueError(f"one GPU batch mixes preprocessing modes {sorted(how)}")
@@ -64,9 +66,16 @@ def sample(model, rows, new_scheduler, opts, batch_size, rescued):
                           nan_fallback=opts.nan_fallback, rescued=rescued))
 
 
+def tiny(prediction_type: str) -> dict:
+    """The tiny variation preset's components (epsilon, as the real model)."""
+    from batch.models.tiny import tiny_variation_components
+
+    return tiny_variation_components()
+
+
 TASK = image_task(
     "variation", defaults=VariationDefaults, columns=COLUMNS, validate_row=validate_row, sample=sample,
     model=ModelLayout("StableDiffusionImageVariationPipeline", dict(requires_safety_checker=False),
                       weight_components=("unet", "vae", "image_encoder"),
-                      tiny_components=lambda prediction_type: tiny_variation_components()),
+                      tiny_components=tiny),
 )
