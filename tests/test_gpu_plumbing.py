@@ -8,8 +8,6 @@ GPU node; only the tensors stay on the CPU, through the test-only switch ``SDBAT
 
 from __future__ import annotations
 
-import hashlib
-
 import numpy as np
 import pyarrow as pa
 import pytest
@@ -55,7 +53,8 @@ def test_resources_resolve_one_actor_per_declared_gpu(gpu_ray):
     res = resolve_resources(spec, dict(gpu_ray.cluster_resources()), local=True)
     assert (res.device, res.actors, res.gpus_per_actor, res.cpus_per_actor) == ("cuda", 2, 1.0, 1.0)
     assert res.cluster_gpus == 2 and res.actors * res.cpus_per_actor + spec.writer_cpus <= res.cluster_cpus
-    half = resolve_resources(gpu_spec("m", "o", gpus_per_actor=0.5, cpus_per_actor=0.5), dict(gpu_ray.cluster_resources()), local=True)
+    half = resolve_resources(gpu_spec("m", "o", gpus_per_actor=0.5, cpus_per_actor=0.5),
+                             dict(gpu_ray.cluster_resources()), local=True)
     assert (half.actors, half.gpus_per_actor) == (4, 0.5)
 
 
@@ -137,8 +136,6 @@ def test_feature_stage_requests_one_gpu_per_actor(gpu_ray, tmp_path):
     got = {u: np.array(f) for u, f in zip(out.column("uri").to_pylist(), out.column("inception").to_pylist())}
     for u, f in zip(ref.column("uri").to_pylist(), ref.column("inception").to_pylist()):
         np.testing.assert_allclose(got[u], np.array(f), rtol=1e-4, atol=1e-5)
-    digest = hashlib.sha256(np.stack([got[u] for u in uris]).tobytes()).hexdigest()
-    assert len(digest) == 64
 
 
 def test_cpu_device_with_gpus_is_a_spec_error_naming_both_fields():

@@ -104,7 +104,7 @@ def _run_eval(spec: EvalSpec, coco_captions: str, coco_images: str, output: str,
     prompts = sample_prompts(read_coco_captions(coco_captions, spec.storage_options), n, spec.seed)
     out.put_parquet("prompts.parquet", prompts)
 
-    with pipeline.ray_session(_ray_spec(spec)):  # one Ray for the reference, the generations and the features
+    with pipeline.ray_attached(_ray_spec(spec)):  # one Ray for the reference, the generations and the features
         # 2. reference statistics (cached)
         t = time.perf_counter()
         ref = reference_statistics(coco_images, spec, stats_cache)

@@ -74,19 +74,26 @@ def init_ray(spec: JobSpec) -> bool:
 
 
 @contextlib.contextmanager
-def ray_session(spec: JobSpec, needed: bool = True) -> Iterator[Resources | None]:
+def ray_attached(spec: JobSpec) -> Iterator[None]:
     """The one way the job and the evaluation use Ray: attach to the cluster or start an embedded Ray
-    (unless Ray is already initialised), resolve the spec's compute settings on it and yield them, and stop
-    Ray afterwards only if this call started it. ``needed=False`` yields None and touches no Ray."""
-    if not needed:
-        yield None
-        return
+    (unless Ray is already initialised), and stop it afterwards only if this call started it."""
     started = init_ray(spec)
     try:
-        yield resolve_resources(spec, cluster_resources(), local=is_local(spec))
+        yield
     finally:
         if started:
             shutdown()
+
+
+@contextlib.contextmanager
+def ray_session(spec: JobSpec, needed: bool = True) -> Iterator[Resources | None]:
+    """:func:`ray_attached`, yielding the spec's compute settings resolved on that cluster. ``needed=False``
+    yields None and touches no Ray."""
+    if not needed:
+        yield None
+        return
+    with ray_attached(spec):
+        yield resolve_resources(spec, cluster_resources(), local=is_local(spec))
 
 
 def resolve_resources(spec: JobSpec, cluster: dict[str, float], local: bool) -> Resources:
@@ -149,16 +156,18 @@ def run_items(items: pa.Table, spec: JobSpec, res: Resources, upload: bool) -> I
 
     # whole GPU batches, one per Ray row: Ray's integer batch_size (required with GPUs) can then never
     # split a GPU batch across sampler calls, whatever it merges or slices (batch.plan.batches)
-    ds = ray.data.from_arrow([pack_batches(b) for b in blocks])
+    packed = [pack_batches(b) for b in blocks]
+    fetch_kwargs = None
     if TASKS[spec.task].input_image:  # fetch input images in a CPU stage first, never inside the actors
         fetch_kwargs = dict(storage_options=spec.storage_options, max_pixels=spec.limits.max_input_pixels,
                             allowed=input_rules(spec)[0])
         if any(str(u).startswith("memory://") for u in items.column("image_uri").to_pylist()):
             # memory:// exists only in this process: fetch here (still before, and outside, the actors)
-            ds = ray.data.from_arrow([fetch_packed_inputs(pack_batches(b), **fetch_kwargs) for b in blocks])
-        else:
-            ds = ds.map_batches(fetch_packed_inputs, fn_kwargs=fetch_kwargs, batch_size=None,
-                                batch_format="pyarrow", num_cpus=spec.writer_cpus)
+            packed, fetch_kwargs = [fetch_packed_inputs(p, **fetch_kwargs) for p in packed], None
+    ds = ray.data.from_arrow(packed)
+    if fetch_kwargs is not None:
+        ds = ds.map_batches(fetch_packed_inputs, fn_kwargs=fetch_kwargs, batch_size=None, batch_format="pyarrow",
+                            num_cpus=spec.writer_cpus)
     threads = res.threads_per_actor if res.device == "cpu" else None
     ds = ds.map_batches(
         Sampler,
