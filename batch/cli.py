@@ -10,6 +10,7 @@ import sys
 
 from batch.spec.base import SpecError
 from batch.spec.config import apply_overrides, load_spec, parse_set_option, parse_spec
+from batch.tasks import TASKS
 
 
 def _spec_from_args(args: argparse.Namespace):
@@ -285,7 +286,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     val = sub.add_parser("validate", help="check a manifest (schema and every row); loads no model")
     val.add_argument("manifest", help="Parquet manifest URI")
-    val.add_argument("--task", choices=["txt2img", "variation", "upscale"],
+    val.add_argument("--task", choices=list(TASKS),
                      help="manifest kind (default: the config's task, else txt2img)")
     val.add_argument("--config", help="job spec whose defaults and limits apply")
     val.add_argument("--set", action="append", metavar="KEY=VALUE")
@@ -303,7 +304,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     tiny = sub.add_parser("make-tiny-model", help="write a tiny random-weight diffusers model folder")
     tiny.add_argument("directory")
-    tiny.add_argument("--task", default="txt2img", choices=["txt2img", "variation", "upscale"],
+    tiny.add_argument("--task", default="txt2img", choices=list(TASKS),
                       help="which pipeline layout: txt2img, variation (image variations) or upscale (x4)")
     tiny.add_argument("--prediction-type", default="epsilon", choices=["epsilon", "v_prediction"])
     tiny.set_defaults(func=cmd_make_tiny_model)

@@ -20,10 +20,7 @@ from batch.tasks import TASKS
 COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 # Components of the image tasks (variation: image encoder + CLIP image processor; upscale: low-res schedule).
 IMAGE_TASK_COMPONENTS = ("image_encoder", "feature_extractor", "low_res_scheduler")
-
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-
-
 PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl")
 
 

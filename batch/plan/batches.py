@@ -41,6 +41,11 @@ def assign_batches(items: pa.Table, batch_size: int) -> list[int]:
     return ids
 
 
+def _batch_starts(ids: list[int]) -> list[int]:
+    """Positions where a new GPU batch begins (consecutive items share a batch number)."""
+    return [i for i in range(len(ids)) if i == 0 or ids[i] != ids[i - 1]]
+
+
 def cut_blocks(items: pa.Table, batch_size: int, actors: int) -> list[pa.Table]:
     """Number the GPU batches (``_batch``), then cut blocks of whole batches: enough blocks to feed
     every actor (``BLOCKS_PER_ACTOR`` each where there is work), none over ``MAX_BATCHES_PER_BLOCK``."""
@@ -48,7 +53,7 @@ def cut_blocks(items: pa.Table, batch_size: int, actors: int) -> list[pa.Table]:
         return []
     ids = assign_batches(items, batch_size)
     items = items.append_column("_batch", pa.array(ids, pa.int64()))
-    starts = [i for i in range(len(ids)) if i == 0 or ids[i] != ids[i - 1]]
+    starts = _batch_starts(ids)
     per_block = min(MAX_BATCHES_PER_BLOCK, max(1, math.ceil(len(starts) / (actors * BLOCKS_PER_ACTOR))))
     bounds = starts[::per_block] + [items.num_rows]
     return [items.slice(a, b - a) for a, b in zip(bounds, bounds[1:])]
@@ -65,8 +70,7 @@ def pack_batches(items: pa.Table) -> pa.Table:
     Ray merges or slices, a sampler call only ever receives whole batches (``batch_size=1``: one each).
     """
     ids = items.column("_batch").to_pylist()
-    starts = [i for i in range(len(ids)) if i == 0 or ids[i] != ids[i - 1]]
-    offsets = pa.array(starts + [len(ids)], pa.int32())
+    offsets = pa.array(_batch_starts(ids) + [len(ids)], pa.int32())
     structs = items.combine_chunks().to_struct_array().combine_chunks()
     return pa.table({PACKED: pa.ListArray.from_arrays(offsets, structs)})
 
