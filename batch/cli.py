@@ -4,9 +4,11 @@ fid-stats."""
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
 import sys
+import time
 
 from batch.spec.base import SpecError
 from batch.spec.config import apply_overrides, load_spec, parse_set_option, parse_spec
@@ -95,7 +97,7 @@ def cmd_resume(args: argparse.Namespace) -> int:
 
 def cmd_status(args: argparse.Namespace) -> int:
     from batch.run.stats import tally
-    from batch.store.commit import LEASE, RUN_RECORD, SUCCESS_MARKER, metadata_parts, read_metadata
+    from batch.store.commit import LEASE, LEASE_SECONDS, RUN_RECORD, SUCCESS_MARKER, metadata_parts, read_metadata
 
     out = _open_run(args)
     record = out.get_json(RUN_RECORD)
@@ -105,6 +107,11 @@ def cmd_status(args: argparse.Namespace) -> int:
               "metadata_parts": len(metadata_parts(out)), **counts}
     if out.exists(LEASE):
         report["lease"] = out.get_json(LEASE)
+    if report["status"] == "running":  # a driver killed with SIGKILL cannot say so: its heartbeat tells
+        lease = report.get("lease") or {}
+        age = time.time() - float(lease.get("heartbeat", 0))
+        if lease.get("released") or age > LEASE_SECONDS:
+            report["status"] = f"abandoned (no driver: last heartbeat {age:.0f}s ago); sdbatch resume finishes it"
     if args.json:
         print(json.dumps(report, indent=2, sort_keys=True))
         return 0
@@ -119,12 +126,16 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_compact(args: argparse.Namespace) -> int:
-    from batch.store.commit import SUCCESS_MARKER, compact
+    from batch.store.commit import SUCCESS_MARKER, Lease, compact, new_attempt_id
 
     out = _open_run(args)
     if not out.exists(SUCCESS_MARKER) and not args.force:
         raise SpecError(f"{args.output} has not finished ({SUCCESS_MARKER} missing); compact after a clean finish")
-    before, after = compact(out)
+    lease = Lease(out, new_attempt_id(), force=False)  # never under a live driver (RunInProgressError)
+    try:
+        before, after = compact(out)
+    finally:
+        lease.release()
     print(f"metadata parts: {before} -> {after}")
     return 0
 
@@ -333,7 +344,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _environment_failure(err: BaseException) -> str | None:
+    """The one-line message of an environment failure (exit code 3), or None for any other error: the output
+    store refused a write (full, read-only, no permission) or Ray lost its cluster."""
+    from batch.store.io import StorageError
+
+    if isinstance(err, StorageError):
+        return f"storage: {err}"
+    if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EPERM, errno.EDQUOT):
+        return f"storage: {type(err).__name__}: {err}"
+    if type(err).__module__.startswith("ray."):  # RaySystemError, node died, GCS unreachable, ...
+        return f"cluster: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run one ``sdbatch`` command; exit codes: 0 done, 1 rows failed above ``max_failed_fraction``, 2 unusable
+    spec/manifest/model, 3 environment failure (storage, cluster) or an incomplete run (README "Exit codes")."""
     args = build_parser().parse_args(argv)
     from batch.store.commit import RunExistsError, RunInProgressError
     from batch.plan.manifest import ManifestError
@@ -346,6 +373,13 @@ def main(argv: list[str] | None = None) -> int:
     except (SpecError, ManifestError, ModelError, RunExistsError, RunInProgressError) as err:
         print(f"sdbatch: error: {err}", file=sys.stderr)
         return 2
+    except Exception as err:
+        message = _environment_failure(err)
+        if message is None:
+            raise
+        print(f"sdbatch: error: {message} (exit 3: an environment failure; what was committed is kept, and the run resumes once it is fixed)",
+              file=sys.stderr)
+        return 3
     except BrokenPipeError:  # the reader went away (`sdbatch status | head -1`): stop quietly
         # https://docs.python.org/3/library/signal.html#note-on-sigpipe: send the rest of stdout to devnull so
         # the flush at exit does not raise again

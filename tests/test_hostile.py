@@ -124,7 +124,7 @@ def test_default_allows_only_the_manifest_folder(layout):
 def test_listed_remote_prefixes_and_dot_segments(layout):
     allowed = allowed_prefixes(["s3://bucket/images/", "memory://in"], None)
     assert check_input_uri("s3://bucket/images/a/b.png", allowed) == "s3://bucket/images/a/b.png"
-    assert check_input_uri("memory://in/x.png", allowed) == "memory://in/x.png"
+    assert check_input_uri("memory://in/x.png", allowed) == "memory:///in/x.png"  # the filesystem's own path form
     for uri in ("s3://bucket/images/../private/k.png", "s3://bucket/images/%2e%2e/private/k.png",
                 "s3://bucket/imagesX/a.png", "s3://other/images/a.png", "gs://bucket/images/a.png", ""):
         with pytest.raises(InputLocationError):

@@ -4,6 +4,7 @@ every bad kind fails with its reason."""
 from __future__ import annotations
 
 import io
+import os
 
 import fsspec
 import numpy as np
@@ -116,6 +117,8 @@ def test_memory_uri_is_read_through_fsspec():
     ("truncated", "corrupt image data"),
     ("directory", "is a directory"),
     ("too_big", "over limits.max_input_pixels=5000"),
+    ("fifo", "not a regular file"),
+    ("too_many_bytes", "over limits.max_input_bytes=1000, got "),
 ])
 def test_bad_images_fail_with_their_reason(tmp_path, kind, reason):
     path = tmp_path / "x.png"
@@ -132,9 +135,45 @@ def test_bad_images_fail_with_their_reason(tmp_path, kind, reason):
         path.mkdir()
     elif kind == "too_big":
         path.write_bytes(good)  # 100 x 100 = 10000 pixels
+    elif kind == "fifo":  # opening a FIFO for reading blocks until a writer appears: it must never be opened
+        os.mkfifo(path)
+    elif kind == "too_many_bytes":
+        path.write_bytes(good)
     with pytest.raises(ImageError) as err:
-        fetch_image(str(path), max_pixels=5000 if kind == "too_big" else 10**6)
-    assert reason in str(err.value) and str(path) in str(err.value)
+        fetch_image(str(path), max_pixels=5000 if kind == "too_big" else 10**6,
+                    max_bytes=1000 if kind == "too_many_bytes" else 10**8)
+    # the reason is stable text (its variable part after ", got"); the URI is the row's image_uri column, not
+    # part of the reason, so `sdbatch status` groups the failures by reason
+    assert reason in str(err.value) and str(path) not in str(err.value)
+
+
+def test_byte_limit_is_checked_from_the_size_before_reading(tmp_path, monkeypatch):
+    """A file over limits.max_input_bytes fails from its stored size: not one byte of it is read."""
+    import fsspec.implementations.local as local
+
+    path = tmp_path / "huge.png"
+    with open(path, "wb") as f:  # 3 GiB, sparse: costs no disk
+        f.truncate(3 * 1024**3)
+
+    def no_open(*args, **kwargs):
+        raise AssertionError("opened an over-limit file")
+
+    monkeypatch.setattr(local.LocalFileSystem, "_open", no_open)
+    with pytest.raises(ImageError, match=r"over limits.max_input_bytes=134217728, got 3221225472 bytes"):
+        fetch_image(str(path))
+
+
+def test_slow_read_fails_after_the_timeout(tmp_path, monkeypatch):
+    """A read still going after limits.input_read_timeout_s fails its image (checked between chunks)."""
+    import batch.run.inputs as inputs
+
+    path = tmp_path / "a.png"
+    path.write_bytes(b"x" * 100)
+    monkeypatch.setattr(inputs, "_CHUNK", 10)
+    clock = iter(range(0, 10**6, 7))  # every call 7 "seconds" later
+    monkeypatch.setattr(inputs.time, "monotonic", lambda: next(clock))
+    with pytest.raises(ImageError, match=r"read not finished within limits.input_read_timeout_s=20"):
+        fetch_image(str(path), timeout_s=20)
 
 
 def test_pixel_limit_is_checked_before_decoding(tmp_path, monkeypatch):
@@ -147,5 +186,5 @@ def test_pixel_limit_is_checked_before_decoding(tmp_path, monkeypatch):
         raise AssertionError("decoded an over-limit image")
 
     monkeypatch.setattr(ImageFile.ImageFile, "load", no_load)
-    with pytest.raises(ImageError, match="4000x4000 = 16000000 pixels is over limits.max_input_pixels=1000000"):
+    with pytest.raises(ImageError, match="over limits.max_input_pixels=1000000, got 4000x4000 = 16000000 pixels"):
         fetch_image(str(path), max_pixels=1_000_000)

@@ -5,7 +5,8 @@ for the machine or a bucket it happens to have credentials for. An input URI is 
 of the spec's ``allowed_input_prefixes``; when that list is empty, the only allowed prefix is the folder
 that holds the manifest. Checks run on the normalised location:
 
-1. relative local paths are taken relative to the manifest's folder;
+1. relative paths are taken relative to the manifest's folder, wherever it is (``img/a.png`` beside
+   ``s3://bucket/jobs/m.parquet`` is ``s3://bucket/jobs/img/a.png``);
 2. local paths are resolved (``..`` and symlinks), so ``allowed/../../etc/passwd`` or a symlink out of
    the folder is judged by where it really points;
 3. remote paths must not contain ``..`` segments (plain or URL-encoded) at all, since object stores do not
@@ -30,9 +31,22 @@ class InputLocationError(ValueError):
 
 
 def _split(uri: str) -> tuple[str, str]:
+    """(protocol, path) with ``file``/``local``/bare paths as ``file`` and remote paths in the filesystem's
+    own form (``memory://x/a`` and ``memory:///x/a`` are the same object: ``/x/a``)."""
     protocol, path = fsspec.core.split_protocol(uri)
     protocol = (protocol or "file").lower()
-    return ("file" if protocol in LOCAL_PROTOCOLS else protocol), path
+    if protocol in LOCAL_PROTOCOLS:
+        return "file", path
+    try:
+        path = fsspec.get_filesystem_class(protocol)._strip_protocol(uri)
+    except Exception:  # driver not installed here: compare the paths as written
+        pass
+    return protocol, path
+
+
+def _is_relative(uri: str) -> bool:
+    """A bare path that is not absolute (no protocol): relative to the manifest's folder."""
+    return fsspec.core.split_protocol(uri)[0] is None and not os.path.isabs(uri)
 
 
 def manifest_folder(manifest_uri: str, storage_options: dict | None = None) -> str:
@@ -52,11 +66,14 @@ def normalise(uri: str, base: str | None = None) -> str:
         raise InputLocationError(f"must be a non-empty URI string, got {uri!r}")
     if "\x00" in uri:
         raise InputLocationError("contains a NUL byte")
+    if _is_relative(uri):
+        if base is None:
+            raise InputLocationError(f"a relative path needs a manifest folder to be relative to, got {uri!r}")
+        if _split(base)[0] != "file":  # a remote manifest: the path continues its folder
+            uri = base.rstrip("/") + "/" + uri
     protocol, path = _split(uri)
     if protocol == "file":
         if not os.path.isabs(path):
-            if base is None:
-                raise InputLocationError(f"relative path {uri!r} needs a manifest folder to be relative to")
             path = os.path.join(_split(base)[1], path)
         return os.path.realpath(path)
     segments = urllib.parse.unquote(urllib.parse.unquote(path)).replace("\\", "/").split("/")
@@ -99,6 +116,6 @@ def check_input_uri(uri: str, allowed: list[str], base: str | None = None) -> st
     location = normalise(uri, base)
     if not any(is_under(location, prefix) for prefix in allowed):
         shown = ", ".join(allowed) or "(none)"
-        raise InputLocationError(f"{uri!r} is outside the allowed input locations [{shown}] "
-                                 "(set allowed_input_prefixes in the spec to allow more)")
+        raise InputLocationError(f"outside the allowed input locations [{shown}] (set allowed_input_prefixes "
+                                 f"in the spec to allow more), got {uri!r}")
     return location

@@ -8,7 +8,6 @@ one error text) per field, whatever the task. A bad row raises :class:`RowError`
 from __future__ import annotations
 
 import math
-import re
 import unicodedata
 import urllib.parse
 from typing import TYPE_CHECKING, Any, Callable
@@ -40,8 +39,9 @@ def check_id(rid: Any) -> str | None:
 
     Refused: non-strings, empty or blank, longer than ``MAX_ID_CHARS``, control characters (NUL, newlines,
     unicode line/paragraph separators), and anything that reads as a path once URL-decoded (repeatedly)
-    and NFKC-normalised: ``/``, ``\\`` or a look-alike separator, a ``.``/``..`` segment, a drive prefix.
-    (Output keys never derive from the raw id anyway: see :func:`batch.store.io.image_key`.)
+    and NFKC-normalised: ``/``, ``\\`` or a look-alike separator, a ``.``/``..`` segment. A colon is fine
+    (``q:colon``; a Windows drive path also needs a separator, refused above). Output keys never derive from
+    the raw id anyway: see :func:`batch.store.io.image_key`.
     """
     if not isinstance(rid, str) or not rid.strip():
         return f"must be a non-empty string, got {rid!r}"
@@ -60,8 +60,8 @@ def check_id(rid: Any) -> str | None:
     for form in forms + [unicodedata.normalize("NFKC", f) for f in forms]:
         if any(c in _SEPARATOR_LOOKALIKES for c in form):
             return f"must not contain path separators (plain, URL-encoded or look-alike), got {rid[:80]!r}"
-        if form in (".", "..") or re.match(r"^[A-Za-z]:", form) or "\x00" in form:
-            return f"must not be a path (dot segment, drive or NUL), got {rid[:80]!r}"
+        if form in (".", "..") or "\x00" in form:
+            return f"must not be a path (dot segment or NUL), got {rid[:80]!r}"
     return None
 
 
@@ -91,12 +91,15 @@ def begin_row(raw: dict[str, Any], spec: JobSpec) -> tuple[Callable[[str], Any],
 
 
 def check_numbers(take: Any, ranges: list[tuple[str, int, int]], problems: list[tuple[str, str]],
-                  out: dict[str, Any]) -> None:
-    """Check ``guidance_scale`` (finite, > 0) and the integer fields ``(field, lo, hi)`` (height and width
-    also multiples of 8) of one row; ``take(field)`` gives the row's value or the default."""
+                  out: dict[str, Any], max_guidance: float = float("inf")) -> None:
+    """Check ``guidance_scale`` (finite, > 0, at most ``max_guidance``: ``limits.max_guidance_scale``) and the
+    integer fields ``(field, lo, hi)`` (height and width also multiples of 8) of one row; ``take(field)``
+    gives the row's value or the default."""
     g = take("guidance_scale")
     if not _is_number(g) or not math.isfinite(g) or g <= 0:
         problems.append(("guidance_scale", f"must be a finite number > 0, got {g!r}"))
+    elif g > max_guidance:
+        problems.append(("guidance_scale", f"must be at most limits.max_guidance_scale={max_guidance:g}, got {g!r}"))
     out["guidance_scale"] = float(g) if _is_number(g) else None
     for field, lo, hi in ranges:
         v = take(field)
@@ -146,7 +149,7 @@ def finish_row(raw: dict[str, Any], take: Callable[[str], Any], spec: "JobSpec",
     """The checks every task ends a row with: guidance and the integer ``ranges`` (:func:`check_numbers`),
     then scheduler and seed (:func:`check_scheduler_and_seed`); ``out`` when the row is good, else
     :class:`RowError` with every problem found."""
-    check_numbers(take, ranges, problems, out)
+    check_numbers(take, ranges, problems, out, spec.limits.max_guidance_scale)
     check_scheduler_and_seed(raw, take, spec, problems, out)
     if problems:
         raise RowError(problems)

@@ -9,7 +9,9 @@ never read storage.
 so location checks belong here). It returns an (H, W, 3) uint8 RGB array and facts about the input:
 
 1. read the object's bytes with fsspec (any URI: local path, ``file://``, ``s3://``, ``gs://``,
-   ``memory://``); a missing object or a zero-byte file is an :class:`ImageError`;
+   ``memory://``), bounded: regular files only (a FIFO or device would block the stage), a byte limit
+   checked from the stored size before reading, a read timeout; a missing object or a zero-byte file is
+   an :class:`ImageError`;
 2. hash the bytes (``input_sha256``) and parse only the header; more than ``max_pixels`` pixels
    (the spec's ``limits.max_input_pixels``, a decompression-bomb guard) is refused *before* decoding;
 3. decode fully (a truncated or corrupt file fails here), then apply the EXIF orientation tag;
@@ -27,6 +29,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import time
 import warnings
 from typing import Any
 
@@ -43,26 +46,34 @@ class ImageError(ValueError):
 
 
 def fetch_image(uri: str, storage_options: dict[str, Any] | None = None,
-                max_pixels: int = 16_777_216, allowed: list[str] | None = None) -> tuple[np.ndarray, dict[str, Any]]:
+                max_pixels: int = 16_777_216, allowed: list[str] | None = None,
+                max_bytes: int = 128 * 1024 * 1024, timeout_s: float = 60.0) -> tuple[np.ndarray, dict[str, Any]]:
     """Read, check and decode the image at ``uri``; return ``(rgb uint8 HxWx3, info)``.
 
     ``info`` has ``input_sha256`` (of the stored bytes), ``input_width``/``input_height`` (after EXIF
     rotation, i.e. of the returned array), ``input_mode`` (Pillow's mode of the file) and ``input_format``.
     Raises :class:`ImageError` with a short reason for a missing, empty, corrupt or oversized image, or
-    (``allowed`` given: see :mod:`batch.plan.locations`) one outside the allowed input locations.
+    (``allowed`` given: see :mod:`batch.plan.locations`) one outside the allowed input locations. Reads are
+    bounded: regular files (objects) only, at most ``max_bytes`` (judged from the stored size before reading,
+    and counted while reading), finished within ``timeout_s`` (checked between chunks). The reason never holds
+    the URI itself (the row's ``image_uri`` column does), so failures group by reason.
     """
-    data = _read(uri, storage_options or {}, allowed)
+    data = _read(uri, storage_options or {}, allowed, max_bytes, timeout_s)
     if not data:
-        raise ImageError(f"empty file (0 bytes), got {uri!r}")
+        raise ImageError("empty file (0 bytes)")
     info: dict[str, Any] = {"input_sha256": hashlib.sha256(data).hexdigest()}
-    img = _decode(data, uri, max_pixels)
+    img = _decode(data, max_pixels)
     info["input_mode"], info["input_format"] = img.mode, img.format
     rgb = _to_rgb(img)
     info["input_height"], info["input_width"] = int(rgb.shape[0]), int(rgb.shape[1])
     return rgb, info
 
 
-def _read(uri: str, storage_options: dict[str, Any], allowed: list[str] | None = None) -> bytes:
+_CHUNK = 4 * 1024 * 1024
+
+
+def _read(uri: str, storage_options: dict[str, Any], allowed: list[str] | None = None,
+          max_bytes: int = 128 * 1024 * 1024, timeout_s: float = 60.0) -> bytes:
     import fsspec
 
     from batch.plan.locations import InputLocationError, check_input_uri
@@ -77,20 +88,43 @@ def _read(uri: str, storage_options: dict[str, Any], allowed: list[str] | None =
     try:
         fs, path = fsspec.core.url_to_fs(uri, **storage_options)
     except Exception as err:  # unknown protocol, missing driver, bad options
-        raise ImageError(f"cannot open ({type(err).__name__}: {err}), got {uri!r}") from None
+        raise ImageError(f"cannot open, got {type(err).__name__}: {err}") from None
     try:
-        if fs.isdir(path):
-            raise ImageError(f"is a directory, not an image, got {uri!r}")
-        return fs.cat_file(path)
+        # 1. what the object is, from its metadata alone: a FIFO, device or socket would block or never end
+        info = fs.info(path)
+        kind = info.get("type")
+        if kind == "directory":
+            raise ImageError("is a directory, not an image")
+        if kind != "file":
+            raise ImageError(f"not a regular file, got type {kind!r}")
+        size = info.get("size")
+        if size is not None and size > max_bytes:
+            raise ImageError(f"over limits.max_input_bytes={max_bytes}, got {size} bytes")
+        # 2. read in chunks, bounded in bytes (a size that lied) and in time
+        deadline = time.monotonic() + timeout_s
+        chunks, total = [], 0
+        with fs.open(path, "rb") as f:
+            while True:
+                chunk = f.read(_CHUNK)
+                if not chunk:
+                    break
+                total += len(chunk)
+                if total > max_bytes:
+                    raise ImageError(f"over limits.max_input_bytes={max_bytes}, got more while reading")
+                chunks.append(chunk)
+                if time.monotonic() > deadline:
+                    raise ImageError(f"read not finished within limits.input_read_timeout_s={timeout_s:g}, "
+                                     f"got {total} bytes")
+        return b"".join(chunks)
     except ImageError:
         raise
     except FileNotFoundError:
-        raise ImageError(f"not found, got {uri!r}") from None
+        raise ImageError("not found") from None
     except Exception as err:
-        raise ImageError(f"cannot read ({type(err).__name__}: {err}), got {uri!r}") from None
+        raise ImageError(f"cannot read, got {type(err).__name__}: {err}") from None
 
 
-def _decode(data: bytes, uri: str, max_pixels: int):
+def _decode(data: bytes, max_pixels: int):
     from PIL import Image, ImageOps, UnidentifiedImageError
 
     try:
@@ -98,23 +132,23 @@ def _decode(data: bytes, uri: str, max_pixels: int):
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             img = Image.open(io.BytesIO(data))  # parses the header only
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
-        raise ImageError(f"over the pixel limit ({err}), got {uri!r}") from None
+        raise ImageError(f"over the pixel limit, got {err}") from None
     except UnidentifiedImageError:
-        raise ImageError(f"not a decodable image (unknown or corrupt header), got {uri!r}") from None
+        raise ImageError("not a decodable image (unknown or corrupt header)") from None
     except Exception as err:
-        raise ImageError(f"not a decodable image ({type(err).__name__}: {err}), got {uri!r}") from None
+        raise ImageError(f"not a decodable image, got {type(err).__name__}: {err}") from None
     w, h = img.size
     if w * h > max_pixels:
-        raise ImageError(f"{w}x{h} = {w * h} pixels is over limits.max_input_pixels={max_pixels}, got {uri!r}")
+        raise ImageError(f"over limits.max_input_pixels={max_pixels}, got {w}x{h} = {w * h} pixels")
     if w < 1 or h < 1:
-        raise ImageError(f"has no pixels ({w}x{h}), got {uri!r}")
+        raise ImageError(f"has no pixels, got {w}x{h}")
     try:
         img.load()
         fmt = img.format
         img = ImageOps.exif_transpose(img)  # rotates/flips per the EXIF Orientation tag, drops the tag
         img.format = fmt
     except Exception as err:  # truncated file, bad compressed stream
-        raise ImageError(f"corrupt image data ({type(err).__name__}: {err}), got {uri!r}") from None
+        raise ImageError(f"corrupt image data, got {type(err).__name__}: {err}") from None
     return img
 
 
@@ -139,14 +173,15 @@ def _to_rgb(img) -> np.ndarray:
 
 
 def fetch_inputs(batch: pa.Table, storage_options: dict[str, Any], max_pixels: int,
-                 allowed: list[str] | None = None) -> pa.Table:
+                 allowed: list[str] | None = None, max_bytes: int = 128 * 1024 * 1024,
+                 timeout_s: float = 60.0) -> pa.Table:
     """CPU stage: fetch each item's input image once per distinct URI in the batch; add ``_input`` (raw
     uint8 RGB bytes), ``input_sha256``/``input_width``/``input_height``/``input_mode``, ``status``, ``error``."""
     uris = batch.column("image_uri").to_pylist()
     cache: dict[str, tuple[bytes | None, dict[str, Any], str | None]] = {}
     for uri in dict.fromkeys(uris):
         try:
-            rgb, info = fetch_image(uri, storage_options, max_pixels, allowed)
+            rgb, info = fetch_image(uri, storage_options, max_pixels, allowed, max_bytes, timeout_s)
             cache[uri] = (np.ascontiguousarray(rgb).tobytes(), info, None)
         except ImageError as err:
             cache[uri] = (None, {}, f"image_uri: {err}")

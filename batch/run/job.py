@@ -12,7 +12,8 @@
 4. :func:`stream_and_commit`: stream generated items from the Ray pipeline, committing a metadata part
    every ``commit_every`` rows or ``commit_seconds`` (an image counts as done only once a part holding
    its row is written);
-5. :func:`finish`: counts over the whole run into the run record; ``_SUCCESS`` last.
+5. :func:`finish`: counts over the whole run into the run record; ``_SUCCESS`` last, and only when every
+   planned image and row has a committed record (else the run is ``incomplete``, exit code 3).
 
 The protocol itself (parts, lease, latest-wins reading) is :mod:`batch.store.commit`; the numbers in the
 summary are :mod:`batch.run.stats`; the run record's identity and redaction are :mod:`batch.run.record`.
@@ -35,7 +36,7 @@ from batch.models.weights import locate
 from batch.plan.manifest import Plan, plan, read_manifest
 from batch.run import pipeline
 from batch.run.record import check_same_run, manifest_digest, new_run_id, now, package_versions, redact, redact_arg
-from batch.run.stats import Summary, call_ends, sampler_calls, steady_rate, tally, warmup_seconds
+from batch.run.stats import EXIT_ENVIRONMENT, EXIT_ROWS_FAILED, Summary, call_ends, sampler_calls, steady_rate, tally, warmup_seconds
 from batch.spec.config import JobSpec
 from batch.spec.base import SpecError
 from batch.store.commit import (
@@ -225,16 +226,21 @@ def finish(run: OpenRun, work: Work, attempt: Attempt, streamed: Streamed, t_sta
                       steady_images_per_second=steady_rate(call_ends(streamed.calls)),
                       warmup_seconds=warmup_seconds(streamed.calls))
     frac = summary.rows_failed / summary.rows if summary.rows else 0.0
-    summary.exit_code = 0 if frac <= spec.max_failed_fraction else 1
-    entry.update(status="finished", finished_at=now(), metadata_parts=committer.parts,
+    # the marker only when it is true: every planned image and every row has a committed record
+    summary.complete = counts["images_pending"] == 0 and counts["rows_ok"] + counts["rows_failed"] == counts["rows"]
+    summary.exit_code = (0 if frac <= spec.max_failed_fraction else EXIT_ROWS_FAILED) if summary.complete \
+        else EXIT_ENVIRONMENT
+    status = "finished" if summary.complete else "incomplete"
+    entry.update(status=status, finished_at=now(), metadata_parts=committer.parts,
                  images_per_second=summary.images_per_second, generate_seconds=streamed.seconds)
-    record.update(status="finished", finished_at=entry["finished_at"],
+    record.update(status=status, finished_at=entry["finished_at"],
                   summary={k: v for k, v in summary.__dict__.items() if k != "output"})
     run.out.put_json(RUN_RECORD, record)
     attempt.log.event("finish", force=True, **{k: v for k, v in summary.__dict__.items() if k != "output"},
                       metadata_parts=committer.parts)
-    run.out.put_json(SUCCESS_MARKER, {"run_id": spec.run_id, "attempt": run.attempt,
-                                      "finished_at": record["finished_at"], **counts})
+    if summary.complete:
+        run.out.put_json(SUCCESS_MARKER, {"run_id": spec.run_id, "attempt": run.attempt,
+                                          "finished_at": record["finished_at"], **counts})
     return summary
 
 

@@ -28,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import tempfile
 from dataclasses import dataclass
 from typing import Any, Iterator
 
@@ -35,6 +36,7 @@ import pyarrow as pa
 
 from batch.plan.batches import cut_blocks, pack_batches
 from batch.plan.locations import input_rules
+from batch.run import reaper
 from batch.spec.base import SpecError
 from batch.spec.config import JobSpec
 from batch.tasks import TASKS
@@ -67,10 +69,18 @@ def init_ray(spec: JobSpec) -> bool:
     if not is_local(spec):
         ray.init(address=spec.ray_address or os.environ["RAY_ADDRESS"], logging_level="WARNING")
     else:
+        global _REAPER
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # loopback-only embedded instance
+        # a private temp dir (short: Ray's socket paths must fit 107 bytes) names this driver's Ray processes,
+        # so the watchdog (batch.run.reaper) can end exactly those if the driver dies without cleaning up
+        temp_dir = tempfile.mkdtemp(prefix="sdbatch-ray-", dir="/tmp" if os.path.isdir("/tmp") else None)
+        _REAPER = reaper.start(os.getpid(), temp_dir)
         # address="local": always a fresh embedded instance, never a cluster that `ray start` left running
-        ray.init(address="local", include_dashboard=False, logging_level="WARNING")
+        ray.init(address="local", include_dashboard=False, logging_level="WARNING", _temp_dir=temp_dir)
     return True
+
+
+_REAPER = None  # the watchdog of the embedded Ray this process started (batch.run.reaper), if any
 
 
 @contextlib.contextmanager
@@ -160,7 +170,8 @@ def run_items(items: pa.Table, spec: JobSpec, res: Resources, upload: bool) -> I
     fetch_kwargs = None
     if TASKS[spec.task].input_image:  # fetch input images in a CPU stage first, never inside the actors
         fetch_kwargs = dict(storage_options=spec.storage_options, max_pixels=spec.limits.max_input_pixels,
-                            allowed=input_rules(spec)[0])
+                            allowed=input_rules(spec)[0], max_bytes=spec.limits.max_input_bytes,
+                            timeout_s=spec.limits.input_read_timeout_s)
         if any(str(u).startswith("memory://") for u in items.column("image_uri").to_pylist()):
             # memory:// exists only in this process: fetch here (still before, and outside, the actors)
             packed, fetch_kwargs = [fetch_packed_inputs(p, **fetch_kwargs) for p in packed], None
@@ -198,10 +209,28 @@ def cluster_resources() -> dict[str, Any]:
     return dict(ray.cluster_resources())
 
 
-def shutdown() -> None:
+def shutdown(timeout_s: float = 60.0) -> None:
+    """Stop Ray (this process's connection, and the embedded instance if it started one), waiting at most
+    ``timeout_s`` (a full disk or a lost cluster must not keep the driver alive); then the watchdog of the
+    embedded instance ends anything Ray left running and removes its temp dir."""
+    import threading
+
     import ray
 
-    ray.shutdown()
+    global _REAPER
+    stopper = threading.Thread(target=ray.shutdown, name="sdbatch-ray-shutdown", daemon=True)
+    stopper.start()
+    stopper.join(timeout_s)
+    if stopper.is_alive():
+        logging.getLogger(__name__).warning("ray.shutdown() did not finish in %.0fs; leaving it to the watchdog",
+                                            timeout_s)
+    if _REAPER is not None:
+        reaper_proc, _REAPER = _REAPER, None
+        reaper_proc.stdin.close()  # EOF: the watchdog cleans up now
+        try:
+            reaper_proc.wait(timeout=15)
+        except Exception:
+            pass
 
 
 def run_features(table: pa.Table, extractor_kwargs: dict[str, Any], res: Resources,

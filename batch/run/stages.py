@@ -119,6 +119,20 @@ def with_sampler_columns(batch: pa.Table, model: Any, worker: str, optimized_jso
     return out
 
 
+FLAT_IMAGE_ERROR = ("image: flat output, every pixel the same (NaN/inf during sampling, or a saturated "
+                    "guidance_scale/dtype)")
+
+
+def flat_image_error(image: np.ndarray) -> str | None:
+    """Why a generated uint8 image must not be stored as ``ok``, or None: a flat image (every value equal) is
+    what a NaN/inf decode becomes (``batch.sampling.txt2img.flatten_nonfinite``) and what saturated guidance
+    gives; no diffusion sample of a real prompt is flat."""
+    image = np.asarray(image)
+    if image.size and image.min() == image.max():
+        return f"{FLAT_IMAGE_ERROR}, got {int(image.flat[0])}"
+    return None
+
+
 class Sampler:
     """GPU stage: ``__init__`` loads one model replica, ``__call__(batch)`` generates a block's images.
 
@@ -127,7 +141,8 @@ class Sampler:
     (:func:`batch.plan.batches.assign_batches`; computed here when absent): at most ``batch_size`` images
     sharing a bucket (shape, steps, guidance, scheduler). A call that raises marks only its own images
     failed; the rest go on. Items that arrive failed (an image that could not be fetched) pass through
-    untouched. The task (``batch.tasks``) says how to read its rows and how to sample one GPU batch.
+    untouched. An image that came out flat (NaN/inf, saturated) fails with :data:`FLAT_IMAGE_ERROR`, never
+    ``ok``. The task (``batch.tasks``) says how to read its rows and how to sample one GPU batch.
     """
 
     def __init__(self, settings: SamplerSettings):
@@ -176,6 +191,7 @@ class Sampler:
             rescued: list[bool] = []
             images = self.task.sample(m, rows, lambda: make_scheduler(name, m.scheduler_config), self.opts,
                                       self.settings.batch_size, rescued)
+            flat = [flat_image_error(img) for img in images]  # before the safety policy (blackout is flat on purpose)
             images, keep = self._safety(images, results)
             dt = (time.perf_counter() - t0) / len(rows)
             done_at = time.time()
@@ -188,6 +204,9 @@ class Sampler:
         for j, res in enumerate(results):
             res.t_sample_s, res.scheduler_config, res.sampled_at = dt, cfg, done_at
             res.vae_redecoded_fp32 = rescued[j] if rescued else None
+            if flat[j]:
+                res.fail(flat[j])
+                continue
             if not keep[j]:
                 res.fail(NSFW_ERROR)
                 continue

@@ -13,6 +13,13 @@ import pyarrow as pa
 
 from batch.plan.manifest import failure_reason
 
+# Exit codes of the commands that run jobs (README "Exit codes"); 2 (unusable spec, manifest or model) is
+# decided by ``batch.cli`` before any job starts.
+EXIT_OK = 0
+EXIT_ROWS_FAILED = 1  # the run finished, but more rows failed than ``max_failed_fraction`` allows
+EXIT_UNUSABLE_INPUT = 2
+EXIT_ENVIRONMENT = 3  # storage unwritable or full, cluster lost, or the run ended incomplete: `resume` later
+
 @dataclass
 class Summary:
     """What a run has done so far, over all its attempts; ``exit_code`` applies ``max_failed_fraction``."""
@@ -35,6 +42,7 @@ class Summary:
     steady_images_per_second: float = 0.0  # the samplers' pace after their first batch (start-up excluded)
     warmup_seconds: float = 0.0  # first sampler call per actor and shape over later calls (compile included)
     failure_reasons: dict[str, int] = field(default_factory=dict)
+    complete: bool = True  # every planned image and row has a committed record (``_SUCCESS`` written)
     exit_code: int = 0
 
     @property
@@ -61,6 +69,10 @@ class Summary:
             lines.append(f"  {self.images_redecoded_fp32} image(s) re-decoded in fp32 after a NaN/black fp16 decode")
         for reason, count in sorted(self.failure_reasons.items(), key=lambda kv: -kv[1])[:20]:
             lines.append(f"  failed x{count}: {reason}")
+        if not self.complete:
+            lines.append(f"  INCOMPLETE: {self.images_pending} image(s) and {self.rows - self.rows_ok - self.rows_failed}"
+                         f" row(s) have no committed record; _SUCCESS not written. Finish with: sdbatch resume "
+                         f"{self.output}")
         return "\n".join(lines)
 
 

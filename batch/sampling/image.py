@@ -44,6 +44,7 @@ from batch.sampling.txt2img import (
     SamplingParams,
     decode,
     decode_scaled,
+    flatten_nonfinite,
     denoise,
     encode_text,
     initial_latents,
@@ -284,7 +285,7 @@ def upscale(model, new_scheduler: Callable[[], object], requests: list[UpscaleRe
         rescued.extend(image_rescued)
     results = []
     for i, r in enumerate(requests):
-        img = (acc[i] / wsum[i] / 2 + 0.5).clamp(0, 1).permute(1, 2, 0).numpy()
+        img = (flatten_nonfinite((acc[i] / wsum[i])[None])[0] / 2 + 0.5).clamp(0, 1).permute(1, 2, 0).numpy()
         h, w = r.image.shape[:2]
         results.append((img * 255).round().astype(np.uint8)[: h * UPSCALE_FACTOR, : w * UPSCALE_FACTOR])
     return results

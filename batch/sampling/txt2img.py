@@ -112,6 +112,17 @@ def _broken(images: torch.Tensor) -> list[int]:
     return [i for i in range(images.shape[0]) if not finite[i] or black[i]]
 
 
+def flatten_nonfinite(images: torch.Tensor) -> torch.Tensor:
+    """Images (N, C, H, W) in [-1, 1] with any NaN/inf value become flat black (-1 everywhere) instead of
+    quantising their NaNs to arbitrary bytes: a flat image is what the sampler stage fails as non-finite
+    (``batch.run.stages``), so a broken image is never stored as ``ok``."""
+    bad = ~torch.isfinite(images).flatten(1).all(dim=1)
+    if bool(bad.any()):
+        images = images.clone()
+        images[bad] = -1.0
+    return images
+
+
 @torch.no_grad()
 def decode(vae, latents: torch.Tensor, fallback: bool = False, rescued: list[bool] | None = None) -> np.ndarray:
     """VAE-decode latents to uint8 images, shape (N, H, W, 3).
@@ -121,7 +132,7 @@ def decode(vae, latents: torch.Tensor, fallback: bool = False, rescued: list[boo
     fp32; one flag per image (True: re-decoded) is appended to ``rescued`` when given.
     """
     scaled = (latents / vae.config.scaling_factor).to(vae.dtype)
-    images = decode_scaled(vae, scaled, fallback, rescued)
+    images = flatten_nonfinite(decode_scaled(vae, scaled, fallback, rescued))
     images = (images / 2 + 0.5).clamp(0, 1)
     images = images.cpu().permute(0, 2, 3, 1).float().numpy()
     return (images * 255).round().astype(np.uint8)

@@ -51,6 +51,15 @@ class Limits(_Strict):
     # Input images (variation, upscale): more pixels than this fails the row before decoding
     # (decompression-bomb guard); 16 Mpx = 4096 x 4096.
     max_input_pixels: int = Field(16_777_216, ge=1)
+    # Input images: a stored object larger than this fails its row from its size alone, before any byte is
+    # read (a 2-3 GiB file used to be read whole only to fail decoding); 128 MiB holds any 16 Mpx PNG/JPEG/TIFF.
+    max_input_bytes: int = Field(128 * 1024 * 1024, ge=1)
+    # ... and a read that has not finished after this many seconds fails its row (checked between chunks).
+    input_read_timeout_s: float = Field(60.0, gt=0)
+    # Classifier-free guidance eps_u + g * (eps_c - eps_u) (Ho & Salimans 2022): the model cards use 1.5-8 and
+    # common UIs cap g at 30; far above, fp16 activations overflow (65504) and float32 ones lose every digit of
+    # eps_u, so the result is NaN or a flat image. Rows above this fail validation.
+    max_guidance_scale: float = Field(100.0, gt=0)
 
 
 class Optimizations(_Strict):

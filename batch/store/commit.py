@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from batch.store.io import Output, open_output
+from batch.store.io import TMP_MARK, Output, open_output
 from batch.store.schema import METADATA_SCHEMA, NSFW_ERROR, conform
 
 if TYPE_CHECKING:
@@ -69,6 +69,11 @@ class RunExistsError(RuntimeError):
 
 class RunInProgressError(RuntimeError):
     """Another live driver holds the run's lease."""
+
+
+class IncompleteRunError(RuntimeError):
+    """An attempt ended without a committed record for every planned image and row (the cluster lost work,
+    or the stream ended early): ``_SUCCESS`` is not written; ``sdbatch resume`` finishes the run."""
 
 
 def new_attempt_id() -> str:
@@ -121,12 +126,23 @@ def read_metadata(uri: str | Output, storage_options: dict[str, Any] | None = No
     return latest_rows(read_parts(out))
 
 
+def stale_temp_files(out: Output) -> list[str]:
+    """Keys of temp files an interrupted local write left behind (``<key>.tmp-<random>``: a driver or
+    writer killed mid-write, or a disk that filled); object stores write whole objects and leave none."""
+    if not out.is_local:
+        return []
+    return [k for k in out.list("") if TMP_MARK in k.rsplit("/", 1)[-1]]
+
+
 def compact(out: Output, rows_per_part: int = 250_000) -> tuple[int, int]:
-    """Rewrite the committed parts as a few parts; return (parts before, parts after).
+    """Rewrite the committed parts as a few parts; return (parts before, parts after). Temp files left by
+    interrupted writes (:func:`stale_temp_files`) are removed first: no driver runs while compacting.
 
     Crash-safe: the compacted parts are committed first (rows keep their own ``attempt``), the old parts
     are deleted after; a crash in between leaves identical duplicates, which readers collapse.
     """
+    for key in stale_temp_files(out):
+        out.delete(key)
     old = metadata_parts(out)
     if len(old) <= 1:
         return len(old), len(old)
@@ -236,9 +252,10 @@ class Lease:
 def select_work(job_plan: Plan, committed: pa.Table, mode: Mode) -> tuple[pa.Table, pa.Table]:
     """The items to generate and the failed rows to commit in this attempt.
 
-    ``run``: everything without a committed record. ``retry_failed``: only images whose latest record
-    failed, except those that would fail the same way again: rows that failed validation, and images the
-    safety checker dropped (same seed and parameters, same image, same verdict).
+    ``run``: everything without a committed record. ``retry_failed``: that, plus the images whose latest
+    record failed, except those that would fail the same way again: rows that failed validation, and images
+    the safety checker dropped (same seed and parameters, same image, same verdict). So retrying the failures
+    of an interrupted run also finishes it (an image without a record was never "ok").
     """
     keys = [row_key(r, k) for r, k in zip(committed.column("manifest_row").to_pylist(),
                                           committed.column("image_index").to_pylist())]
@@ -247,9 +264,8 @@ def select_work(job_plan: Plan, committed: pa.Table, mode: Mode) -> tuple[pa.Tab
     item_keys = [row_key(r, k) for r, k in zip(job_plan.items.column("manifest_row").to_pylist(),
                                                job_plan.items.column("image_index").to_pylist())]
     if mode == "retry_failed":
-        keep = [status.get(k, "ok") != "ok" and k not in dropped for k in item_keys]
-        failed_keep = [False] * job_plan.failed.num_rows
+        keep = [k not in status or (status[k] != "ok" and k not in dropped) for k in item_keys]
     else:
         keep = [k not in status for k in item_keys]
-        failed_keep = [row_key(r, None) not in status for r in job_plan.failed.column("manifest_row").to_pylist()]
+    failed_keep = [row_key(r, None) not in status for r in job_plan.failed.column("manifest_row").to_pylist()]
     return job_plan.items.filter(pa.array(keep, pa.bool_())), job_plan.failed.filter(pa.array(failed_keep, pa.bool_()))

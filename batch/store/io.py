@@ -36,6 +36,9 @@ log = logging.getLogger(__name__)
 IMAGES_DIR = "images"
 
 
+TMP_MARK = ".tmp-"  # local writes go to <key>.tmp-<random> first, then are renamed (``Output.put``)
+
+
 _SLUG = re.compile(r"[^A-Za-z0-9_-]+")
 
 
@@ -64,6 +67,11 @@ def is_transient(err: BaseException) -> bool:
     if isinstance(err, (TimeoutError, ConnectionError)):
         return True
     return bool(_TRANSIENT_TEXT.search(f"{type(err).__name__}: {err}"))
+
+
+class StorageError(OSError):
+    """The output store refused a write after its retries (disk full, read-only, no permission, gone): an
+    environment failure that ends the job (exit code 3, ``batch.cli``), never a row failure of the driver."""
 
 
 @dataclass(frozen=True)
@@ -128,17 +136,28 @@ class Output:
         return retrying(self.fs.exists, self.path(key), policy=self.retry, what=f"exists {key}")
 
     def put(self, key: str, data: bytes) -> None:
-        """Write an object whole: object stores PUT atomically; local files go to a temp name, then rename."""
-        retrying(self._put, key, data, policy=self.retry, what=f"put {key}")
+        """Write an object whole: object stores PUT atomically; local files go to a temp name, then rename.
+        A write that still fails after the retries raises :class:`StorageError` naming the object."""
+        try:
+            retrying(self._put, key, data, policy=self.retry, what=f"put {key}")
+        except OSError as err:
+            raise StorageError(f"cannot write {self.uri(key)}: {type(err).__name__}: {err}") from err
 
     def _put(self, key: str, data: bytes) -> None:
         path = self.path(key)
         parent = path.rsplit("/", 1)[0]
         self.fs.makedirs(parent, exist_ok=True)
         if self.is_local:
-            tmp = f"{path}.tmp-{uuid.uuid4().hex}"
-            self.fs.pipe_file(tmp, data)
-            self.fs.mv(tmp, path)
+            tmp = f"{path}{TMP_MARK}{uuid.uuid4().hex}"
+            try:
+                self.fs.pipe_file(tmp, data)
+                self.fs.mv(tmp, path)
+            except BaseException:  # a full disk leaves a partial temp file: remove it (compact removes any left)
+                try:
+                    self.fs.rm_file(tmp)
+                except Exception:
+                    pass
+                raise
         else:
             self.fs.pipe_file(path, data)
 
@@ -146,7 +165,10 @@ class Output:
         return retrying(self.fs.cat_file, self.path(key), policy=self.retry, what=f"get {key}")
 
     def delete(self, key: str) -> None:
-        retrying(self.fs.rm_file, self.path(key), policy=self.retry, what=f"delete {key}")
+        try:
+            retrying(self.fs.rm_file, self.path(key), policy=self.retry, what=f"delete {key}")
+        except OSError as err:
+            raise StorageError(f"cannot delete {self.uri(key)}: {type(err).__name__}: {err}") from err
 
     def put_json(self, key: str, obj: Any) -> None:
         self.put(key, (json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n").encode())
@@ -186,5 +208,8 @@ def open_output(uri: str, storage_options: dict[str, Any] | None = None, retries
 
 
 def error_text(err: BaseException) -> str:
-    """The metadata ``error`` text of an exception that failed an image or a row (bounded length)."""
+    """The metadata ``error`` text of an exception that failed an image or a row (bounded length); a
+    :class:`StorageError` is described by the store's own error (the row's ``uri`` already names the object)."""
+    if isinstance(err, StorageError) and err.__cause__ is not None:
+        err = err.__cause__
     return f"{type(err).__name__}: {err}".strip()[:2000]
