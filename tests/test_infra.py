@@ -181,6 +181,56 @@ def test_the_schema_check_catches_what_the_cluster_would_refuse():
 
 # ---------------------------------------------------------------------------------------------- manifests
 
+DNS1035 = re.compile(r"[a-z]([-a-z0-9]*[a-z0-9])?")
+
+
+def _operator_errors(doc: dict) -> list[str]:
+    """The checks KubeRay v1.5.1's operator makes beyond the CRD schema (ray-operator/controllers/ray/utils/
+    validation.go) that these manifests could trip; a failure there is a RayJob in ValidationFailed."""
+    errs = []
+    meta = doc["metadata"]
+    max_len = {"RayCluster": 53, "RayJob": 47}[doc["kind"]]  # MaxRayClusterNameLength, MaxRayJobNameLength
+    name = meta.get("name") or meta["generateName"] + "x" * 5  # the API server appends 5 characters
+    if len(name) > max_len or not DNS1035.fullmatch(name):
+        errs.append(f"name {name!r}: a DNS-1035 label of at most {max_len} characters")
+    spec = doc["spec"] if doc["kind"] == "RayCluster" else doc["spec"]["rayClusterSpec"]
+    if spec.get("authOptions", {}).get("mode") == "token":
+        if tuple(int(x) for x in spec["rayVersion"].split(".")[:2]) < (2, 52):
+            errs.append("token auth needs rayVersion >= 2.52.0")
+    v2 = spec.get("enableInTreeAutoscaling") and spec.get("autoscalerOptions", {}).get("version") == "v2"
+    for group in [spec["headGroupSpec"], *spec["workerGroupSpecs"]]:
+        start = group.get("rayStartParams", {})
+        if group.get("resources") and any(start.get(k) for k in ("num-cpus", "num-gpus", "memory", "resources")):
+            errs.append("resources set both in rayStartParams and the group's resources")
+        if "labels" in start:
+            errs.append("rayStartParams['labels'] is not supported")
+        pod = group["template"]["spec"]
+        if v2 and pod.get("restartPolicy", "Never") != "Never":
+            errs.append("autoscaler v2 needs restartPolicy Never or unset")
+        if v2 and any(e["name"] == "RAY_enable_autoscaler_v2" for c in pod["containers"] for e in c.get("env", [])):
+            errs.append("autoscalerOptions.version and RAY_enable_autoscaler_v2 are both set")
+    if doc["kind"] == "RayJob":
+        job = doc["spec"]
+        if job.get("activeDeadlineSeconds", 1) <= 0 or job.get("backoffLimit", 0) < 0:
+            errs.append("activeDeadlineSeconds must be positive and backoffLimit non-negative")
+        if "ttlSecondsAfterFinished" in job and not job.get("shutdownAfterJobFinishes"):
+            errs.append("ttlSecondsAfterFinished without shutdownAfterJobFinishes")
+    return errs
+
+
+@pytest.mark.parametrize("name, doc", [(n, d) for n, d in _docs() if d["kind"] in ("RayCluster", "RayJob")],
+                         ids=lambda v: v if isinstance(v, str) else "")
+def test_kuberay_operator_would_accept_the_ray_resources(name, doc):
+    assert _operator_errors(doc) == [], name
+    bad = copy.deepcopy(doc)
+    spec = bad["spec"] if bad["kind"] == "RayCluster" else bad["spec"]["rayClusterSpec"]
+    spec["rayVersion"] = "2.51.0"
+    spec["workerGroupSpecs"][0]["template"]["spec"]["restartPolicy"] = "OnFailure"
+    bad["metadata"]["name"] = "Sdbatch_" + "x" * 60
+    assert len(_operator_errors(bad)) == 3
+
+
+
 def test_expected_manifests_exist():
     kinds = sorted(doc["kind"] for _, doc in _docs())
     assert kinds.count("RayJob") == 3 and kinds.count("RayCluster") == 1 and "CronJob" in kinds
