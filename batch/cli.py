@@ -26,6 +26,7 @@ def _spec_from_args(args: argparse.Namespace):
         "actors": getattr(args, "actors", None),
         "dtype": getattr(args, "dtype", None),
         "task": getattr(args, "task", None) if getattr(args, "command", None) == "validate" else None,
+        "shared_paths": getattr(args, "shared_path", None),
     }
     overrides = {k: v for k, v in overrides.items() if v is not None}  # flags not given
     overrides |= _device_overrides(getattr(args, "device", None))
@@ -45,6 +46,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     summary = run_job(_spec_from_args(args), force=args.force)
     print(summary.text())
+    args.summary = summary
     return summary.exit_code
 
 
@@ -92,6 +94,7 @@ def cmd_resume(args: argparse.Namespace) -> int:
     summary = run_job(_recorded_spec(args), mode="retry_failed" if args.command == "retry-failed" else "run",
                       force=args.force)
     print(summary.text())
+    args.summary = summary
     return summary.exit_code
 
 
@@ -268,6 +271,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--dtype", choices=["auto", "float32", "float16", "bfloat16"])
     run.add_argument("--quiet", action="store_true", help="no progress bar")
     run.add_argument("--force", action="store_true", help="take over the run's lease even if it looks alive")
+    run.add_argument("--shared-path", action="append", metavar="PATH",
+                     help="an absolute path every cluster node mounts; on a cluster, a local --manifest/--output "
+                          "must lie under one (repeatable)")
     run.set_defaults(func=cmd_run)
 
     for name, help_ in (("resume", "finish an interrupted run: generate only what is not committed"),
@@ -358,6 +364,25 @@ def _environment_failure(err: BaseException) -> str | None:
     return None
 
 
+JOB_COMMANDS = ("run", "resume", "retry-failed")
+_EXIT_REASONS = {0: "done", 1: "rows failed above max_failed_fraction", 2: "unusable spec, manifest or model",
+                 3: "environment failure or incomplete run"}
+
+
+def _summary_line(args: argparse.Namespace, rc: int, error: str | None) -> None:
+    """The last line a job command prints: one JSON object (``{"sdbatch_summary": ...}``) that automation
+    (a CronJob, a RayJob's log) reads for the counts and the exit reason."""
+    if getattr(args, "command", None) not in JOB_COMMANDS:
+        return
+    summary = getattr(args, "summary", None)
+    counts = {k: v for k, v in summary.__dict__.items()} if summary is not None else None
+    reason = _EXIT_REASONS.get(rc, "error") if error is None else error
+    if summary is not None and not summary.complete:
+        reason = "incomplete run: images without a committed record; sdbatch resume finishes it"
+    print(json.dumps({"sdbatch_summary": counts, "exit_code": rc, "exit_reason": reason}, sort_keys=True,
+                     default=str), flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run one ``sdbatch`` command; exit codes: 0 done, 1 rows failed above ``max_failed_fraction``, 2 unusable
     spec/manifest/model, 3 environment failure (storage, cluster) or an incomplete run (README "Exit codes")."""
@@ -368,10 +393,12 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         rc = args.func(args)
+        _summary_line(args, rc, None)
         sys.stdout.flush()  # a closed pipe shows here, not at interpreter exit
         return rc
     except (SpecError, ManifestError, ModelError, RunExistsError, RunInProgressError) as err:
         print(f"sdbatch: error: {err}", file=sys.stderr)
+        _summary_line(args, 2, str(err).splitlines()[0])
         return 2
     except Exception as err:
         message = _environment_failure(err)
@@ -379,6 +406,7 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"sdbatch: error: {message} (exit 3: an environment failure; what was committed is kept, and the run resumes once it is fixed)",
               file=sys.stderr)
+        _summary_line(args, 3, message)
         return 3
     except BrokenPipeError:  # the reader went away (`sdbatch status | head -1`): stop quietly
         # https://docs.python.org/3/library/signal.html#note-on-sigpipe: send the rest of stdout to devnull so

@@ -77,6 +77,7 @@ def test_guidance_scale_has_a_documented_maximum(g, ok):
             f"guidance_scale: must be at most limits.max_guidance_scale=100, got {g!r}"
 
 
+@pytest.mark.slow  # loads the tiny model and samples (about 10 s on 2 busy cores)
 def test_flat_images_fail_instead_of_being_stored_ok():
     """guidance 1e300 (allowed here by raising the limit) drives the tiny model's latents to inf; the
     decode's NaNs become a flat image, which the sampler fails with a reason: never status ok."""
@@ -223,3 +224,63 @@ def test_failure_reasons_group_whatever_the_path_in_them():
     b = failure_reason("FileExistsError: [Errno 17] File exists: '/out/images/row_2-cd/1.png'")
     assert a == b == "FileExistsError: [Errno 17] File exists: '<path>'"
     assert failure_reason("image_uri: not found") == "image_uri: not found"
+
+
+# --- paths under `ray job submit`, the summary line, the CPU hint ------------------------------------------------
+
+
+@pytest.mark.parametrize("manifest, output, shared, problem", [
+    ("s3://b/m.parquet", "s3://b/out", [], None),
+    ("/mnt/shared/m.parquet", "gs://b/out", ["/mnt/shared"], None),
+    ("m.parquet", "s3://b/out", [], "manifest 'm.parquet' is a relative path"),
+    ("s3://b/m.parquet", "out/run", [], "output 'out/run' is a relative path"),
+    ("s3://b/m.parquet", "/data/out", ["/mnt/shared"], "output '/data/out' is a local path"),
+    ("s3://b/m.parquet", "file:///data/out", [], "output 'file:///data/out' is a local path"),
+    ("s3://b/m.parquet", "/mnt/sharedX/out", ["/mnt/shared"], "is a local path"),
+    ("memory://m.parquet", "s3://b/out", [], "memory:// exists only in this process"),
+])
+def test_a_cluster_job_refuses_paths_other_nodes_cannot_see(manifest, output, shared, problem):
+    from batch.run.job import check_cluster_paths
+    from batch.spec.base import SpecError
+
+    spec = parse_spec({"manifest": manifest, "output": output, "shared_paths": shared})
+    check_cluster_paths(spec, on_cluster=False)  # an embedded Ray: every path is fine
+    if problem is None:
+        check_cluster_paths(spec, on_cluster=True)
+    else:
+        with pytest.raises(SpecError, match=problem) as err:
+            check_cluster_paths(spec, on_cluster=True)
+        assert "s3://" in str(err.value) and ("--shared-path" in str(err.value) or "memory" in manifest)
+
+
+def test_job_commands_end_with_one_json_summary_line(tmp_path, capsys):
+    import json
+
+    from batch.cli import main
+
+    _readonly_fs()
+    manifest = tmp_path / "m.parquet"
+    pq.write_table(pa.table({"id": ["a"], "prompt": ["x"]}), manifest)
+    assert main(["run", "configs/demo.yaml", "--manifest", str(manifest), "--output", "rofs://ro2/out"]) == 3
+    last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert last["exit_code"] == 3 and last["exit_reason"].startswith("storage: cannot write")
+    assert last["sdbatch_summary"] is None
+    assert main(["run", "configs/demo.yaml", "--manifest", str(tmp_path / "missing.parquet"), "--output",
+                 str(tmp_path / "o")]) == 2
+    last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert last["exit_code"] == 2 and "not found" in last["exit_reason"]
+
+
+def test_large_images_on_cpu_get_a_hint():
+    from batch.run.job import cpu_size_warnings
+    from batch.run.pipeline import Resources
+
+    spec = parse_spec({})
+    items = plan(pa.table({"id": ["s", "b"], "prompt": ["x", "y"], "height": [64, 2048], "width": [64, 2048]}),
+                 spec, RESERVED_COLUMNS).items
+    cpu = Resources("cpu", 1, 0.0, 1.0, 1, 2.0, 0.0)
+    (hint,) = cpu_size_warnings(items, cpu)
+    assert hint.startswith("1 image(s) larger than 512x512 (up to about 2048x2048) will be sampled on CPU")
+    assert cpu_size_warnings(items, Resources("cuda", 1, 1.0, 1.0, 1, 2.0, 1.0)) == []
+    assert cpu_size_warnings(items.slice(0, 1) if items.column("height")[0].as_py() == 64 else items.slice(1, 1),
+                             cpu) == []

@@ -30,6 +30,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+import fsspec
 import pyarrow as pa
 
 from batch.models.weights import locate
@@ -110,6 +111,7 @@ def run_job(spec: JobSpec, mode: Mode = "run", force: bool = False) -> Summary:
     if not spec.manifest or not spec.output:
         raise SpecError("a run needs both manifest and output (spec fields or --manifest/--output)")
     t_start = time.perf_counter()
+    check_cluster_paths(spec, on_cluster=not pipeline.is_local(spec))
     run = open_run(spec, mode)  # 1
     lease = Lease(run.out, run.attempt, force)
     try:
@@ -121,6 +123,33 @@ def run_job(spec: JobSpec, mode: Mode = "run", force: bool = False) -> Summary:
     finally:
         lease.release()
     return finish(run, work, attempt, streamed, t_start)  # 5
+
+
+def check_cluster_paths(spec: JobSpec, on_cluster: bool) -> None:
+    """On a cluster (``ray job submit``, ``ray_address``), refuse a manifest or output that the other nodes
+    cannot see: a relative or local path (it would land in Ray's per-job working-dir copy on one node, which
+    Ray deletes later) unless under the spec's ``shared_paths``, and ``memory://`` (this process only)."""
+    if not on_cluster:
+        return
+    from batch.plan.locations import LOCAL_PROTOCOLS
+
+    for name in ("manifest", "output"):
+        uri = getattr(spec, name)
+        protocol, path = fsspec.core.split_protocol(uri)
+        if protocol == "memory":
+            raise SpecError(f"{name} {uri!r}: memory:// exists only in this process; on a cluster use an object "
+                            "store URI (s3://..., gs://...)")
+        if protocol is not None and protocol not in LOCAL_PROTOCOLS:
+            continue
+        real = os.path.abspath(path)
+        if os.path.isabs(path) and any(real == p.rstrip("/") or real.startswith(p.rstrip("/") + "/")
+                                       for p in map(os.path.abspath, spec.shared_paths)):
+            continue
+        raise SpecError(
+            f"{name} {uri!r} is a {'relative' if not os.path.isabs(path) else 'local'} path, but the job runs on a "
+            "cluster: other nodes cannot see it, and under `ray job submit` it lands in a per-job working "
+            "directory that Ray deletes. Use an object store URI (s3://bucket/..., gs://...), or an absolute "
+            "path on a mount every node shares, declared with --shared-path PATH (spec: shared_paths)")
 
 
 def open_run(spec: JobSpec, mode: Mode) -> OpenRun:
@@ -174,7 +203,7 @@ def record_attempt(run: OpenRun, work: Work, res: pipeline.Resources | None) -> 
               images_planned=work.plan.items.num_rows, images_to_do=work.items.num_rows,
               images_committed_before=work.committed.num_rows, output_format=spec.output_format,
               image_format=spec.image_format, safety_policy=spec.safety_policy, resources=res and res.__dict__)
-    for warning in format_warnings(OutputFormat.from_spec(spec)):
+    for warning in format_warnings(OutputFormat.from_spec(spec)) + cpu_size_warnings(work.items, res):
         log.warning(warning)
     failed = work.failed
     for r in failed.select(["id", "manifest_row", "error"]).to_pylist():
@@ -182,6 +211,23 @@ def record_attempt(run: OpenRun, work: Work, res: pipeline.Resources | None) -> 
     if failed.num_rows:
         committer.add(failed.append_column("status", pa.array(["failed"] * failed.num_rows)))
     return Attempt(record=record, entry=entry, committer=committer, log=log)
+
+
+CPU_HINT_PIXELS = 512 * 512  # above this per image, sampling on CPU takes minutes (measured: BENCHMARKS.md)
+
+
+def cpu_size_warnings(items: pa.Table, res: pipeline.Resources | None) -> list[str]:
+    """A hint when a CPU run holds large images: a 2048x2048 row is allowed (``limits.max_side``) but samples
+    for many minutes on CPU, which otherwise looks like a hang."""
+    if res is None or res.device != "cpu" or items.num_rows == 0 or "height" not in items.column_names:
+        return []
+    sizes = [(h or 0) * (w or 0) for h, w in zip(items.column("height").to_pylist(), items.column("width").to_pylist())]
+    big = [s for s in sizes if s > CPU_HINT_PIXELS]
+    if not big:
+        return []
+    side = int(max(big) ** 0.5)
+    return [f"{len(big)} image(s) larger than 512x512 (up to about {side}x{side}) will be sampled on CPU: each can take "
+            "many minutes (time grows with pixels and steps); use a GPU (--device cuda) or smaller sizes"]
 
 
 def stream_and_commit(run: OpenRun, work: Work, attempt: Attempt, res: pipeline.Resources | None) -> Streamed:

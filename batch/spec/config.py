@@ -46,6 +46,9 @@ class JobSpec(_Strict):
     storage_options: dict[str, Any] = Field(default_factory=dict)  # passed to fsspec for manifest and output
     # Where image URIs in a manifest may point (URI prefixes); empty: only the manifest's own folder.
     allowed_input_prefixes: list[str] = Field(default_factory=list)
+    # Absolute local paths that every node of the cluster sees (a shared mount such as NFS or a CSI volume);
+    # on a cluster, a manifest or output on a local path is refused unless it lies under one of these.
+    shared_paths: list[str] = Field(default_factory=list)
 
     # Compute.
     batch_size: int = Field(4, ge=1)  # images per sampler call
