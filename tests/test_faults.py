@@ -284,3 +284,17 @@ def test_large_images_on_cpu_get_a_hint():
     assert cpu_size_warnings(items, Resources("cuda", 1, 1.0, 1.0, 1, 2.0, 1.0)) == []
     assert cpu_size_warnings(items.slice(0, 1) if items.column("height")[0].as_py() == 64 else items.slice(1, 1),
                              cpu) == []
+
+
+def test_environment_failures_are_told_apart_from_bugs():
+    import errno
+
+    import ray.exceptions
+
+    from batch.cli import _environment_failure
+    from batch.store.io import StorageError
+
+    assert _environment_failure(StorageError("cannot write s3://b/k: x")).startswith("storage: cannot write")
+    assert _environment_failure(OSError(errno.ENOSPC, "No space left on device")).startswith("storage: OSError")
+    assert _environment_failure(ray.exceptions.RaySystemError("node died")).startswith("cluster: RaySystemError")
+    assert _environment_failure(ValueError("a bug")) is None and _environment_failure(KeyError("x")) is None
