@@ -400,6 +400,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"sdbatch: error: {err}", file=sys.stderr)
         _summary_line(args, 2, str(err).splitlines()[0])
         return 2
+    except BrokenPipeError:  # the reader went away (`sdbatch status | head -1`): stop quietly
+        # https://docs.python.org/3/library/signal.html#note-on-sigpipe: send the rest of stdout to devnull so
+        # the flush at exit does not raise again
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 1
     except Exception as err:
         message = _environment_failure(err)
         if message is None:
@@ -408,12 +414,6 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         _summary_line(args, 3, message)
         return 3
-    except BrokenPipeError:  # the reader went away (`sdbatch status | head -1`): stop quietly
-        # https://docs.python.org/3/library/signal.html#note-on-sigpipe: send the rest of stdout to devnull so
-        # the flush at exit does not raise again
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
-        return 1
 
 
 if __name__ == "__main__":
