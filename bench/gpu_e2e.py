@@ -541,13 +541,14 @@ class Driver:
             _, mode, b = part.split("_")
             batch = int(b[1:])
             first = part == f"e2e_compiled_b{b0}"
-            # the first compiled job: fresh inductor cache and compile-cache folder -> first-actor warm-up;
-            # its images feed the feature stage
-            self.job(part, mode, batch, "first" if first else "shared", cfg["jobs_batches"],
+            # the first compiled job runs first, on a fresh inductor cache and compile-cache folder: its first
+            # batch is the first actor's warm-up, and its images feed the feature stage. Every part but
+            # warm_later then shares that inductor cache (as actors on one node do).
+            self.job(part, mode, batch, "first", cfg["jobs_batches"],
                      "out_e2e" if first else f"out_{part}")
         elif part.startswith("raw_"):
             _, mode, b = part.split("_")
-            self.worker(part, "--mode", mode, "--batch", b[1:], env=self.inductor_env("shared"))
+            self.worker(part, "--mode", mode, "--batch", b[1:], env=self.inductor_env("first"))
             self.ratio(mode, int(b[1:]))
         elif part == "warm_later":
             self.job(part, "compiled", b0, "later", 3, "out_warm_later")
@@ -566,7 +567,7 @@ class Driver:
                                         keeps_pace=float(feat["images_per_s"]) >= float(gen["images_per_s"])))
         elif part.startswith("switch_"):
             self.worker(part, "--mode", "compiled", "--batch", str(b0), "--switch", part[len("switch_"):],
-                        env=self.inductor_env("shared"))
+                        env=self.inductor_env("first"))
         else:
             raise SystemExit(f"unknown part {part!r}")
 

@@ -199,13 +199,12 @@ from torch._dynamo.utils import counters
 from batch.models.speed import CompileCache
 cache = CompileCache(sys.argv[1], torch.device("cpu"))
 info = cache.load()
-torch.manual_seed(0)
-net = torch.nn.Sequential(torch.nn.Conv2d(4, 8, 3, padding=1), torch.nn.GroupNorm(2, 8), torch.nn.SiLU(),
-                          torch.nn.Conv2d(8, 4, 3, padding=1)).eval()
-fn = torch.compile(net)
+def f(x):  # one pointwise kernel: C++ compiles take seconds each on a shared 2-core machine
+    return torch.nn.functional.silu(x) * 2 + 1
+fn = torch.compile(f)
 t0 = time.perf_counter()
 with torch.no_grad():
-    out = fn(torch.ones(1, 4, 8, 8))
+    out = fn(torch.linspace(-2, 2, 16))
 seconds = time.perf_counter() - t0
 print(json.dumps({"hit": counters["inductor"]["fxgraph_cache_hit"], "miss": counters["inductor"]["fxgraph_cache_miss"],
                   "saved": cache.save_if_new(), "loaded": info["loaded_bytes"], "s": seconds,
@@ -216,7 +215,10 @@ print(json.dumps({"hit": counters["inductor"]["fxgraph_cache_hit"], "miss": coun
 @pytest.mark.slow
 def test_a_second_process_warms_from_the_saved_compile_cache(tmp_path):
     """Two processes with separate inductor cache folders (two nodes): the second loads the first's
-    torch.compiler artifacts and its compile hits inductor's FX graph cache instead of generating code."""
+    torch.compiler artifacts and its compile hits inductor's FX graph cache instead of generating code.
+    (On CPU the C++ kernels are still compiled from the cached source, so the time barely drops here; on
+    a GPU inductor bundles the compiled Triton kernels into those entries, ``bundle_triton_into_fx_graph_cache``.)
+    About 40-55 s on 2 busy cores."""
     import json
     import os
     import subprocess
