@@ -110,6 +110,15 @@ def test_cuda_only_switches_are_refused_on_cpu_naming_the_field():
     assert not hasattr(model.unet, "_orig_mod")  # refused before anything was compiled
 
 
+def test_a_cpu_spec_refuses_the_cuda_only_switches():
+    from batch.spec.base import SpecError
+    from batch.spec.config import parse_spec
+
+    with pytest.raises(SpecError, match="optimizations.pinned_memory: .*device is cpu"):
+        parse_spec({"device": "cpu", "optimizations": {"pinned_memory": True}})
+    assert parse_spec({"device": "cuda", "optimizations": {"pinned_memory": True}}).optimizations.pinned_memory
+
+
 def test_compile_cache_needs_something_to_compile():
     from pydantic import ValidationError
 

@@ -39,13 +39,9 @@ log = logging.getLogger(__name__)
 
 def check_device(opts: Optimizations, device: torch.device) -> None:
     """Refuse the CUDA-only switches on another device, naming the field."""
-    if device.type == "cuda":
-        return
-    if opts.pinned_memory:
-        raise ValueError(f"optimizations.pinned_memory: pinned host memory needs a CUDA device, not {device}")
-    if (opts.compile or opts.compile_vae) and opts.compile_mode == "reduce-overhead":
-        raise ValueError(f"optimizations.compile_mode: reduce-overhead means CUDA graphs, which need a CUDA "
-                         f"device, not {device}; use default")
+    problem = opts.cuda_only()
+    if device.type != "cuda" and problem:
+        raise ValueError(f"{problem}, not {device}")
 
 
 class CloneOutputs(torch.nn.Module):

@@ -71,6 +71,14 @@ class Optimizations(_Strict):
     # compiling and saves them after a call that compiled something new, so later actors start warm
     compile_cache: str | None = None
 
+    def cuda_only(self) -> str | None:
+        """Why these switches need a CUDA device (an error message naming the field), or None."""
+        if self.pinned_memory:
+            return "optimizations.pinned_memory: pinned host memory needs a CUDA device"
+        if (self.compile or self.compile_vae) and self.compile_mode == "reduce-overhead":
+            return "optimizations.compile_mode: reduce-overhead means CUDA graphs, which need a CUDA device (use default)"
+        return None
+
     @model_validator(mode="after")
     def _cache_needs_compile(self) -> "Optimizations":
         if self.compile_cache and not (self.compile or self.compile_vae):
