@@ -22,7 +22,7 @@ import torch
 from batch.models.devices import torch_device, worker_id
 from batch.models.load import load_model, make_scheduler, scheduler_class_name
 from batch.models.safety import apply_policy
-from batch.models.speed import apply_optimizations
+from batch.models.speed import CompileCache, apply_optimizations
 from batch.plan.batches import PACKED, assign_batches, unpack_batches
 from batch.spec.base import Optimizations
 from batch.store.formats import OutputFormat, write_block
@@ -47,12 +47,14 @@ class SamplerSettings:
     num_threads: int | None = None  # torch threads of a CPU actor; None: leave torch's choice
     optimizations: Optimizations = field(default_factory=Optimizations)
     safety_policy: str = "flag"
+    storage_options: dict[str, Any] = field(default_factory=dict)  # for optimizations.compile_cache
 
     @classmethod
     def from_spec(cls, spec: Any, device: str, num_threads: int | None = None) -> "SamplerSettings":
         return cls(task=spec.task, model=spec.model, revision=spec.revision, dtype=spec.dtype, device=device,
                    batch_size=spec.batch_size, allow_pickle=spec.allow_pickle, variant=spec.variant,
-                   num_threads=num_threads, optimizations=spec.optimizations, safety_policy=spec.safety_policy)
+                   num_threads=num_threads, optimizations=spec.optimizations, safety_policy=spec.safety_policy,
+                   storage_options=spec.storage_options)
 
 
 @dataclass(frozen=True)
@@ -154,7 +156,13 @@ class Sampler:
                                 device=torch_device(settings.device), allow_pickle=settings.allow_pickle,
                                 variant=settings.variant, task=settings.task)
         self.opts = settings.optimizations
+        self.compile_cache = None  # loaded before anything compiles; saved after calls that compiled
+        if self.opts.compile_cache:
+            self.compile_cache = CompileCache(self.opts.compile_cache, self.model.device, settings.storage_options)
+            cache_info = self.compile_cache.load()
         self.optimized = apply_optimizations(self.model, self.opts)
+        if self.compile_cache is not None:
+            self.optimized["compile_cache"] = cache_info
         self.optimized_json = json.dumps(self.optimized, sort_keys=True, default=str)
         self.worker = worker_id()
 
@@ -238,6 +246,8 @@ class Sampler:
             chunk = [i for i in group if results[i].status == "ok"]
             if chunk:
                 self._sample_call([rows[i] for i in chunk], [results[i] for i in chunk])
+        if self.compile_cache is not None:
+            self.compile_cache.save_if_new()
         # 4. the metadata columns; the fetched input pixels stay behind
         out = batch.drop_columns(["_input"]) if "_input" in batch.column_names else batch
         return with_sampler_columns(out, self.model, self.worker, self.optimized_json, rows, results,

@@ -123,17 +123,35 @@ def flatten_nonfinite(images: torch.Tensor) -> torch.Tensor:
     return images
 
 
+def quantize_on_device(images: torch.Tensor) -> torch.Tensor:
+    """(N, 3, H, W) values in [0, 1] -> (N, H, W, 3) uint8 on the same device: ``round(255 * x)`` in float32
+    with round-half-to-even, the same IEEE operations as :func:`decode`'s NumPy path, so the same bytes."""
+    return (images.float() * 255).round().to(torch.uint8).permute(0, 2, 3, 1).contiguous()
+
+
+def to_host_pinned(images: torch.Tensor) -> np.ndarray:
+    """Copy a device tensor into a page-locked host buffer (``non_blocking``, then wait for the stream)."""
+    host = torch.empty(images.shape, dtype=images.dtype, pin_memory=True)
+    host.copy_(images, non_blocking=True)
+    torch.cuda.current_stream(images.device).synchronize()
+    return host.numpy()
+
+
 @torch.no_grad()
-def decode(vae, latents: torch.Tensor, fallback: bool = False, rescued: list[bool] | None = None) -> np.ndarray:
+def decode(vae, latents: torch.Tensor, fallback: bool = False, rescued: list[bool] | None = None,
+           pinned: bool = False) -> np.ndarray:
     """VAE-decode latents to uint8 images, shape (N, H, W, 3).
 
     ``fallback``: with a VAE in fp16/bf16, images whose decode holds NaN/inf or is all black (the SD2.1
     and x4-upscaler fp16 overflow, which quantises to a black image) are decoded again with the VAE in
     fp32; one flag per image (True: re-decoded) is appended to ``rescued`` when given.
+    ``pinned`` (CUDA): quantise on the device and copy the uint8 pixels out through pinned memory (same bytes).
     """
     scaled = (latents / vae.config.scaling_factor).to(vae.dtype)
     images = flatten_nonfinite(decode_scaled(vae, scaled, fallback, rescued))
     images = (images / 2 + 0.5).clamp(0, 1)
+    if pinned:
+        return to_host_pinned(quantize_on_device(images))
     images = images.cpu().permute(0, 2, 3, 1).float().numpy()
     return (images * 255).round().astype(np.uint8)
 
@@ -169,12 +187,13 @@ def uses_guidance(unet, guidance_scale: float) -> bool:
 
 @torch.no_grad()
 def txt2img(model, scheduler, prompts: list[str], negative_prompts: list[str | None], seeds: list[int],
-            params: SamplingParams, nan_fallback: bool = False, rescued: list[bool] | None = None) -> np.ndarray:
+            params: SamplingParams, nan_fallback: bool = False, rescued: list[bool] | None = None,
+            pinned: bool = False) -> np.ndarray:
     """Generate ``len(prompts)`` images (uint8, N x H x W x 3); image ``i`` is seeded by ``seeds[i]``.
 
     ``model`` is a :class:`batch.models.load.LoadedModel` (or anything with its unet/vae/text_encoder/
     tokenizer/device/dtype/vae_scale_factor); ``scheduler`` is a fresh scheduler instance.
-    ``nan_fallback``/``rescued``: see :func:`decode`.
+    ``nan_fallback``/``rescued``/``pinned``: see :func:`decode`.
     """
     if not (len(prompts) == len(negative_prompts) == len(seeds)) or not prompts:
         raise ValueError("prompts, negative_prompts and seeds must be non-empty and of equal length")
@@ -188,4 +207,4 @@ def txt2img(model, scheduler, prompts: list[str], negative_prompts: list[str | N
     shape = (model.unet.config.in_channels, params.height // f, params.width // f)
     latents, generators = initial_latents(seeds, shape, model.device, cond.dtype)
     latents = denoise(model.unet, scheduler, latents, cond, uncond, params, generators)
-    return decode(model.vae, latents, fallback=nan_fallback, rescued=rescued)
+    return decode(model.vae, latents, fallback=nan_fallback, rescued=rescued, pinned=pinned)

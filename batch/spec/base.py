@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 SCHEDULER_NAMES = ("pndm", "plms", "ddim", "euler", "euler_a", "dpmpp_2m", "lms")
 SchedulerName = Literal["model", "pndm", "plms", "ddim", "euler", "euler_a", "dpmpp_2m", "lms"]
@@ -73,3 +73,23 @@ class Optimizations(_Strict):
     cudnn_benchmark: bool = False  # let cuDNN time its convolution algorithms per shape (process-wide; GPU only)
     vae_dtype: Literal["model", "float32"] = "model"  # float32: decode in fp32 always (SD2.1/x4 fp16 safety)
     nan_fallback: bool = True  # fp16/bf16 decodes with NaN/inf or all-black output are re-decoded in fp32
+    # compile_mode "reduce-overhead" is the CUDA graphs switch (one graph per bucket shape; CUDA only)
+    compile_vae: bool = False  # torch.compile the VAE decoder too (same compile_mode)
+    pinned_memory: bool = False  # txt2img: quantise decoded images on the device, copy out via pinned memory (CUDA)
+    # torch.compiler cache artifacts (local path or fsspec URI of a folder): each actor loads them before
+    # compiling and saves them after a call that compiled something new, so later actors start warm
+    compile_cache: str | None = None
+
+    def cuda_only(self) -> str | None:
+        """Why these switches need a CUDA device (an error message naming the field), or None."""
+        if self.pinned_memory:
+            return "optimizations.pinned_memory: pinned host memory needs a CUDA device"
+        if (self.compile or self.compile_vae) and self.compile_mode == "reduce-overhead":
+            return "optimizations.compile_mode: reduce-overhead means CUDA graphs, which need a CUDA device (use default)"
+        return None
+
+    @model_validator(mode="after")
+    def _cache_needs_compile(self) -> "Optimizations":
+        if self.compile_cache and not (self.compile or self.compile_vae):
+            raise ValueError("compile_cache: set compile or compile_vae too (without them nothing is compiled)")
+        return self

@@ -103,6 +103,8 @@ class JobSpec(_Strict):
             raise ValueError(f"device: cpu with gpus_per_actor: {self.gpus_per_actor:g}: a CPU run requests no "
                              "GPUs from Ray; set gpus_per_actor: 0 (or leave it unset), or device: cuda "
                              "(the --device cpu flag clears gpus_per_actor)")
+        if self.device == "cpu" and self.optimizations.cuda_only():  # refused up front, not in every actor
+            raise ValueError(f"{self.optimizations.cuda_only()}, and device is cpu")
         return self
 
     @field_validator("actors")

@@ -81,7 +81,7 @@ def sample(model, rows, new_scheduler, opts, batch_size, rescued):
     return sampling.txt2img(model, new_scheduler(), [r["prompt"] for r in rows],
                             [r["negative_prompt"] for r in rows], [r["seed"] for r in rows],
                             sampling.SamplingParams(height=h, width=w, num_inference_steps=steps, guidance_scale=g),
-                            nan_fallback=opts.nan_fallback, rescued=rescued)
+                            nan_fallback=opts.nan_fallback, rescued=rescued, pinned=opts.pinned_memory)
 
 
 def extra_columns(model, rows):
