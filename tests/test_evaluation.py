@@ -130,6 +130,21 @@ def test_stats_key_names_weights_preprocessing_and_images():
     assert "clean299" in stats_key("ab" * 32, 512, imgs, resize="clean")
 
 
+def test_reference_and_generated_features_share_weights_and_resize():
+    from batch.metrics.extract import FeatureExtractor
+    from batch.metrics.reference import extractor_kwargs
+
+    spec = EvalSpec(models=[{"name": "a", "model": "tiny"}], fid={"resize": "clean", "reference_size": 64})
+    ref = extractor_kwargs(spec, reference=True)
+    gen = extractor_kwargs(spec, reference=False, clip="c", clip_revision="r")
+    assert ref["resize"] == gen["resize"] == "clean" and ref["inception"] == gen["inception"]
+    assert ref["reference"] and ref["reference_size"] == 64 and not gen["reference"] and gen["clip"] == "c"
+    import inspect
+
+    params = inspect.signature(FeatureExtractor).parameters  # every argument reaches the extractor
+    assert set(ref) <= set(params) and set(gen) <= set(params)
+
+
 def _comparability_stub(spec, ref):
     from batch.eval.evaluation import comparability
 

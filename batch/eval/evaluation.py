@@ -53,7 +53,8 @@ from batch.eval.coco import build_manifest, read_coco_captions, sample_prompts
 from batch.eval.report import comparability_caption, comparability_markdown, markdown_table, pareto_plot
 from batch.eval.spec import EvalSpec, job_spec
 from batch.metrics.reduce import reduce_results
-from batch.metrics.reference import ReferenceStats, ScoringError, reference_statistics, score_images
+from batch.metrics.reference import (ReferenceStats, ScoringError, extractor_kwargs, reference_statistics,
+                                     score_images)
 from batch.metrics.settings import StatsSpec
 from batch.run.record import now as _now
 from batch.spec.config import JobSpec, parse_spec
@@ -250,8 +251,7 @@ def _run_eval(spec: EvalSpec, coco_captions: str, coco_images: str, output: str,
             raise EvalError("no images to score: every model's generation finished with 0 ok images "
                             f"({ {m: g['rows_failed'] for m, g in record['generations'].items()} } rows failed; "
                             "generation.max_failed_fraction allowed it)")
-        kwargs = dict(inception=spec.fid.weights, clip=spec.clip.model, clip_revision=spec.clip.revision,
-                      storage_options=spec.storage_options, reference=False, batch_size=spec.features.batch_size)
+        kwargs = extractor_kwargs(spec, reference=False, clip=spec.clip.model, clip_revision=spec.clip.revision)
         scores = score_images(images, kwargs, spec, desc="features")
         for m in spec.models:
             out.put_parquet(f"scores/{m.name}.parquet",

@@ -73,6 +73,20 @@ def stats_key(weights_sha256: str, reference_size: int, images: list[tuple[str, 
             f"{len(images)}img-{images_hash}")
 
 
+def extractor_kwargs(spec: StatsSpec, reference: bool, clip: str | None = None,
+                     clip_revision: str | None = None) -> dict[str, Any]:
+    """The :class:`batch.metrics.extract.FeatureExtractor` arguments of the reference images
+    (``reference=True``: crop/resize to ``fid.reference_size`` first) or of generated images (with CLIP): one
+    place, so both sides go through the same weights and the same resize path (``fid.resize``)."""
+    kw: dict[str, Any] = dict(inception=spec.fid.weights, clip=clip, storage_options=spec.storage_options,
+                              reference=reference, resize=spec.fid.resize, batch_size=spec.features.batch_size)
+    if reference:
+        kw["reference_size"] = spec.fid.reference_size
+    else:
+        kw["clip_revision"] = clip_revision
+    return kw
+
+
 def reference_statistics(images_uri: str, spec: StatsSpec, cache: str | None = None) -> ReferenceStats:
     """Reference (mu, sigma) of a folder of images: from the cache when present, else computed through the
     feature stage and stored (``<cache>/<key>.npz`` plus ``<key>.json`` describing it). A cache hit starts
@@ -94,9 +108,7 @@ def reference_statistics(images_uri: str, spec: StatsSpec, cache: str | None = N
             return ReferenceStats(z["mu"], z["sigma"], int(z["n"]), key, store.uri(f"{key}.npz"), cached=True,
                                   features=feats, **about)
     table = pa.table({"uri": [u for u, _ in images]})
-    kwargs = dict(inception=spec.fid.weights, clip=None, storage_options=spec.storage_options, reference=True,
-                  reference_size=spec.fid.reference_size, resize=spec.fid.resize,
-                  batch_size=spec.features.batch_size)
+    kwargs = extractor_kwargs(spec, reference=True)
     feats = score_images(table, kwargs, spec, desc="reference features")
     good = feats.filter(pc.is_null(feats.column("feature_error")))
     errors = [e for e in feats.column("feature_error").to_pylist() if e is not None]
