@@ -98,10 +98,48 @@ def cmd_resume(args: argparse.Namespace) -> int:
     return summary.exit_code
 
 
+def _eval_status(out, args: argparse.Namespace) -> int:
+    """``sdbatch status`` of an evaluation output (``eval.json``): its state (running / abandoned / finished /
+    failed / crashed), heartbeat age, and its generations' progress."""
+    from batch.eval.evaluation import EVAL_RECORD, eval_state
+
+    record = out.get_json(EVAL_RECORD)
+    state = eval_state(record)
+    beat = record.get("heartbeat")
+    report = {"kind": "evaluation", "status": state, "recorded_status": record.get("status"),
+              "heartbeat_age_s": None if beat is None else round(time.time() - float(beat), 1),
+              "host": record.get("host"), "pid": record.get("pid"), "started_at": record.get("started_at"),
+              "num_prompts": record.get("num_prompts"), "error": record.get("error"),
+              "generations": record.get("generations", {}), "timings": record.get("timings", {})}
+    if args.json:
+        print(json.dumps(report, indent=2, sort_keys=True))
+        return 0
+    age = ("" if beat is None else
+           f", heartbeat {report['heartbeat_age_s']:.0f}s ago ({record.get('host')} pid {record.get('pid')})")
+    print(f"evaluation: {state}{age}, {report['num_prompts']} prompts, started {report['started_at']}")
+    if state == "abandoned":
+        print("  the driver stopped beating without writing a final status (killed?); run the same "
+              "`sdbatch eval` again with this output: finished generations are reused, interrupted ones resume")
+    for name, g in report["generations"].items():
+        print(f"  generation {name}: {g.get('images_ok')} images ok, {g.get('rows_failed')} rows failed "
+              f"({g.get('output')})")
+    if record.get("error"):
+        print(f"  error: {record['error']}")
+    if state == "finished" and record.get("table_markdown"):
+        print(record["table_markdown"].split("\n\n")[0])
+    return 0
+
+
 def cmd_status(args: argparse.Namespace) -> int:
+    from batch.eval.evaluation import EVAL_RECORD
     from batch.run.stats import tally
     from batch.store.commit import LEASE, LEASE_SECONDS, RUN_RECORD, SUCCESS_MARKER, metadata_parts, read_metadata
+    from batch.store.io import open_output
 
+    options = apply_overrides({}, _set_overrides(args)).get("storage_options") or {}
+    probe = open_output(args.output, options)
+    if not probe.exists(RUN_RECORD) and probe.exists(EVAL_RECORD):
+        return _eval_status(probe, args)
     out = _open_run(args)
     record = out.get_json(RUN_RECORD)
     counts = tally(read_metadata(out), record.get("rows", 0), record.get("images_planned", 0))
@@ -289,7 +327,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="override a recorded spec field (e.g. storage_options.key=...)")
         p.set_defaults(func=cmd_resume)
 
-    st = sub.add_parser("status", help="done / failed / pending counts and failure reasons of a run")
+    st = sub.add_parser("status", help="done / failed / pending counts and failure reasons of a run; the state "
+                                       "(running / abandoned / finished / ...) of an evaluation output")
     st.add_argument("output")
     st.add_argument("--json", action="store_true")
     st.add_argument("--set", action="append", metavar="KEY=VALUE", help="storage_options.key=value")

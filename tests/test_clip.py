@@ -58,3 +58,27 @@ def test_prompts_truncate_to_77_tokens(scorer):
 def test_mismatched_lengths_raise(scorer):
     with pytest.raises(ValueError, match="2 images but 1 prompts"):
         scorer.scores(images(2), ["x"])
+
+
+def test_prompts_over_77_tokens_keep_the_end_of_text_token(scorer):
+    """Truncation keeps EOT at position 76 (as OpenAI ``clip.tokenize(truncate=True)``; torchmetrics drops it):
+    the text embedding is pooled at EOT, so a truncated prompt is still read through its end token."""
+    tok = scorer.tokenize(["a very long prompt " * 40])
+    ids = tok["input_ids"][0].tolist()
+    assert ids[-1] == scorer.tokenizer.eos_token_id and ids[0] == scorer.tokenizer.bos_token_id
+
+
+@pytest.mark.parametrize("n,n_boot", [(200, 1000), (1000, 1000), pytest.param(10_000, 300, marks=pytest.mark.slow)])
+def test_clip_bootstrap_interval_covers_the_population_mean(n, n_boot):
+    """Coverage of the CLIP-score interval (percentile bootstrap of a mean, nominal 95%): 100 trials of N
+    per-image scores from a skewed distribution with a known mean (15 + Gamma(2, 3): mean 21); at least 90
+    intervals contain it."""
+    from batch.metrics.fid import bootstrap_mean
+
+    rng = np.random.default_rng(n)
+    hits = 0
+    for trial in range(100):
+        v = 15 + rng.gamma(2.0, 3.0, n)
+        lo, hi = bootstrap_mean(v, n_boot, seed=trial)
+        hits += lo <= 21.0 <= hi
+    assert hits >= 90, f"{hits} of 100 intervals contain the mean"

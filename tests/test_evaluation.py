@@ -126,12 +126,38 @@ def test_stats_key_names_weights_preprocessing_and_images():
     assert k.startswith("inception-abababababab_") and "bicubic512" in k and "2img" in k
     assert stats_key("cd" * 32, 512, imgs) != k and stats_key("ab" * 32, 256, imgs) != k
     assert stats_key("ab" * 32, 512, imgs[:1] + [("file:///a/3.jpg", 20)]) != k
+    assert "legacy_pytorch299" in k and stats_key("ab" * 32, 512, imgs, resize="clean") != k
+    assert "clean299" in stats_key("ab" * 32, 512, imgs, resize="clean")
+
+
+def test_reference_and_generated_features_share_weights_and_resize():
+    from batch.metrics.extract import FeatureExtractor
+    from batch.metrics.reference import extractor_kwargs
+
+    spec = EvalSpec(models=[{"name": "a", "model": "tiny"}], fid={"resize": "clean", "reference_size": 64})
+    ref = extractor_kwargs(spec, reference=True)
+    gen = extractor_kwargs(spec, reference=False, clip="c", clip_revision="r")
+    assert ref["resize"] == gen["resize"] == "clean" and ref["inception"] == gen["inception"]
+    assert ref["reference"] and ref["reference_size"] == 64 and not gen["reference"] and gen["clip"] == "c"
+    import inspect
+
+    params = inspect.signature(FeatureExtractor).parameters  # every argument reaches the extractor
+    assert set(ref) <= set(params) and set(gen) <= set(params)
+
+
+def _comparability_stub(spec, ref):
+    from batch.eval.evaluation import comparability
+
+    return comparability(spec, ref, "coco/val2017/", 10)
 
 
 def test_reduce_table_and_plot():
+    from batch.eval.report import comparability_caption, comparability_markdown
+
     rng = np.random.default_rng(0)
-    spec = EvalSpec(models=[{"name": "a", "model": "tiny"}, {"name": "b", "model": "tiny"}],
-                    guidance_scales=[2.0, 7.0], fid={"bootstrap": 3}, clip={"bootstrap": 50})
+    spec = EvalSpec(models=[{"name": "a", "model": "tiny"}, {"name": "b", "model": "tiny", "scheduler": "ddim"}],
+                    guidance_scales=[2.0, 7.0], fid={"jackknife_blocks": 5}, clip={"bootstrap": 50},
+                    kid={"subsets": 10, "subset_size": 1000})
     ref_feats = rng.standard_normal((40, 2048))
     mu, sigma = ref_feats.mean(0), np.cov(ref_feats, rowvar=False)
     rows = []
@@ -144,15 +170,76 @@ def test_reduce_table_and_plot():
     rows.append({"eval_model": "a", "guidance_scale": 2.0, "feature_error": "OSError: bad", "clip_score": None,
                  "inception": None})
     scores = pa.Table.from_pylist(rows)
-    res = reduce_results(scores, ReferenceStats(mu, sigma, 40, "k", "u", False), spec).to_pylist()
+    ref = ReferenceStats(mu, sigma, 40, "k", "u", False, features=ref_feats.astype(np.float32),
+                         weights_sha256="ab" * 32, images="coco/val2017/", num_files=41)
+    res = reduce_results(scores, ref, spec).to_pylist()
     assert [(r["model"], r["guidance_scale"], r["n"]) for r in res] == [("a", 2.0, 10), ("a", 7.0, 10),
                                                                         ("b", 2.0, 10), ("b", 7.0, 10)]
-    assert all(r["fid"] > 0 and r["clip_lo"] <= r["clip_score"] <= r["clip_hi"] for r in res)
+    assert all(r["clip_lo"] <= r["clip_score"] <= r["clip_hi"] for r in res)
+    assert all(0 < r["fid_lo"] < r["fid"] < r["fid_hi"] and r["fid_se"] > 0 for r in res)
     assert res[2]["fid"] > res[0]["fid"] + 1000  # mean shift of 1 in 2048 dims: +2048
+    # KID on the same features: m = min(1000, 10, 40) = 10; the shifted model is far from the reference
+    assert all(r["kid_subset_size"] == 10 and r["kid_std"] > 0 for r in res)
+    assert res[2]["kid"] > res[0]["kid"] + 10 * res[0]["kid_std"]
+    # without reference features (a cache written before KID) KID is null, FID is not
+    res_nokid = reduce_results(scores, ReferenceStats(mu, sigma, 40, "k", "u", True), spec).to_pylist()
+    assert res_nokid[0]["kid"] is None and res_nokid[0]["fid"] == pytest.approx(res[0]["fid"])
     md = markdown_table(pa.Table.from_pylist(res))
-    assert md.count("\n") == 6 and "| a | 2 | 10 |" in md
-    png = pareto_plot(pa.Table.from_pylist(res))
-    assert Image.open(io.BytesIO(png)).size[0] > 100
+    assert md.count("\n") == 6 and "| a | 2 | 10 |" in md and " ± " in md
+    comp = _comparability_stub(spec, ref)
+    assert comp["resize"] == "legacy_pytorch" and comp["inception_weights_sha256"] == "ab" * 32
+    assert comp["generation"]["models"]["b"] == {"model": "tiny", "revision": None, "scheduler": "ddim",
+                                                 "dtype": "auto"}  # until the images say which
+    assert comp["reference"]["n"] == 40 and comp["n_generated_per_point"] == 10
+    text = comparability_markdown(comp)
+    for needle in ("N generated per point: 10", "coco/val2017/ (40 images used of 41", "`legacy_pytorch`",
+                   "ab" * 32, "per-image clamp", "end-of-text token kept", "E[FID_N]", "ddim, auto"):
+        assert needle in text, needle
+    assert "resize legacy_pytorch" in comparability_caption(comp)
+    png = pareto_plot(pa.Table.from_pylist(res), caption=comparability_caption(comp))
+    assert Image.open(io.BytesIO(png)).size[0] > 1200  # two panels: FID and KID
+    assert Image.open(io.BytesIO(pareto_plot(pa.Table.from_pylist(res_nokid)))).size[0] < 1000
+
+
+def test_plot_bars_are_the_interval_ends_and_labels_alternate():
+    from batch.eval.report import _label_offsets, interval_segments
+
+    pts = [{"fid": 10.0, "fid_lo": 7.0, "fid_hi": 18.0}, {"fid": 5.0, "fid_lo": None, "fid_hi": None},
+           {"fid": 4.0, "fid_lo": float("nan"), "fid_hi": 6.0}]
+    assert interval_segments(pts, "fid_lo", "fid_hi") == ([0], [7.0], [18.0])  # asymmetric: 3 below, 8 above
+    offs = _label_offsets(4)
+    assert len(set(offs)) == 4 and offs[0] != _label_offsets(4, curve=1)[0]
+
+
+def test_eval_state_tells_running_from_abandoned_and_status_prints_it(tmp_path, capsys):
+    import os
+    import socket
+    import time
+
+    from batch.cli import main
+    from batch.eval.evaluation import ABANDONED_AFTER, EVAL_RECORD, RecordWriter, eval_state
+    from batch.store.io import open_output
+
+    now = time.time()
+    alive = {"status": "running", "heartbeat": now - 5, "host": socket.gethostname(), "pid": os.getpid()}
+    assert eval_state(alive, now) == "running"
+    assert eval_state({**alive, "heartbeat": now - ABANDONED_AFTER - 1}, now) == "abandoned"
+    assert eval_state({**alive, "pid": 2 ** 22 + 12345}, now) == "abandoned"  # no such process on this host
+    assert eval_state({**alive, "status": "finished"}, now + 1e6) == "finished"
+
+    out = open_output(str(tmp_path / "ev"))
+    record = {"status": "running", "num_prompts": 4, "started_at": "t0", "timings": {}}
+    writer = RecordWriter(out, record, interval=0.05)
+    first = out.get_json(EVAL_RECORD)["heartbeat"]
+    time.sleep(0.3)
+    assert out.get_json(EVAL_RECORD)["heartbeat"] > first  # the thread keeps beating
+    writer.stop()
+    assert main(["status", str(tmp_path / "ev")]) == 0
+    assert capsys.readouterr().out.startswith("evaluation: running, heartbeat")
+    stale = {**out.get_json(EVAL_RECORD), "heartbeat": now - 3600}
+    out.put_json(EVAL_RECORD, stale)  # what a killed driver leaves behind
+    assert main(["status", str(tmp_path / "ev"), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["status"] == "abandoned"
 
 
 def test_feature_stage_in_process_marks_unreadable_images(tmp_path):
@@ -237,11 +324,18 @@ def test_eval_end_to_end_with_cached_reference_stats(demo_inputs, ray_session, c
     assert [(r["model"], r["guidance_scale"], r["n"]) for r in rows] == [("tiny", 1.5, 2), ("tiny", 4.0, 2),
                                                                          ("tiny", 8.0, 2)]
     assert all(r["fid"] > 0 and 0 <= r["clip_score"] <= 100 for r in rows)
+    assert all(r["clip_lo"] <= r["clip_score"] <= r["clip_hi"] for r in rows)
+    assert all(r["kid"] is not None and r["kid_subset_size"] == 2 for r in rows)  # m = min(1000, 2, 4)
+    assert res["comparability"]["n_generated_per_point"] == 2 and res["comparability"]["reference"]["n"] == 4
     assert pq.read_table(out / "results.parquet").num_rows == 3
     assert Image.open(out / "pareto.png").size[0] > 100
     record = json.loads((out / "eval.json").read_text())
     assert record["status"] == "finished" and record["reference"]["cached"] is True
-    assert "| tiny | 4 | 2 |" in record["table_markdown"] and (out / "results.md").read_text() == record["table_markdown"]
+    assert record["comparability"] == res["comparability"] and record["heartbeat"] > 0
+    assert res["comparability"]["generation"]["models"]["tiny"]["dtype"] == "float32"  # from the metadata
+    assert "Comparable only with" in (out / "results.md").read_text()
+    assert "| tiny | 4 | 2 |" in record["table_markdown"]
+    assert (out / "results.md").read_text() == record["table_markdown"]
     # generation went through the ordinary job: paired seeds across scales, guidance per row, images kept
     from batch.store.commit import read_metadata
 

@@ -11,7 +11,7 @@ from typing import Any
 import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
 
-from batch.metrics.settings import ClipSettings, StatsSpec
+from batch.metrics.settings import ClipSettings, KidSettings, StatsSpec
 from batch.spec.base import MAX_SEED, SchedulerName, SpecError, _Strict
 from batch.spec.config import JobSpec, apply_overrides, parse_spec
 
@@ -51,6 +51,7 @@ class EvalSpec(StatsSpec):
     width: int = Field(512, ge=8, multiple_of=8)
     negative_prompt: str | None = None
     clip: ClipSettings = Field(default_factory=ClipSettings)
+    kid: KidSettings = Field(default_factory=KidSettings)
     generation: dict[str, Any] = Field(default_factory=dict)  # job-spec fields: dtype, device, batch_size, ...
 
     @field_validator("guidance_scales")

@@ -33,7 +33,8 @@ class FeatureExtractor:
 
     def __init__(self, inception: str | None, clip: str | None = None, clip_revision: str | None = None,
                  device: str = "cpu", storage_options: dict[str, Any] | None = None, reference: bool = False,
-                 reference_size: int = 512, batch_size: int = 32, num_threads: int | None = None):
+                 reference_size: int = 512, batch_size: int = 32, num_threads: int | None = None,
+                 resize: str = "legacy_pytorch"):
         from batch.metrics.clip import ClipScorer
         from batch.metrics.inception import load_inception
 
@@ -46,6 +47,7 @@ class FeatureExtractor:
         self.clip = ClipScorer(clip, revision=clip_revision, device=device) if clip else None
         self.reader = ImageReader(storage_options)  # files, or members of the shard it last opened
         self.reference, self.reference_size, self.batch_size = reference, reference_size, batch_size
+        self.resize = resize  # the resize path into Inception (``batch.metrics.fid.to_inception_input``)
 
     def _load(self, uri: str, member: str | None) -> np.ndarray:
         from batch.metrics.fid import prepare_reference
@@ -80,7 +82,7 @@ class FeatureExtractor:
             idx = ok[start:start + self.batch_size]
             try:
                 if self.inception is not None:
-                    x = torch.cat([to_inception_input(images[i][None], self.device) for i in idx])
+                    x = torch.cat([to_inception_input(images[i][None], self.device, self.resize) for i in idx])
                     f = self.inception(x).float().cpu().numpy()
                     feats[idx], has_feats[idx] = f, True
                 if self.clip is not None:

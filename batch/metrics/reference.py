@@ -2,7 +2,8 @@
 
 features -> statistics -> metric, each a pure step (:mod:`batch.metrics.fid`); this module runs the first
 step over many images (:func:`score_images`, the feature stage on Ray) and caches the second under a key
-naming the Inception weights (sha256), the preprocessing and the image set (:func:`stats_key`).
+naming the Inception weights (sha256), the preprocessing (including the resize path into the network) and the
+image set (:func:`stats_key`). The cache holds the reference features too (float32), which KID needs.
 """
 
 from __future__ import annotations
@@ -31,12 +32,18 @@ class ScoringError(RuntimeError):
 
 @dataclass
 class ReferenceStats:
+    """Reference moments (and the features, for KID) of one image folder, and where they are cached."""
+
     mu: np.ndarray
     sigma: np.ndarray
     n: int
     key: str
     uri: str
     cached: bool  # True when read from the cache rather than computed
+    features: np.ndarray | None = None  # (n, 2048) float32; None in caches written before KID
+    weights_sha256: str = ""
+    images: str = ""  # the folder the statistics describe
+    num_files: int = 0  # image files found there (n: those readable)
 
 
 def list_images(uri: str, storage_options: dict[str, Any] | None = None) -> list[tuple[str, int]]:
@@ -54,13 +61,30 @@ def list_images(uri: str, storage_options: dict[str, Any] | None = None) -> list
     return out
 
 
-def stats_key(weights_sha256: str, reference_size: int, images: list[tuple[str, int]]) -> str:
-    """Cache key: the Inception weights (sha256), the preprocessing, and the image set (names and sizes)."""
+def stats_key(weights_sha256: str, reference_size: int, images: list[tuple[str, int]],
+              resize: str = "legacy_pytorch") -> str:
+    """Cache key: the Inception weights (sha256), the preprocessing (reference crop/resize and the resize path
+    into the network), and the image set (names and sizes)."""
     from batch.metrics.fid import preprocessing_tag
 
     names = "\n".join(f"{u.rsplit('/', 1)[-1]}\t{s}" for u, s in images)
     images_hash = hashlib.sha256(names.encode()).hexdigest()[:12]
-    return f"inception-{weights_sha256[:12]}_{preprocessing_tag(reference_size)}_{len(images)}img-{images_hash}"
+    return (f"inception-{weights_sha256[:12]}_{preprocessing_tag(reference_size, resize)}_"
+            f"{len(images)}img-{images_hash}")
+
+
+def extractor_kwargs(spec: StatsSpec, reference: bool, clip: str | None = None,
+                     clip_revision: str | None = None) -> dict[str, Any]:
+    """The :class:`batch.metrics.extract.FeatureExtractor` arguments of the reference images
+    (``reference=True``: crop/resize to ``fid.reference_size`` first) or of generated images (with CLIP): one
+    place, so both sides go through the same weights and the same resize path (``fid.resize``)."""
+    kw: dict[str, Any] = dict(inception=spec.fid.weights, clip=clip, storage_options=spec.storage_options,
+                              reference=reference, resize=spec.fid.resize, batch_size=spec.features.batch_size)
+    if reference:
+        kw["reference_size"] = spec.fid.reference_size
+    else:
+        kw["clip_revision"] = clip_revision
+    return kw
 
 
 def reference_statistics(images_uri: str, spec: StatsSpec, cache: str | None = None) -> ReferenceStats:
@@ -74,29 +98,35 @@ def reference_statistics(images_uri: str, spec: StatsSpec, cache: str | None = N
     cache = cache or spec.fid.stats_cache or str(cache_dir() / "fid-stats")
     images = list_images(images_uri, spec.storage_options)
     weights = resolve_weights(spec.fid.weights)
-    key = stats_key(file_sha256(weights), spec.fid.reference_size, images)
+    sha = file_sha256(weights)
+    key = stats_key(sha, spec.fid.reference_size, images, spec.fid.resize)
     store = open_output(cache, spec.storage_options)
+    about = dict(weights_sha256=sha, images=images_uri, num_files=len(images))
     if store.exists(f"{key}.npz"):
         with np.load(io.BytesIO(store.get(f"{key}.npz"))) as z:
-            return ReferenceStats(z["mu"], z["sigma"], int(z["n"]), key, store.uri(f"{key}.npz"), cached=True)
+            feats = z["features"] if "features" in z.files else None
+            return ReferenceStats(z["mu"], z["sigma"], int(z["n"]), key, store.uri(f"{key}.npz"), cached=True,
+                                  features=feats, **about)
     table = pa.table({"uri": [u for u, _ in images]})
-    kwargs = dict(inception=spec.fid.weights, clip=None, storage_options=spec.storage_options, reference=True,
-                  reference_size=spec.fid.reference_size, batch_size=spec.features.batch_size)
+    kwargs = extractor_kwargs(spec, reference=True)
     feats = score_images(table, kwargs, spec, desc="reference features")
     good = feats.filter(pc.is_null(feats.column("feature_error")))
     errors = [e for e in feats.column("feature_error").to_pylist() if e is not None]
     if good.num_rows < 2:
         raise SpecError(f"reference images: only {good.num_rows} readable images under {images_uri}; "
                         f"first errors: {errors[:3]}")
-    mu, sigma = statistics(feature_matrix(good.column("inception")))
+    feats_ref = feature_matrix(good.column("inception"))
+    mu, sigma = statistics(feats_ref)
     buf = io.BytesIO()
-    np.savez(buf, mu=mu, sigma=sigma, n=good.num_rows)
+    np.savez(buf, mu=mu, sigma=sigma, n=good.num_rows, features=feats_ref)
     store.put(f"{key}.npz", buf.getvalue())
     store.put_json(f"{key}.json", {"images": images_uri, "num_images": len(images), "num_used": good.num_rows,
                                    "unreadable": errors[:100], "weights": spec.fid.weights,
-                                   "weights_file": str(weights), "reference_size": spec.fid.reference_size,
+                                   "weights_file": str(weights), "weights_sha256": sha,
+                                   "reference_size": spec.fid.reference_size, "resize": spec.fid.resize,
                                    "created_at": now()})
-    return ReferenceStats(mu, sigma, good.num_rows, key, store.uri(f"{key}.npz"), cached=False)
+    return ReferenceStats(mu, sigma, good.num_rows, key, store.uri(f"{key}.npz"), cached=False, features=feats_ref,
+                          **about)
 
 
 def score_images(table: pa.Table, kwargs: dict, spec: StatsSpec, desc: str) -> pa.Table:

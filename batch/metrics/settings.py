@@ -17,14 +17,23 @@ from batch.spec.base import _Strict
 class FidSettings(_Strict):
     weights: str = FID_WEIGHTS_URL  # path or http(s) URL of pt_inception-2015-12-05-6726825d.pth
     reference_size: int = Field(512, ge=8)  # reference images: centre crop, bicubic to this side
+    # resize path into the network (clean-fid's names): pytorch-fid's bilinear without antialias, or PIL bicubic
+    resize: Literal["legacy_pytorch", "clean"] = "legacy_pytorch"
     stats_cache: str | None = None  # where reference statistics are cached; null: ~/.cache/sdbatch/fid-stats
-    bootstrap: int = Field(50, ge=0)  # resamples for the FID interval (each costs two 2048x2048 eigen-solves)
+    jackknife_blocks: int = Field(20, ge=0)  # groups of the FID jackknife interval (0: no interval)
+
+
+class KidSettings(_Strict):
+    """Kernel Inception Distance (torch-fidelity's defaults: 100 subsets of 1000; smaller sets lower m)."""
+
+    subsets: int = Field(100, ge=0)  # 0: no KID
+    subset_size: int = Field(1000, ge=2)
 
 
 class ClipSettings(_Strict):
     model: str = DEFAULT_CLIP
     revision: str | None = None
-    bootstrap: int = Field(1000, ge=0)  # resamples for the CLIP-score interval
+    bootstrap: int = Field(1000, ge=0)  # resamples for the CLIP-score interval (percentile bootstrap of a mean)
 
 
 class FeatureSettings(_Strict):
