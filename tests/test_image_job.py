@@ -144,7 +144,8 @@ def test_fetch_stage_then_sampler_passes_failed_items_through(tmp_path):
 @pytest.mark.parametrize("fallback", [True, False])
 def test_upscale_sampler_records_the_fp32_redecode(tmp_path, fallback):
     """``optimizations.nan_fallback`` reaches the upscaler: an fp16 VAE decode that overflows is redone in
-    fp32 and ``vae_redecoded_fp32`` says so per image (False for every image when the fallback is off)."""
+    fp32 and ``vae_redecoded_fp32`` says so per image (False for every image when the fallback is off, and
+    then the broken images fail instead of being stored black)."""
     from batch.run.inputs import fetch_inputs
     from batch.run.stages import Sampler, SamplerSettings
     from batch.spec.base import Optimizations
@@ -161,10 +162,15 @@ def test_upscale_sampler_records_the_fp32_redecode(tmp_path, fallback):
     sampler.model.vae.to(torch.float16)
     with np.errstate(invalid="ignore"):
         out = sampler(fetched).to_pylist()
-    assert [r["status"] for r in out] == ["ok", "ok"]
     assert [r["vae_redecoded_fp32"] for r in out] == [fallback, fallback]
-    black = [not np.frombuffer(r["_pixels"], np.uint8).any() for r in out]
-    assert black == [not fallback, not fallback]
+    if fallback:  # rescued: real pixels, ok
+        assert [r["status"] for r in out] == ["ok", "ok"]
+        assert not any(not np.frombuffer(r["_pixels"], np.uint8).any() for r in out)
+    else:  # the NaN decode stays broken: failed with its reason, never stored as an ok black image
+        from batch.run.stages import FLAT_IMAGE_ERROR
+
+        assert [r["status"] for r in out] == ["failed", "failed"]
+        assert all(r["error"].startswith(FLAT_IMAGE_ERROR) and r["_pixels"] is None for r in out)
 
 
 # --- end to end through Ray --------------------------------------------------------------------------------
