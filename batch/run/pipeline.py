@@ -173,6 +173,23 @@ def _quiet_data_context():
     return ctx
 
 
+def _on_ray_node(stage: type) -> type:
+    """``stage`` (a class with a ``worker`` identity) recording the Ray node its actor runs on in ``worker``
+    (:func:`batch.models.devices.worker_id`), so rows say which node made them, also when nodes share a host."""
+
+    class OnRayNode(stage):  # type: ignore[misc, valid-type]
+        def __init__(self, *args: Any, **kwargs: Any):
+            import ray
+
+            from batch.models.devices import worker_id
+
+            super().__init__(*args, **kwargs)
+            self.worker = worker_id(ray.get_runtime_context().get_node_id())
+
+    OnRayNode.__name__ = OnRayNode.__qualname__ = stage.__name__  # Ray Data names the operator after it
+    return OnRayNode
+
+
 def _pool(res: Resources, blocks: int):
     """The sampler (or feature) pool: ``ActorPoolStrategy(min_size, max_size)`` from the resolved sizes, never
     more actors than blocks. Ray Data starts ``min_size`` actors and adds more while inputs queue and the
@@ -214,7 +231,7 @@ def run_items(items: pa.Table, spec: JobSpec, res: Resources, upload: bool) -> I
                             num_cpus=spec.writer_cpus)
     threads = res.threads_per_actor if res.device == "cpu" else None
     ds = ds.map_batches(
-        Sampler,
+        _on_ray_node(Sampler),
         fn_constructor_args=(SamplerSettings.from_spec(spec, res.device, threads),),
         batch_size=1,  # one packed row = one whole GPU batch per sampler call (Ray requires an int with GPUs)
         batch_format="pyarrow",
