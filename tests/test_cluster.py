@@ -157,4 +157,7 @@ def test_a_worker_node_removed_mid_run_loses_and_duplicates_nothing(cluster, s3_
     meta = read_metadata(spec.output, s3_options).to_pylist()
     removed = [r for r in meta if _node_of(r["worker"]) == events["removed"]]
     assert removed and all(r["sampled_at"] <= events["removed_at"] + 1 for r in removed)  # only before the loss
+    assert any(r["sampled_at"] > events["removed_at"] for r in meta)  # the loss really came mid-run
+    assert {_node_of(r["worker"]) for r in meta if r["sampled_at"] > events["removed_at"]} <= \
+        {n.node_id[:12] for n in cluster.worker_nodes}  # after the loss only surviving or new nodes worked
     assert "failed" not in events, events["failed"]  # the run itself survived the node loss
