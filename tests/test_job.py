@@ -194,6 +194,9 @@ def test_actor_pool_grows_to_the_clusters_maximum_where_known():
     assert (open_max.pool_min, open_max.actors) == (1, 8)
     fixed = resolve_resources(parse_spec({"actors": 3}), now, local=False, cluster_max=grown)
     assert (fixed.pool_min, fixed.actors) == (3, 3)
+    # GPU workers that autoscale from zero: cuda, one actor to start with (it waits for its node), up to 8
+    zero = resolve_resources(parse_spec({}), {"CPU": 4.0}, local=False, cluster_max=grown)
+    assert (zero.device, zero.pool_min, zero.actors, zero.gpus_per_actor) == ("cuda", 1, 8, 1.0)
     # a local Ray cannot grow: its maximum is what fits now, and a pool that could take every CPU is refused
     local = resolve_resources(parse_spec({}), {"CPU": 16.0, "GPU": 2.0}, local=True, cluster_max=grown)
     assert (local.pool_min, local.actors) == (2, 2)

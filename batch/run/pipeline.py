@@ -124,11 +124,12 @@ def resolve_resources(spec: JobSpec, cluster: dict[str, float], local: bool,
     from batch.spec.config import ActorRange
 
     cpus, gpus = float(cluster.get("CPU", 0)), float(cluster.get("GPU", 0))
-    device = spec.device if spec.device != "auto" else ("cuda" if gpus > 0 else "cpu")
+    max_gpus = float((cluster_max or {}).get("GPU", 0) or 0) if not local else 0.0
+    # auto: cuda when the cluster has GPUs now or can add them (GPU workers that autoscale from zero)
+    device = spec.device if spec.device != "auto" else ("cuda" if gpus > 0 or max_gpus > 0 else "cpu")
     # a CPU run requests no GPUs (device: auto resolving to cpu ignores the spec's gpus_per_actor; an explicit
     # device: cpu with GPUs is refused by the spec)
     gpa = (spec.gpus_per_actor if spec.gpus_per_actor is not None else 1.0) if device == "cuda" else 0.0
-    max_gpus = float((cluster_max or {}).get("GPU", 0) or 0) if not local else 0.0
     fits_now = max(1, int(gpus // gpa)) if device == "cuda" and gpa > 0 else 1
     fits_max = max(fits_now, int(max_gpus // gpa)) if device == "cuda" and gpa > 0 else fits_now
     grown = "cluster max" if device == "cuda" and gpa > 0 and max_gpus > 0 else "current"
