@@ -86,24 +86,30 @@ def _node_of(worker: str) -> str:
     return worker.rsplit("/node-", 1)[1]
 
 
-def _when(ready, action, timeout: float = 300.0) -> threading.Thread:
-    """Run ``action()`` in a thread as soon as ``ready()`` holds (polled); its errors are kept for the test."""
-    errors: list[BaseException] = []
+def _run_with(spec, ready, action, timeout: float = 300.0) -> dict:
+    """Run the job in a thread and ``action()`` in this (main) thread as soon as ``ready()`` holds (polled):
+    ``Cluster.add_node``/``remove_node`` install signal handlers, which only the main thread may do.
+    Returns ``{"summary": ...}`` or ``{"error": ...}`` from the job, and ``"acted"`` if the event came."""
+    result: dict = {}
 
-    def watch():
-        deadline = time.monotonic() + timeout
+    def job():
         try:
-            while not ready():
-                assert time.monotonic() < deadline, "event never happened"
-                time.sleep(0.1)
-            action()
-        except BaseException as err:  # noqa: BLE001 - re-raised by the test
-            errors.append(err)
+            result["summary"] = run_job(spec)
+        except Exception as err:  # noqa: BLE001 - reported to the test
+            result["error"] = err
 
-    thread = threading.Thread(target=watch, daemon=True)
-    thread.errors = errors  # type: ignore[attr-defined]
+    thread = threading.Thread(target=job, daemon=True)
     thread.start()
-    return thread
+    deadline = time.monotonic() + timeout
+    while thread.is_alive() and not ready():
+        assert time.monotonic() < deadline, "event never happened"
+        time.sleep(0.1)
+    if thread.is_alive():
+        action()
+        result["acted"] = True
+    thread.join(timeout)
+    assert not thread.is_alive(), "job did not finish"
+    return result
 
 
 def test_a_node_added_mid_run_is_used_by_the_pool(cluster, s3_options):
@@ -111,11 +117,10 @@ def test_a_node_added_mid_run_is_used_by_the_pool(cluster, s3_options):
     out = open_output(spec.output, s3_options)
     first_nodes = {n.node_id[:12] for n in cluster.worker_nodes}
     added = []
-    watcher = _when(lambda: len(metadata_parts(out)) >= 1,  # the run is under way: rows are committed
-                    lambda: added.append(cluster.add_node(**NODE)))
-    summary = run_job(spec)
-    watcher.join()
-    assert not watcher.errors, watcher.errors
+    result = _run_with(spec, lambda: len(metadata_parts(out)) >= 1,  # the run is under way: rows committed
+                       lambda: added.append(cluster.add_node(**NODE)))
+    assert result.get("acted"), "the run finished before its first commit was seen"
+    summary = result["summary"]
     assert summary.images_ok == len(ROWS) and summary.exit_code == 0
     meta = read_metadata(spec.output, s3_options)
     by_node = {}
@@ -144,14 +149,11 @@ def test_a_worker_node_removed_mid_run_loses_and_duplicates_nothing(cluster, s3_
         events["removed"] = victim.node_id[:12]
         events["replacement"] = cluster.add_node(**NODE).node_id[:12]
 
-    watcher = _when(lambda: len(metadata_parts(out)) >= 1, preempt)
-    try:
-        summary = run_job(spec)
-    except Exception as err:  # noqa: BLE001 - allowed: the rerun below must then finish the run
-        events["failed"] = err
-        summary = None
-    watcher.join()
-    assert not watcher.errors, watcher.errors
+    result = _run_with(spec, lambda: len(metadata_parts(out)) >= 1, preempt)
+    assert result.get("acted"), "the run finished before its first commit was seen"
+    summary = result.get("summary")
+    if "error" in result:  # allowed: the rerun below must then finish the run
+        events["failed"] = result["error"]
     if summary is None or summary.exit_code != 0:
         summary = run_job(spec)  # `sdbatch resume`: only what is missing
     assert summary.images_ok == len(ROWS) and summary.exit_code == 0
