@@ -26,7 +26,7 @@ from batch.store.io import open_output
 pytestmark = pytest.mark.e2e  # starts a Ray cluster and runs jobs on it
 
 NODE = {"num_cpus": 2, "object_store_memory": 80 * 1024**2}
-ROWS = [{"id": f"row-{i:02d}", "prompt": f"a small picture number {i}"} for i in range(32)]
+ROWS = [{"id": f"row-{i:02d}", "prompt": f"a small picture number {i}"} for i in range(24)]
 BUCKET = "sdbatch-cluster"
 
 
@@ -69,7 +69,7 @@ def cluster():
 
 
 def _job(cluster, s3_options, name: str, steps: int, **kw):
-    """The job: 32 images of 64x64, one per sampler call, on an elastic pool of 1 to 2 samplers. ``steps``
+    """The job: 24 images of 64x64, one per sampler call, on an elastic pool of 1 to 2 samplers. ``steps``
     sets how much work there is: enough that a node joining after the first commit still finds work."""
     fs = open_output(f"s3://{BUCKET}", s3_options).fs
     manifest = f"s3://{BUCKET}/{name}/manifest.parquet"
@@ -113,7 +113,7 @@ def _run_with(spec, ready, action, timeout: float = 300.0) -> dict:
 
 
 def test_a_node_added_mid_run_is_used_by_the_pool(cluster, s3_options):
-    spec = _job(cluster, s3_options, f"grow-{uuid.uuid4().hex[:6]}", steps=20)
+    spec = _job(cluster, s3_options, f"grow-{uuid.uuid4().hex[:6]}", steps=8)
     out = open_output(spec.output, s3_options)
     first_nodes = {n.node_id[:12] for n in cluster.worker_nodes}
     added = []
@@ -137,7 +137,7 @@ def test_a_worker_node_removed_mid_run_loses_and_duplicates_nothing(cluster, s3_
     shutdown) and a replacement node joins. The lost actor is restarted by Ray (its constructor arguments live
     in the driver's object store on the head, which survives) and its unfinished blocks are redone; the run
     (or, if it fails, one resume) commits every image exactly once."""
-    spec = _job(cluster, s3_options, f"lose-{uuid.uuid4().hex[:6]}", steps=10)
+    spec = _job(cluster, s3_options, f"lose-{uuid.uuid4().hex[:6]}", steps=6)
     out = open_output(spec.output, s3_options)
     events: dict = {}
 

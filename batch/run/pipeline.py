@@ -215,6 +215,13 @@ def run_items(items: pa.Table, spec: JobSpec, res: Resources, upload: bool) -> I
     # every sampler actor is up before blocks are handed out: otherwise the first one to load its model
     # takes the queued blocks and the others idle (a timeout here means the cluster cannot host the pool)
     ctx.wait_for_min_actors_s = spec.wait_for_actors_s or -1
+    # Ray Data's default resource allocator reserves each operator a share of the cluster (half of it split
+    # over the operators); an actor pool then grows only within its share, so a sampler pool never grew onto a
+    # node that joined mid-run (tests/test_cluster.py). Without it the pool grows to max_size while blocks
+    # queue, a new actor waiting for room (which is what makes an autoscaler add nodes); pool sizes are bounded
+    # by resolve_resources instead. A fixed pool (every local run) keeps Ray Data's default.
+    # (set either way: the context outlives this job in the driver process)
+    ctx.op_resource_reservation_enabled = res.pool_min >= res.actors
 
     # whole GPU batches, one per Ray row: Ray's integer batch_size (required with GPUs) can then never
     # split a GPU batch across sampler calls, whatever it merges or slices (batch.plan.batches)
