@@ -77,7 +77,7 @@ def test_generation_requests_one_gpu_per_actor_and_matches_a_cpu_run(gpu_ray, tm
     # two actors, each holding its own GPU (Ray's CUDA_VISIBLE_DEVICES, recorded in `worker`)
     workers = set(meta.column("worker").to_pylist())
     assert len(workers) == 2, workers
-    gpus = sorted(w.rsplit("/gpu", 1)[1] for w in workers)
+    gpus = sorted(w.split("/gpu", 1)[1].split("/", 1)[0] for w in workers)
     assert gpus == ["0", "1"], workers
     # the same rows on the CPU path (no GPUs requested) give the same images
     cpu = run_job(gpu_spec(manifest, str(tmp_path / "cpu"), device="cpu", actors=1))

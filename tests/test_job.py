@@ -177,6 +177,40 @@ def test_default_resources_never_take_every_cpu():
     assert (gpu.device, gpu.actors, gpu.gpus_per_actor) == ("cuda", 4, 1.0)
 
 
+def test_actor_pool_grows_to_the_clusters_maximum_where_known():
+    """``actors: auto`` on cuda: from the GPUs present to the GPUs the autoscaler may add; ``{min, max}``."""
+    from batch.run.pipeline import _pool
+
+    now, grown = {"CPU": 8.0, "GPU": 1.0}, {"CPU": 64.0, "GPU": 8.0}  # a RayJob's first worker; maxReplicas: 8
+    auto = resolve_resources(parse_spec({}), now, local=False, cluster_max=grown)
+    assert (auto.pool_min, auto.actors, auto.max_source) == (1, 8, "cluster max")
+    half = resolve_resources(parse_spec({"gpus_per_actor": 0.5}), now, local=False, cluster_max=grown)
+    assert (half.pool_min, half.actors) == (2, 16)
+    unknown = resolve_resources(parse_spec({}), {"CPU": 8.0, "GPU": 2.0}, local=False, cluster_max=None)
+    assert (unknown.pool_min, unknown.actors, unknown.max_source) == (2, 2, "current")
+    ranged = resolve_resources(parse_spec({"actors": {"min": 2, "max": 5}}), now, local=False, cluster_max=grown)
+    assert (ranged.pool_min, ranged.actors, ranged.max_source) == (2, 5, "spec")
+    open_max = resolve_resources(parse_spec({"actors": {"min": 1}}), now, local=False, cluster_max=grown)
+    assert (open_max.pool_min, open_max.actors) == (1, 8)
+    fixed = resolve_resources(parse_spec({"actors": 3}), now, local=False, cluster_max=grown)
+    assert (fixed.pool_min, fixed.actors) == (3, 3)
+    # GPU workers that autoscale from zero: cuda, one actor to start with (it waits for its node), up to 8
+    zero = resolve_resources(parse_spec({}), {"CPU": 4.0}, local=False, cluster_max=grown)
+    assert (zero.device, zero.pool_min, zero.actors, zero.gpus_per_actor) == ("cuda", 1, 8, 1.0)
+    # a local Ray cannot grow: its maximum is what fits now, and a pool that could take every CPU is refused
+    local = resolve_resources(parse_spec({}), {"CPU": 16.0, "GPU": 2.0}, local=True, cluster_max=grown)
+    assert (local.pool_min, local.actors) == (2, 2)
+    with pytest.raises(SpecError, match="never run"):
+        resolve_resources(parse_spec({"device": "cpu", "actors": {"min": 1, "max": 3}, "cpus_per_actor": 0.75}),
+                          {"CPU": 2.0}, local=True)
+    with pytest.raises(SpecError, match=r"actors.*max \(2\) is below min \(3\)"):
+        parse_spec({"actors": {"min": 3, "max": 2}})
+    # the strategy Ray Data gets: min..max, never more actors than blocks
+    pool = _pool(auto, blocks=32)
+    assert (pool.min_size, pool.max_size) == (1, 8)
+    assert (_pool(ranged, blocks=3).min_size, _pool(ranged, blocks=3).max_size) == (2, 3)
+
+
 def test_gpu_batches_are_whole_homogeneous_and_independent_of_actors():
     """50 items in two buckets (30 + 20): batches of <= 4 within a bucket, the same for any actor count."""
     items = pa.table({"x": list(range(50)), "height": [64] * 30 + [128] * 20, "width": [64] * 50,

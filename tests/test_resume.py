@@ -41,8 +41,13 @@ def spec_for(manifest: str, output: str, **kw):
     return parse_spec({**SPEC, "manifest": manifest, "output": output, **kw})
 
 
-def assert_exactly_once(output: str, planned: int = PLANNED) -> None:
-    out = open_output(output)
+def worker_pid(worker: str) -> int:
+    """The process id in a metadata ``worker`` (``host:pid[/gpu..][/node-..]``)."""
+    return int(worker.split(":", 1)[1].split("/", 1)[0])
+
+
+def assert_exactly_once(output: str, planned: int = PLANNED, storage_options: dict | None = None) -> None:
+    out = open_output(output, storage_options)
     raw = read_parts(out)
     keys = Counter(zip(raw.column("manifest_row").to_pylist(), raw.column("image_index").to_pylist()))
     assert max(keys.values()) == 1, [k for k, n in keys.items() if n > 1]  # never committed twice
@@ -128,7 +133,7 @@ def test_killed_sampler_actor_is_restarted_and_its_rows_redone(tmp_path, ray_ses
             time.sleep(0.05)
         # the actor that did this run's first committed work (not an idle sampler left by an earlier test)
         workers = set(read_parts(out).column("worker").to_pylist()) - {None}
-        for pid in sorted({int(w.rsplit(":", 1)[1]) for w in workers}):
+        for pid in sorted({worker_pid(w) for w in workers}):
             t_before = time.time()
             try:
                 proc = psutil.Process(pid)
@@ -146,8 +151,8 @@ def test_killed_sampler_actor_is_restarted_and_its_rows_redone(tmp_path, ray_ses
     pid, t_before, t_gone = killed[0]
     assert summary.images_ok == planned and summary.exit_code == 0
     meta = read_metadata(output).to_pylist()
-    by_killed = [r for r in meta if r["worker"].endswith(f":{pid}")]
-    by_others = [r for r in meta if not r["worker"].endswith(f":{pid}")]
+    by_killed = [r for r in meta if worker_pid(r["worker"]) == pid]
+    by_others = [r for r in meta if worker_pid(r["worker"]) != pid]
     assert by_killed  # the killed actor committed rows first (the first part was its work) ...
     assert all(r["sampled_at"] <= t_gone for r in by_killed)  # ... all sampled before it died ...
     # ... and every other image was sampled after the kill, by the replacement Ray started (none when the

@@ -7,6 +7,7 @@ import hashlib
 import numpy as np
 import pyarrow as pa
 import pytest
+import torch
 
 import batch.run.stages as stages
 import batch.sampling.txt2img as sampling
@@ -22,8 +23,8 @@ def sampler():
     return stages.Sampler(stages.SamplerSettings(model="tiny", dtype="float32", device="cpu", batch_size=2))
 
 
-def _items(prompts):
-    spec = parse_spec({"defaults": {"height": 64, "width": 64, "num_inference_steps": 3}})
+def _items(prompts, defaults=None):
+    spec = parse_spec({"defaults": defaults or {"height": 64, "width": 64, "num_inference_steps": 3}})
     table = pa.Table.from_pylist([{"id": f"r{i}", "prompt": p} for i, p in enumerate(prompts)])
     return plan(table, spec, RESERVED_COLUMNS).items
 
@@ -35,19 +36,58 @@ def test_a_failing_sampler_call_fails_only_its_own_images(sampler, monkeypatch):
     def flaky(model, scheduler, prompts, negatives, seeds, params, **kwargs):
         calls.append(list(prompts))
         if "boom" in prompts:
-            raise RuntimeError("CUDA out of memory (simulated)")
+            raise RuntimeError("cuDNN error: CUDNN_STATUS_EXECUTION_FAILED (simulated)")
         return real(model, scheduler, prompts, negatives, seeds, params, **kwargs)
 
     monkeypatch.setattr(sampling, "txt2img", flaky)
     out = sampler(_items(["a", "b", "boom", "c", "d"])).to_pylist()
     assert [len(c) for c in calls] == [2, 2, 1]  # batch_size 2 within the one bucket
     by_prompt = {r["prompt"]: r for r in out}
-    assert by_prompt["boom"]["status"] == "failed" and "out of memory" in by_prompt["boom"]["error"]
+    assert by_prompt["boom"]["status"] == "failed" and "CUDNN_STATUS_EXECUTION_FAILED" in by_prompt["boom"]["error"]
     partner = next(p for c in calls if "boom" in c for p in c if p != "boom")
     assert by_prompt[partner]["status"] == "failed"  # same call
     good = [r for r in out if r["status"] == "ok"]
     assert len(good) == 3 and all(len(r["_pixels"]) == 64 * 64 * 3 for r in good)
     assert all(r["scheduler"] == "pndm" and r["scheduler_class"] == "PNDMScheduler" for r in out)
+
+
+def test_out_of_memory_splits_the_batch_down_to_single_images(monkeypatch):
+    """An injected OOM whenever a call holds more than 1 image, and always for prompt "huge": a batch of 4
+    splits 4 -> 2 -> 1; only "huge" fails, alone; every other image equals the same row sampled unsplit."""
+    sampler = stages.Sampler(stages.SamplerSettings(model="tiny", dtype="float32", device="cpu", batch_size=4))
+    prompts = ["picture a", "picture b", "huge", "picture c"]
+    small = {"height": 32, "width": 32, "num_inference_steps": 2}
+    reference = sampler(_items(prompts, small)).to_pylist()  # one call of 4, no OOM injected yet
+    calls = []
+    real = sampling.txt2img
+
+    def small_memory(model, scheduler, prompts, negatives, seeds, params, **kwargs):
+        calls.append(list(prompts))
+        if len(prompts) > 1 or "huge" in prompts:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (injected)")
+        return real(model, scheduler, prompts, negatives, seeds, params, **kwargs)
+
+    monkeypatch.setattr(sampling, "txt2img", small_memory)
+    out = sampler(_items(prompts, small)).to_pylist()
+    assert [len(c) for c in calls] == [4, 2, 1, 1, 2, 1, 1]  # halves, then single images
+    assert sorted(p for c in calls if len(c) == 1 for p in c) == sorted(prompts)
+    by_prompt = {r["prompt"]: r for r in out}
+    assert by_prompt["huge"]["status"] == "failed" and by_prompt["huge"]["_pixels"] is None
+    assert by_prompt["huge"]["error"].startswith("out of memory alone (batch 1): OutOfMemoryError: CUDA out of")
+    for ref in reference[:2] + reference[3:]:  # same row, same image, within batch invariance (<= 1/255)
+        got = by_prompt[ref["prompt"]]
+        assert got["status"] == "ok" and got["seed"] == ref["seed"] and got["error"] is None
+        a = np.frombuffer(got["_pixels"], np.uint8).astype(int)
+        b = np.frombuffer(ref["_pixels"], np.uint8).astype(int)
+        assert np.abs(a - b).max() <= 1
+
+
+def test_what_counts_as_out_of_memory():
+    assert stages.is_out_of_memory(torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20 MiB"))
+    assert stages.is_out_of_memory(RuntimeError("CUDA error: out of memory"))
+    assert stages.is_out_of_memory(RuntimeError("MPS backend out of memory (MPS allocated: 1 GB)"))
+    assert not stages.is_out_of_memory(RuntimeError("CUDA error: an illegal memory access was encountered"))
+    assert not stages.is_out_of_memory(ValueError("out of memory"))  # not a runtime failure of the device
 
 
 def test_encode_and_write_hashes_what_it_writes(sampler, tmp_path):

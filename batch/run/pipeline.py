@@ -5,8 +5,8 @@
 1. The driver's plan (validated, seeded, bucket-sorted items) is cut into blocks of whole GPU batches
    (:func:`batch.plan.batches.cut_blocks`), so a one-file manifest still spreads over every actor and batch
    composition is deterministic.
-2. GPU stage: ``ActorPoolStrategy(size=actors)`` of :class:`batch.run.stages.Sampler`, each actor one
-   model replica of the spec's task with ``num_gpus=gpus_per_actor``; it returns raw pixels, never encodes
+2. GPU stage: an elastic ``ActorPoolStrategy(min_size, max_size)`` (:func:`resolve_resources`) of
+   :class:`batch.run.stages.Sampler`, each actor one model replica of the spec's task with ``num_gpus=gpus_per_actor``; it returns raw pixels, never encodes
    or uploads. Blocks travel as whole GPU batches packed one per row (:func:`batch.plan.batches.pack_batches`)
    and the sampler is called with ``batch_size=1``: Ray Data requires an integer batch size whenever GPUs
    are requested, and merges or slices blocks to honour it, which must never split a GPU batch.
@@ -44,15 +44,28 @@ from batch.tasks import TASKS
 
 @dataclass(frozen=True)
 class Resources:
-    """Resolved compute settings (what ``auto`` became on this cluster)."""
+    """Resolved compute settings (what ``auto`` became on this cluster).
+
+    The sampler pool is elastic: ``min_actors`` start (work waits for them), and Ray Data adds actors up to
+    ``actors`` (the maximum) while work queues and the cluster has room; ``max_source`` says where that maximum
+    came from: ``spec`` (a number, or ``{min, max}`` with ``max``), ``cluster max`` (the autoscaler's cluster
+    config: what the cluster can grow to) or ``current`` (the resources present now; no autoscaler config).
+    """
 
     device: str
-    actors: int
+    actors: int  # the pool's maximum size (blocks are cut for this many actors)
     gpus_per_actor: float
     cpus_per_actor: float
     threads_per_actor: int
     cluster_cpus: float
     cluster_gpus: float
+    min_actors: int = 0  # 0: same as ``actors`` (a fixed pool)
+    max_source: str = "spec"
+
+    @property
+    def pool_min(self) -> int:
+        """The pool's minimum size."""
+        return min(self.min_actors or self.actors, self.actors)
 
 
 def is_local(spec: JobSpec) -> bool:
@@ -103,37 +116,60 @@ def ray_session(spec: JobSpec, needed: bool = True) -> Iterator[Resources | None
         yield None
         return
     with ray_attached(spec):
-        yield resolve_resources(spec, cluster_resources(), local=is_local(spec))
+        local = is_local(spec)
+        yield resolve_resources(spec, cluster_resources(), local=local,
+                                cluster_max=None if local else cluster_max_resources())
 
 
-def resolve_resources(spec: JobSpec, cluster: dict[str, float], local: bool) -> Resources:
-    """Turn the spec's ``auto`` compute settings into numbers for this cluster (pure)."""
+def resolve_resources(spec: JobSpec, cluster: dict[str, float], local: bool,
+                      cluster_max: dict[str, float] | None = None) -> Resources:
+    """Turn the spec's ``auto`` compute settings into numbers for this cluster (pure).
+
+    ``cluster``: the resources present now (``ray.cluster_resources()``); ``cluster_max``: what the cluster can
+    grow to (:func:`cluster_max_resources`; None when unknown). ``actors: auto`` on cuda is an elastic pool
+    from one actor per GPU present to one per GPU of the cluster's maximum (the present GPUs when the maximum is
+    unknown); ``{min, max}`` without ``max`` grows the same way. A local Ray cannot grow: its pool is checked
+    against the CPUs and GPUs present.
+    """
+    from batch.spec.config import ActorRange
+
     cpus, gpus = float(cluster.get("CPU", 0)), float(cluster.get("GPU", 0))
-    device = spec.device if spec.device != "auto" else ("cuda" if gpus > 0 else "cpu")
+    max_gpus = float((cluster_max or {}).get("GPU", 0) or 0) if not local else 0.0
+    # auto: cuda when the cluster has GPUs now or can add them (GPU workers that autoscale from zero)
+    device = spec.device if spec.device != "auto" else ("cuda" if gpus > 0 or max_gpus > 0 else "cpu")
     # a CPU run requests no GPUs (device: auto resolving to cpu ignores the spec's gpus_per_actor; an explicit
     # device: cpu with GPUs is refused by the spec)
     gpa = (spec.gpus_per_actor if spec.gpus_per_actor is not None else 1.0) if device == "cuda" else 0.0
+    fits_now = max(1, int(gpus // gpa)) if device == "cuda" and gpa > 0 else 1
+    fits_max = max(fits_now, int(max_gpus // gpa)) if device == "cuda" and gpa > 0 else fits_now
+    grown = "cluster max" if device == "cuda" and gpa > 0 and max_gpus > 0 else "current"
     if spec.actors == "auto":
-        actors = max(1, int(gpus // gpa)) if device == "cuda" and gpa > 0 else 1
+        lo, hi, source = fits_now, fits_max, grown
+    elif isinstance(spec.actors, ActorRange):
+        lo = spec.actors.min
+        hi, source = (spec.actors.max, "spec") if spec.actors.max is not None else (max(lo, fits_max), grown)
     else:
-        actors = spec.actors
+        lo = hi = spec.actors
+        source = "spec"
     if spec.cpus_per_actor is not None:
         cpa = spec.cpus_per_actor
     elif device == "cuda":
         cpa = 1.0
-    else:  # CPU sampling: give the actors every CPU but what the encode/write stage needs
-        cpa = max(0.1, (cpus - max(spec.writer_cpus, 0.5)) / actors)
-    need = actors * cpa + spec.writer_cpus
+    else:  # CPU sampling: give the starting actors every CPU but what the encode/write stage needs
+        cpa = max(0.1, (cpus - max(spec.writer_cpus, 0.5)) / lo)
+    held = hi if local else lo  # a local pool may reach its maximum on these very CPUs
+    need = held * cpa + spec.writer_cpus
     if local and need > cpus + 1e-9:
         raise SpecError(
-            f"cpus_per_actor={cpa:g} x actors={actors} + writer_cpus={spec.writer_cpus:g} = {need:g} CPUs, but "
+            f"cpus_per_actor={cpa:g} x actors={held} + writer_cpus={spec.writer_cpus:g} = {need:g} CPUs, but "
             f"Ray has {cpus:g}: the actors would hold every CPU and the encode/write stage would never run. "
             "Lower actors or cpus_per_actor (fractions are fine)."
         )
-    if device == "cuda" and local and gpus < actors * gpa:
-        raise SpecError(f"actors={actors} x gpus_per_actor={gpa:g} needs {actors * gpa:g} GPUs; Ray has {gpus:g}")
-    return Resources(device=device, actors=actors, gpus_per_actor=gpa, cpus_per_actor=cpa,
-                     threads_per_actor=max(1, round(cpa)), cluster_cpus=cpus, cluster_gpus=gpus)
+    if device == "cuda" and local and gpus < held * gpa:
+        raise SpecError(f"actors={held} x gpus_per_actor={gpa:g} needs {held * gpa:g} GPUs; Ray has {gpus:g}")
+    return Resources(device=device, actors=hi, gpus_per_actor=gpa, cpus_per_actor=cpa,
+                     threads_per_actor=max(1, round(cpa)), cluster_cpus=cpus, cluster_gpus=gpus,
+                     min_actors=lo, max_source=source)
 
 
 def _quiet_data_context():
@@ -148,10 +184,36 @@ def _quiet_data_context():
     return ctx
 
 
+def _on_ray_node(stage: type) -> type:
+    """``stage`` (a class with a ``worker`` identity) recording the Ray node its actor runs on in ``worker``
+    (:func:`batch.models.devices.worker_id`), so rows say which node made them, also when nodes share a host."""
+
+    class OnRayNode(stage):  # type: ignore[misc, valid-type]
+        def __init__(self, *args: Any, **kwargs: Any):
+            import ray
+
+            from batch.models.devices import worker_id
+
+            super().__init__(*args, **kwargs)
+            self.worker = worker_id(ray.get_runtime_context().get_node_id())
+
+    OnRayNode.__name__ = OnRayNode.__qualname__ = stage.__name__  # Ray Data names the operator after it
+    return OnRayNode
+
+
+def _pool(res: Resources, blocks: int):
+    """The sampler (or feature) pool: ``ActorPoolStrategy(min_size, max_size)`` from the resolved sizes, never
+    more actors than blocks. Ray Data starts ``min_size`` actors and adds more while inputs queue and the
+    cluster has room (a node that joins mid-run is used), down again when idle."""
+    from ray.data import ActorPoolStrategy
+
+    hi = max(1, min(res.actors, blocks))
+    return ActorPoolStrategy(min_size=min(res.pool_min, hi), max_size=hi)
+
+
 def run_items(items: pa.Table, spec: JobSpec, res: Resources, upload: bool) -> Iterator[pa.Table]:
     """Generate and write every item; yield result tables (metadata rows) as blocks finish."""
     import ray
-    from ray.data import ActorPoolStrategy
 
     from batch.run.inputs import fetch_packed_inputs
     from batch.run.stages import EncodeWriter, Sampler, SamplerSettings, WriterSettings
@@ -163,6 +225,13 @@ def run_items(items: pa.Table, spec: JobSpec, res: Resources, upload: bool) -> I
     # every sampler actor is up before blocks are handed out: otherwise the first one to load its model
     # takes the queued blocks and the others idle (a timeout here means the cluster cannot host the pool)
     ctx.wait_for_min_actors_s = spec.wait_for_actors_s or -1
+    # Ray Data's default resource allocator reserves each operator a share of the cluster (half of it split
+    # over the operators); an actor pool then grows only within its share, so a sampler pool never grew onto a
+    # node that joined mid-run (tests/test_cluster.py). Without it the pool grows to max_size while blocks
+    # queue, a new actor waiting for room (which is what makes an autoscaler add nodes); pool sizes are bounded
+    # by resolve_resources instead. A fixed pool (every local run) keeps Ray Data's default.
+    # (set either way: the context outlives this job in the driver process)
+    ctx.op_resource_reservation_enabled = res.pool_min >= res.actors
 
     # whole GPU batches, one per Ray row: Ray's integer batch_size (required with GPUs) can then never
     # split a GPU batch across sampler calls, whatever it merges or slices (batch.plan.batches)
@@ -181,11 +250,11 @@ def run_items(items: pa.Table, spec: JobSpec, res: Resources, upload: bool) -> I
                             num_cpus=spec.writer_cpus)
     threads = res.threads_per_actor if res.device == "cpu" else None
     ds = ds.map_batches(
-        Sampler,
+        _on_ray_node(Sampler),
         fn_constructor_args=(SamplerSettings.from_spec(spec, res.device, threads),),
         batch_size=1,  # one packed row = one whole GPU batch per sampler call (Ray requires an int with GPUs)
         batch_format="pyarrow",
-        compute=ActorPoolStrategy(size=min(res.actors, len(blocks))),
+        compute=_pool(res, len(blocks)),
         num_gpus=res.gpus_per_actor,
         num_cpus=res.cpus_per_actor,
         # A crashed actor (OOM kill, lost node) is restarted and its in-flight blocks resubmitted: Ray Data's
@@ -197,16 +266,36 @@ def run_items(items: pa.Table, spec: JobSpec, res: Resources, upload: bool) -> I
         batch_size=None,
         batch_format="pyarrow",
         # warm writer processes, one to start with, more while blocks queue up (PNG encoding of many GPUs)
-        compute=ActorPoolStrategy(min_size=1, max_size=max(1, 2 * res.actors)),
+        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, 2 * res.actors)),
         num_cpus=spec.writer_cpus,
     )
     yield from ds.iter_batches(batch_size=None, batch_format="pyarrow")
 
 
 def cluster_resources() -> dict[str, Any]:
+    """The resources the cluster has now (``ray.cluster_resources()``)."""
     import ray
 
     return dict(ray.cluster_resources())
+
+
+def cluster_max_resources() -> dict[str, Any] | None:
+    """What the cluster can grow to, or None when nobody says.
+
+    Ray 2.60 keeps the autoscaler's cluster config (node groups with ``max_count``, e.g. a KubeRay worker
+    group's ``maxReplicas``) in the GCS; ``ray._private.state.state.get_max_resources_from_cluster_config()``
+    sums it (Ray Data's own shuffle sizing and Ray Train's worker-group check read the same value). It is a
+    private API: any error, or a cluster without that config (no autoscaler, or the v1 autoscaler), gives
+    None, and the pool's maximum falls back to the resources present now (``Resources.max_source``).
+    """
+    try:
+        import ray._private.state as ray_state
+
+        found = ray_state.state.get_max_resources_from_cluster_config()
+    except Exception:  # noqa: BLE001 - private API: absent or changed means "unknown", not a failed job
+        logging.getLogger(__name__).debug("no cluster max resources", exc_info=True)
+        return None
+    return {k: float(v) for k, v in found.items()} if found else None
 
 
 def shutdown(timeout_s: float = 60.0) -> None:
@@ -236,11 +325,10 @@ def shutdown(timeout_s: float = 60.0) -> None:
 def run_features(table: pa.Table, extractor_kwargs: dict[str, Any], res: Resources,
                  rows_per_block: int) -> Iterator[pa.Table]:
     """Feature extraction for the evaluation: ``table`` rows (``uri``, optional ``prompt``) ->
-    ``ActorPoolStrategy(size=res.actors)`` of :class:`batch.metrics.extract.FeatureExtractor` (one Inception
+    an ``ActorPoolStrategy`` sized as the job's (:func:`_pool`) of :class:`batch.metrics.extract.FeatureExtractor` (one Inception
     and/or CLIP replica per actor, ``num_gpus=res.gpus_per_actor``) -> result blocks streamed to the driver,
     which only reduces them to statistics."""
     import ray
-    from ray.data import ActorPoolStrategy
 
     from batch.metrics.extract import FeatureExtractor
 
@@ -255,7 +343,7 @@ def run_features(table: pa.Table, extractor_kwargs: dict[str, Any], res: Resourc
         fn_constructor_kwargs=kwargs,
         batch_size=rows_per_block,  # an int: Ray refuses None with num_gpus; images are scored independently
         batch_format="pyarrow",
-        compute=ActorPoolStrategy(size=min(res.actors, len(blocks))),
+        compute=_pool(res, len(blocks)),
         num_gpus=res.gpus_per_actor,
         num_cpus=res.cpus_per_actor,
     )

@@ -8,7 +8,9 @@ never touches the model. Each is configured by one settings object built once fr
 
 from __future__ import annotations
 
+import gc
 import json
+import sys
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -135,6 +137,23 @@ def flat_image_error(image: np.ndarray) -> str | None:
     return None
 
 
+def is_out_of_memory(err: BaseException) -> bool:
+    """Whether a sampler call failed for lack of accelerator memory: ``torch.OutOfMemoryError`` (CUDA's
+    allocator), or a ``RuntimeError`` saying "out of memory" (older torch, cuDNN/cuBLAS workspaces, MPS)."""
+    oom_types = tuple(t for t in (getattr(torch, "OutOfMemoryError", None),
+                                  getattr(torch.cuda, "OutOfMemoryError", None)) if t is not None)
+    if oom_types and isinstance(err, oom_types):
+        return True
+    return isinstance(err, RuntimeError) and "out of memory" in str(err).lower()
+
+
+def release_memory(device: str) -> None:
+    """Hand cached allocator blocks back after an out-of-memory error, before a smaller retry."""
+    gc.collect()
+    if device.startswith("cuda") and torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 class Sampler:
     """GPU stage: ``__init__`` loads one model replica, ``__call__(batch)`` generates a block's images.
 
@@ -143,8 +162,10 @@ class Sampler:
     (:func:`batch.plan.batches.assign_batches`; computed here when absent): at most ``batch_size`` images
     sharing a bucket (shape, steps, guidance, scheduler). A call that raises marks only its own images
     failed; the rest go on. Items that arrive failed (an image that could not be fetched) pass through
-    untouched. An image that came out flat (NaN/inf, saturated) fails with :data:`FLAT_IMAGE_ERROR`, never
-    ``ok``. The task (``batch.tasks``) says how to read its rows and how to sample one GPU batch.
+    untouched. A call that runs out of accelerator memory is split in halves and retried, down to single
+    images (:meth:`_sample_call`). An image that came out flat (NaN/inf, saturated) fails with
+    :data:`FLAT_IMAGE_ERROR`, never ``ok``. The task (``batch.tasks``) says how to read its rows and how to
+    sample one GPU batch.
     """
 
     def __init__(self, settings: SamplerSettings):
@@ -189,9 +210,17 @@ class Sampler:
         return images, keep
 
     def _sample_call(self, rows: list[dict], results: list[ItemResult]) -> None:
-        """One GPU batch: a fresh scheduler, the task's sampler, the safety policy; fills ``results``."""
+        """One GPU batch: a fresh scheduler, the task's sampler, the safety policy; fills ``results``.
+
+        Out of memory is a row-level event (:func:`is_out_of_memory`): the batch is split in halves and each
+        half sampled on its own, down to single images; only an image that runs out of memory alone fails.
+        Every image still comes from its own row's seed and parameters, so a split batch gives the same
+        images as the whole batch would, within the batch-invariance tolerance of the kernels (on CPU fp32
+        <= 1/255 per pixel, ``ENVIRONMENT.md``).
+        """
         m = self.model
         name = rows[0]["scheduler"]
+        oom: str | None = None
         try:
             # a fresh scheduler per call (schedulers keep per-run state); its config is metadata
             cfg = json.dumps(dict(make_scheduler(name, m.scheduler_config).config), sort_keys=True, default=str)
@@ -204,9 +233,23 @@ class Sampler:
             dt = (time.perf_counter() - t0) / len(rows)
             done_at = time.time()
         except Exception as err:  # failures are data: this call's images fail, the job goes on
-            traceback.print_exc()
-            for res in results:
-                res.fail(error_text(err))
+            if not is_out_of_memory(err):
+                traceback.print_exc()
+                for res in results:
+                    res.fail(error_text(err))
+                return
+            oom = error_text(err)  # split outside the handler: the traceback's frames hold the batch's tensors
+        if oom is not None:
+            release_memory(self.settings.device)
+            if len(rows) == 1:
+                print(f"sampler: out of memory on a single image: {oom}", file=sys.stderr)
+                results[0].fail(f"out of memory alone (batch 1): {oom}")
+                return
+            half = len(rows) // 2
+            print(f"sampler: out of memory at batch {len(rows)}; retrying as {half} + {len(rows) - half}",
+                  file=sys.stderr)
+            self._sample_call(rows[:half], results[:half])
+            self._sample_call(rows[half:], results[half:])
             return
         # raw pixels travel to the CPU stage; encoding happens there, not here
         for j, res in enumerate(results):

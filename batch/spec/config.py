@@ -22,6 +22,21 @@ TaskName = Literal[tuple(TASKS)]  # type: ignore[valid-type]
 TaskDefaults = Annotated[Union[tuple(t.defaults for t in TASKS.values())], Field(discriminator="task")]
 
 
+class ActorRange(_Strict):
+    """An elastic sampler pool: ``min`` actors to start with (work starts once they are up), growing to
+    ``max`` while nodes join; ``max`` unset: as many as the cluster's maximum size fits (see
+    :func:`batch.run.pipeline.resolve_resources`)."""
+
+    min: int = Field(1, ge=1)
+    max: int | None = Field(None, ge=1)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> "ActorRange":
+        if self.max is not None and self.max < self.min:
+            raise ValueError(f"max ({self.max}) is below min ({self.min})")
+        return self
+
+
 class JobSpec(_Strict):
     """One batch job. See ``configs/`` for annotated examples and README "Job spec" for every field."""
 
@@ -52,7 +67,9 @@ class JobSpec(_Strict):
 
     # Compute.
     batch_size: int = Field(4, ge=1)  # images per sampler call
-    actors: int | Literal["auto"] = "auto"  # sampler replicas; auto: one per GPU (cuda), 1 (cpu)
+    # sampler replicas: a number (fixed pool), {min, max} (elastic pool), or auto: on cuda an elastic pool from
+    # one actor per GPU present to one per GPU the cluster can grow to (autoscaler config), on cpu 1
+    actors: int | Literal["auto"] | ActorRange = "auto"
     gpus_per_actor: float | None = Field(None, ge=0)  # None: 1 on cuda, 0 on cpu
     cpus_per_actor: float | None = Field(None, gt=0)  # None: chosen so CPU stages always keep a CPU free
     writer_cpus: float = Field(0.25, gt=0)  # CPU per encode/write actor
@@ -109,7 +126,7 @@ class JobSpec(_Strict):
 
     @field_validator("actors")
     @classmethod
-    def _positive_actors(cls, v: int | str) -> int | str:
+    def _positive_actors(cls, v: int | str | ActorRange) -> int | str | ActorRange:
         if isinstance(v, int) and v < 1:
             raise ValueError("must be >= 1 or 'auto'")
         return v

@@ -4,10 +4,11 @@ Under a run's output prefix::
 
     metadata/part-<attempt>-<nnnnnn>.parquet  committed metadata, one row per image or failed manifest row
     run.json                                  run record: spec, manifest hash, attempts, counts
-    _LEASE                                    which driver is working on the run (heartbeat)
+    _LEASE                                    which driver is working on the run (heartbeat, epoch)
+    _LEASE.claims/<epoch>                     one per lease takeover, created if absent
     _SUCCESS                                  completion marker, written last
 
-1. One driver per run: :class:`Lease` (a heartbeat object; a dead driver's lease is taken over).
+1. One driver per run: :class:`Lease` (created if absent, a heartbeat; a dead driver's lease is taken over).
 2. Each driver attempt has an id (:func:`new_attempt_id`, sorts in start order) and names its parts with it
    (:func:`part_key`), so no part is ever overwritten.
 3. An image object is written whole (``batch.store.io.Output.put``) *before* the metadata part that
@@ -23,6 +24,8 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
+import logging
 import os
 import socket
 import threading
@@ -49,6 +52,9 @@ SUCCESS_MARKER = "_SUCCESS"
 
 
 LEASE = "_LEASE"
+
+
+LEASE_CLAIMS = "_LEASE.claims"  # one object per lease takeover (epoch), created if absent
 
 
 LEASE_SECONDS = 120.0  # a lease whose heartbeat is older than this is considered abandoned
@@ -211,42 +217,78 @@ def _pid_alive(pid: int) -> bool:
 class Lease:
     """One driver per run: a ``_LEASE`` object with a heartbeat, refreshed in a background thread.
 
-    A lease is free when released, older than ``LEASE_SECONDS``, or held by a dead process on this host
-    (a driver killed with SIGKILL and restarted here takes over at once). Object stores offer no atomic
-    create-if-absent, so two drivers started within the same second could both win; the lease guards
-    against the usual mistake (a second submission of a running job), not against that race.
+    Taking the lease is atomic wherever the store has create-if-absent (:meth:`batch.store.io.Output.create`:
+    local link, S3 ``If-None-Match: *``, memory://; GCS ``ifGenerationMatch=0`` where gcsfs implements
+    ``mode="create"``, untested here): the first driver of a run creates ``_LEASE`` (epoch 0). A lease is free
+    when released, older than ``LEASE_SECONDS`` (no heartbeat), or held by a dead process on this host (a
+    driver killed with SIGKILL and restarted here takes over at once); ``force`` takes a live one. Taking over
+    lease epoch ``e`` means creating ``_LEASE.claims/<e+1>`` first: of two drivers racing for the same lapsed
+    lease exactly one creates the claim, the other gets :class:`RunInProgressError`. The winner then writes
+    ``_LEASE`` with its epoch and heartbeat. A driver whose lease was taken over (it stalled past
+    ``LEASE_SECONDS``) sees a newer epoch at its next heartbeat and stops beating (``lost``); its committed
+    parts stay valid (attempt-named, latest wins), so at worst some images are generated twice, never
+    committed twice.
     """
 
     def __init__(self, out: Output, attempt: str, force: bool = False):
         self.out, self.attempt = out, attempt
         self.me = {"attempt": attempt, "host": socket.gethostname(), "pid": os.getpid()}
-        if out.exists(LEASE) and not force:
-            held = out.get_json(LEASE)
-            age = time.time() - float(held.get("heartbeat", 0))
-            dead_here = held.get("host") == self.me["host"] and not _pid_alive(int(held.get("pid", -1)))
-            if not held.get("released") and age < LEASE_SECONDS and not dead_here:
-                raise RunInProgressError(
-                    f"run is being driven by {held.get('host')} pid {held.get('pid')} (attempt {held.get('attempt')},"
-                    f" heartbeat {age:.0f}s ago); wait {LEASE_SECONDS - age:.0f}s for it to lapse, or pass --force "
-                    "if that driver is certainly gone")
-        self._beat()
+        self.lost = False
+        self.epoch = self._acquire(force)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="sdbatch-lease", daemon=True)
         self._thread.start()
 
+    def _body(self, epoch: int, released: bool = False) -> bytes:
+        return json.dumps({**self.me, "epoch": epoch, "heartbeat": time.time(), "released": released},
+                          sort_keys=True).encode()
+
+    def _acquire(self, force: bool) -> int:
+        if self.out.create(LEASE, self._body(0)):
+            return 0
+        held = self.out.get_json(LEASE)
+        if held.get("attempt") == self.attempt:  # our own create, retried after its response was lost
+            return int(held.get("epoch", 0))
+        age = time.time() - float(held.get("heartbeat", 0))
+        dead_here = held.get("host") == self.me["host"] and not _pid_alive(int(held.get("pid", -1)))
+        if not force and not held.get("released") and age < LEASE_SECONDS and not dead_here:
+            raise RunInProgressError(
+                f"run is being driven by {held.get('host')} pid {held.get('pid')} (attempt {held.get('attempt')},"
+                f" heartbeat {age:.0f}s ago); wait {LEASE_SECONDS - age:.0f}s for it to lapse, or pass --force "
+                "if that driver is certainly gone")
+        epoch = int(held.get("epoch", 0)) + 1
+        claim = f"{LEASE_CLAIMS}/{epoch:06d}"
+        if not self.out.create(claim, json.dumps(self.me, sort_keys=True).encode()):
+            winner = self.out.get_json(claim)
+            if winner.get("attempt") != self.attempt:
+                raise RunInProgressError(
+                    f"another driver ({winner.get('host')} pid {winner.get('pid')}, attempt {winner.get('attempt')})"
+                    f" took over the lapsed lease at the same time (lease epoch {epoch})")
+        self.out.put(LEASE, self._body(epoch))
+        return epoch
+
     def _beat(self, released: bool = False) -> None:
-        self.out.put_json(LEASE, {**self.me, "heartbeat": time.time(), "released": released})
+        self.out.put(LEASE, self._body(self.epoch, released))
 
     def _loop(self) -> None:
         while not self._stop.wait(HEARTBEAT_SECONDS):
             with contextlib.suppress(Exception):  # a missed beat is not fatal; the next one retries
+                held = self.out.get_json(LEASE)
+                if int(held.get("epoch", 0)) > self.epoch:  # taken over while this driver stalled
+                    self.lost = True
+                    logging.getLogger(__name__).warning(
+                        "lease taken over by %s pid %s (attempt %s): this driver stops its heartbeat",
+                        held.get("host"), held.get("pid"), held.get("attempt"))
+                    return
                 self._beat()
 
     def release(self) -> None:
+        """Stop the heartbeat and mark the lease released (unless another driver has taken it over)."""
         self._stop.set()
         self._thread.join(timeout=5)
-        with contextlib.suppress(Exception):
-            self._beat(released=True)
+        if not self.lost:
+            with contextlib.suppress(Exception):
+                self._beat(released=True)
 
 
 def select_work(job_plan: Plan, committed: pa.Table, mode: Mode) -> tuple[pa.Table, pa.Table]:

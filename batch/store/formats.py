@@ -47,7 +47,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
-from batch.store.io import DEFAULT_RETRY, Output, RetryPolicy, error_text, image_key, open_output, retrying
+from batch.store.io import (DEFAULT_RETRY, Output, RetryPolicy, error_text, image_key, open_output, retrying,
+                            storage_options_for)
 from batch.store.schema import set_column as _set_column
 
 SHARDS_DIR = "shards"
@@ -380,7 +381,7 @@ class ImageReader:
     def _fetch(self, uri: str) -> bytes:
         import fsspec
 
-        fs, path = fsspec.core.url_to_fs(uri, **self.storage_options)
+        fs, path = fsspec.core.url_to_fs(uri, **storage_options_for(uri, self.storage_options, self.retry.attempts))
         return retrying(fs.cat_file, path, policy=self.retry, what=f"read {uri}")
 
     def _open_shard(self, uri: str) -> dict[str, bytes]:

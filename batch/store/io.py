@@ -89,8 +89,42 @@ class RetryPolicy:
 DEFAULT_RETRY = RetryPolicy()
 
 
+# Retry layers (one per filesystem; never stacked):
+# - s3fs: botocore retries every request (``config_kwargs.retries``, set by :func:`storage_options_for` to
+#   standard mode with ``storage_retries`` attempts: throttling such as 503 SlowDown, 5xx, timeouts, dropped
+#   connections, with exponential backoff and jitter), and s3fs's own ``_error_wrapper`` (as s3fs ships it)
+#   retries reading a response body and a SlowDown that reaches it. ``retrying`` below makes one try there.
+# - gcsfs retries 5xx/429 and timeouts itself (``retry_request``); ``retrying`` makes one try there too.
+# - every other filesystem (local disks and mounts, memory://, plug-ins): ``retrying`` with ``RetryPolicy``.
+OWN_RETRY_PROTOCOLS = ("s3", "s3a", "gs", "gcs")
+
+
+def has_own_retries(fs: Any) -> bool:
+    """Whether ``fs``'s client already retries transient errors (s3fs/botocore, gcsfs): then we do not."""
+    protocols = getattr(fs, "protocol", ())
+    protocols = (protocols,) if isinstance(protocols, str) else tuple(protocols or ())
+    return any(p in OWN_RETRY_PROTOCOLS for p in protocols)
+
+
+def storage_options_for(uri: str, storage_options: dict[str, Any] | None, retries: int | None = None) -> dict:
+    """``storage_options`` for ``uri``, plus botocore's retry settings for S3 (``config_kwargs.retries``:
+    standard mode, ``retries`` tries in all) unless the user set them."""
+    options = dict(storage_options or {})
+    if uri.split("://", 1)[0] in ("s3", "s3a"):
+        config = dict(options.get("config_kwargs") or {})
+        # total_max_attempts counts the first try (botocore's max_attempts counts retries only)
+        config.setdefault("retries", {"mode": "standard", "total_max_attempts":
+                                      retries if retries is not None else DEFAULT_RETRY.attempts})
+        options["config_kwargs"] = config
+    return options
+
+
 def retrying(fn, *args, policy: RetryPolicy = DEFAULT_RETRY, what: str = "", **kwargs):
-    """Call ``fn(*args, **kwargs)``; retry transient errors per ``policy``, re-raise the rest (and the last)."""
+    """Call ``fn(*args, **kwargs)``; retry transient errors per ``policy``, re-raise the rest (and the last).
+
+    One try only when ``fn`` is a method of a filesystem that retries by itself (:func:`has_own_retries`)."""
+    if has_own_retries(getattr(fn, "__self__", None)):
+        return fn(*args, **kwargs)
     for i in range(policy.attempts):
         try:
             return fn(*args, **kwargs)
@@ -161,6 +195,49 @@ class Output:
         else:
             self.fs.pipe_file(path, data)
 
+    def create(self, key: str, data: bytes) -> bool:
+        """Write an object only if it does not exist: True if this call created it, False if it existed.
+
+        Atomic where the store offers create-if-absent: local files are written to a temp name and hard-linked
+        into place (``link`` fails if the name exists: no reader sees a partial file); S3 via s3fs's
+        ``pipe_file(mode="create")``, a PUT with ``If-None-Match: *`` (412 PreconditionFailed when the key
+        exists); other fsspec filesystems via the same ``mode="create"`` (memory:// honours it; gcsfs releases
+        that implement it send ``ifGenerationMatch=0``: not exercised here). A filesystem that refuses the mode
+        gets exists-then-put, which is not atomic (a warning is logged). A write that fails for another reason
+        raises :class:`StorageError` naming the object.
+        """
+        try:
+            return retrying(self._create, key, data, policy=self.retry, what=f"create {key}")
+        except OSError as err:
+            raise StorageError(f"cannot write {self.uri(key)}: {type(err).__name__}: {err}") from err
+
+    def _create(self, key: str, data: bytes) -> bool:
+        path = self.path(key)
+        parent = path.rsplit("/", 1)[0]
+        self.fs.makedirs(parent, exist_ok=True)
+        try:
+            if self.is_local:
+                import os
+
+                tmp = f"{path}{TMP_MARK}{uuid.uuid4().hex}"
+                try:
+                    self.fs.pipe_file(tmp, data)
+                    os.link(tmp, path)  # atomic, and fails when ``path`` exists (O_EXCL semantics)
+                finally:
+                    if os.path.lexists(tmp):
+                        os.unlink(tmp)
+            else:
+                self.fs.pipe_file(path, data, mode="create")
+        except FileExistsError:
+            return False
+        except (NotImplementedError, TypeError, ValueError) as err:  # no create-if-absent in this filesystem
+            log.warning("storage create %s: %s has no create-if-absent (%s); writing if absent, not atomically",
+                        key, type(self.fs).__name__, err)
+            if self.fs.exists(path):
+                return False
+            self._put(key, data)
+        return True
+
     def get(self, key: str) -> bytes:
         return retrying(self.fs.cat_file, self.path(key), policy=self.retry, what=f"get {key}")
 
@@ -201,9 +278,12 @@ def _is_local(fs: fsspec.AbstractFileSystem) -> bool:
 
 
 def open_output(uri: str, storage_options: dict[str, Any] | None = None, retries: int | None = None) -> Output:
-    """Open an output prefix (any fsspec URI); ``retries``: tries per operation on transient errors."""
-    fs, root = fsspec.core.url_to_fs(uri, **(storage_options or {}))
+    """Open an output prefix (any fsspec URI); ``retries``: tries per operation on transient errors, by the
+    filesystem's own client where it has one (S3: botocore), else by :func:`retrying`."""
+    fs, root = fsspec.core.url_to_fs(uri, **storage_options_for(uri, storage_options, retries))
     policy = DEFAULT_RETRY if retries is None else dataclasses.replace(DEFAULT_RETRY, attempts=retries)
+    if has_own_retries(fs):  # one retry layer: the client's (see OWN_RETRY_PROTOCOLS)
+        policy = dataclasses.replace(policy, attempts=1)
     return Output(fs=fs, root=root, retry=policy)
 
 

@@ -1,0 +1,167 @@
+"""A multi-node Ray cluster on one machine (``ray.cluster_utils.Cluster``): the elastic sampler pool uses a
+node that joins mid-run, and a worker node removed mid-run (a spot preemption) loses and duplicates nothing.
+
+The head has no CPUs (it hosts only the driver and the objects it puts); each worker node has 2 logical CPUs,
+room for one sampler actor (``cpus_per_actor: 1.5``) and two writers, so a second sampler needs a second node.
+Manifest and outputs live on the loopback S3 server only: no node shares a disk with another. Every step waits
+for an event (a committed part, a node's first rows), never for a fixed time.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from test_resume import assert_exactly_once
+
+from batch.run.job import run_job
+from batch.spec.config import parse_spec
+from batch.store.commit import metadata_parts, read_metadata, read_parts
+from batch.store.io import open_output
+
+pytestmark = pytest.mark.e2e  # starts a Ray cluster and runs jobs on it
+
+NODE = {"num_cpus": 2, "object_store_memory": 80 * 1024**2}
+ROWS = [{"id": f"row-{i:02d}", "prompt": f"a small picture number {i}"} for i in range(24)]
+BUCKET = "sdbatch-cluster"
+
+
+@pytest.fixture(scope="module")
+def s3_options():
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0)
+    server.start()
+    host, port = server.get_host_and_port()
+    options = {"key": "testing", "secret": "testing", "client_kwargs": {"endpoint_url": f"http://{host}:{port}",
+                                                                      "region_name": "us-east-1"}}
+    import boto3
+
+    boto3.client("s3", aws_access_key_id="testing", aws_secret_access_key="testing",
+                 **options["client_kwargs"]).create_bucket(Bucket=BUCKET)
+    yield options
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    """A head without CPUs and one worker node; the session's embedded Ray (if any) is restored afterwards."""
+    import ray
+    from ray.cluster_utils import Cluster
+
+    was_up = ray.is_initialized()
+    if was_up:
+        ray.shutdown()
+    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "object_store_memory": 80 * 1024**2,
+                                                       "include_dashboard": False})
+    c.add_node(**NODE)
+    c.wait_for_nodes()
+    ray.init(address=c.address, logging_level="WARNING")
+    yield c
+    ray.shutdown()
+    c.shutdown()
+    if was_up:  # the conftest's session Ray, for the tests that run after these
+        ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING")
+
+
+def _job(cluster, s3_options, name: str, steps: int, **kw):
+    """The job: 24 images of 64x64, one per sampler call, on an elastic pool of 1 to 2 samplers. ``steps``
+    sets how much work there is: enough that a node joining after the first commit still finds work."""
+    fs = open_output(f"s3://{BUCKET}", s3_options).fs
+    manifest = f"s3://{BUCKET}/{name}/manifest.parquet"
+    with fs.open(manifest.removeprefix("s3://"), "wb") as f:
+        pq.write_table(pa.Table.from_pylist(ROWS), f)
+    return parse_spec({"model": "tiny", "device": "cpu", "dtype": "float32", "progress": False, "batch_size": 1,
+                       "actors": {"min": 1, "max": 2}, "cpus_per_actor": 1.5, "writer_cpus": 0.25,
+                       "commit_every": 1, "ray_address": cluster.address, "storage_options": s3_options,
+                       "manifest": manifest, "output": f"s3://{BUCKET}/{name}/out",
+                       "defaults": {"height": 64, "width": 64, "num_inference_steps": steps}, **kw})
+
+
+def _node_of(worker: str) -> str:
+    return worker.rsplit("/node-", 1)[1]
+
+
+def _run_with(spec, ready, action, timeout: float = 300.0) -> dict:
+    """Run the job in a thread and ``action()`` in this (main) thread as soon as ``ready()`` holds (polled):
+    ``Cluster.add_node``/``remove_node`` install signal handlers, which only the main thread may do.
+    Returns ``{"summary": ...}`` or ``{"error": ...}`` from the job, and ``"acted"`` if the event came."""
+    result: dict = {}
+
+    def job():
+        try:
+            result["summary"] = run_job(spec)
+        except Exception as err:  # noqa: BLE001 - reported to the test
+            result["error"] = err
+
+    thread = threading.Thread(target=job, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + timeout
+    while thread.is_alive() and not ready():
+        assert time.monotonic() < deadline, "event never happened"
+        time.sleep(0.1)
+    if thread.is_alive():
+        action()
+        result["acted"] = True
+    thread.join(timeout)
+    assert not thread.is_alive(), "job did not finish"
+    return result
+
+
+def test_a_node_added_mid_run_is_used_by_the_pool(cluster, s3_options):
+    spec = _job(cluster, s3_options, f"grow-{uuid.uuid4().hex[:6]}", steps=8)
+    out = open_output(spec.output, s3_options)
+    first_nodes = {n.node_id[:12] for n in cluster.worker_nodes}
+    added = []
+    result = _run_with(spec, lambda: len(metadata_parts(out)) >= 1,  # the run is under way: rows committed
+                       lambda: added.append(cluster.add_node(**NODE)))
+    assert result.get("acted"), "the run finished before its first commit was seen"
+    summary = result["summary"]
+    assert summary.images_ok == len(ROWS) and summary.exit_code == 0
+    meta = read_metadata(spec.output, s3_options)
+    by_node = {}
+    for w in meta.column("worker").to_pylist():
+        by_node[_node_of(w)] = by_node.get(_node_of(w), 0) + 1
+    new = added[0].node_id[:12]
+    assert set(by_node) <= first_nodes | {new}
+    assert by_node.get(new, 0) > 0, by_node  # the pool grew onto the node that joined
+    assert_exactly_once(spec.output, len(ROWS), s3_options)
+
+
+def test_a_worker_node_removed_mid_run_loses_and_duplicates_nothing(cluster, s3_options):
+    """A spot preemption: the node of the actor that committed the first rows is killed (no graceful
+    shutdown) and a replacement node joins. The lost actor is restarted by Ray (its constructor arguments live
+    in the driver's object store on the head, which survives) and its unfinished blocks are redone; the run
+    (or, if it fails, one resume) commits every image exactly once."""
+    spec = _job(cluster, s3_options, f"lose-{uuid.uuid4().hex[:6]}", steps=6)
+    out = open_output(spec.output, s3_options)
+    events: dict = {}
+
+    def preempt():
+        first = read_parts(out).column("worker").to_pylist()[0]
+        victim = next(n for n in cluster.worker_nodes if n.node_id[:12] == _node_of(first))
+        events["removed_at"] = time.time()
+        cluster.remove_node(victim, allow_graceful=False)
+        events["removed"] = victim.node_id[:12]
+        events["replacement"] = cluster.add_node(**NODE).node_id[:12]
+
+    result = _run_with(spec, lambda: len(metadata_parts(out)) >= 1, preempt)
+    assert result.get("acted"), "the run finished before its first commit was seen"
+    summary = result.get("summary")
+    if "error" in result:  # allowed: the rerun below must then finish the run
+        events["failed"] = result["error"]
+    if summary is None or summary.exit_code != 0:
+        summary = run_job(spec)  # `sdbatch resume`: only what is missing
+    assert summary.images_ok == len(ROWS) and summary.exit_code == 0
+    assert_exactly_once(spec.output, len(ROWS), s3_options)
+    meta = read_metadata(spec.output, s3_options).to_pylist()
+    removed = [r for r in meta if _node_of(r["worker"]) == events["removed"]]
+    assert removed and all(r["sampled_at"] <= events["removed_at"] + 1 for r in removed)  # only before the loss
+    assert any(r["sampled_at"] > events["removed_at"] for r in meta)  # the loss really came mid-run
+    assert {_node_of(r["worker"]) for r in meta if r["sampled_at"] > events["removed_at"]} <= \
+        {n.node_id[:12] for n in cluster.worker_nodes}  # after the loss only surviving or new nodes worked
+    print(f"node loss: {'the run failed (' + repr(events['failed']) + '), a resume finished it' if 'failed' in events else 'the run itself finished'}")
