@@ -18,7 +18,7 @@ from test_resume import ROWS, SPEC, _start_driver, assert_exactly_once, spec_for
 from batch.cli import main as cli_main
 from batch.run import pipeline, reaper
 from batch.run.job import run_job
-from batch.store.commit import LEASE, RUN_RECORD, SUCCESS_MARKER, metadata_parts, read_metadata
+from batch.store.commit import LEASE, RUN_RECORD, SUCCESS_MARKER, metadata_parts
 from batch.store.io import TMP_MARK, open_output
 
 pytestmark = pytest.mark.e2e
@@ -27,29 +27,11 @@ QUICK = {"height": 64, "width": 64, "num_inference_steps": 2}
 PLANNED4 = sum(r["num_images"] for r in ROWS[:4])
 
 
-def test_retry_failed_on_an_interrupted_run_finishes_it(tmp_path, ray_session, capsys):
-    """Images without a record were never ok: retry-failed generates them too, and only then is the run
-    complete (it used to write _SUCCESS with images still pending)."""
-    manifest = write_manifest(tmp_path / "m.parquet", ROWS[:4])
-    output = str(tmp_path / "out")
-    run_job(spec_for(manifest, output, defaults=QUICK))
-    out = open_output(output)
-    # the state a driver killed mid-run leaves: the last parts never written, no marker, "running"
-    for key in metadata_parts(out)[-3:]:
-        out.delete(key)
-    out.delete(SUCCESS_MARKER)
-    out.put_json(RUN_RECORD, {**out.get_json(RUN_RECORD), "status": "running"})
-    pending = PLANNED4 - read_metadata(output).num_rows
-    assert pending > 0
-
-    assert cli_main(["retry-failed", output, "--quiet"]) == 0
-    assert f"this attempt {pending} (" in capsys.readouterr().out
-    assert_exactly_once(output, PLANNED4)
-
-
-def test_a_stream_that_ends_short_writes_no_marker_and_exits_3(tmp_path, ray_session, monkeypatch, capsys):
+def test_a_stream_that_ends_short_writes_no_marker_and_retry_failed_finishes_it(tmp_path, ray_session,
+                                                                               monkeypatch, capsys):
     """A block lost between the pipeline and the driver (a node gone with it): the run is recorded
-    incomplete, exit code 3, no _SUCCESS; resume finishes it."""
+    incomplete, exit code 3, no _SUCCESS. Then `retry-failed` on that interrupted run: images without a
+    record were never ok, so it generates them too (it used to write _SUCCESS with images still pending)."""
     manifest = write_manifest(tmp_path / "m.parquet", ROWS[:4])
     output = str(tmp_path / "out")
     real = pipeline.run_items
@@ -68,8 +50,10 @@ def test_a_stream_that_ends_short_writes_no_marker_and_exits_3(tmp_path, ray_ses
     assert cli_main(["compact", output]) == 2  # nothing downstream takes it for finished
     capsys.readouterr()
 
+    pending = summary.images_pending
     monkeypatch.setattr(pipeline, "run_items", real)
-    assert cli_main(["resume", output, "--quiet"]) == 0
+    assert cli_main(["retry-failed", output, "--quiet"]) == 0
+    assert f"this attempt {pending} (" in capsys.readouterr().out
     assert_exactly_once(output, PLANNED4)
 
 

@@ -135,7 +135,8 @@ def test_ray_job_submit_runs_generate_on_a_local_head(ray_head, tmp_path):
     submit = [str(Path(sys.executable).parent / "ray"), "job", "submit", "--address", url, "--working-dir", ".",
               "--submission-id", "sdbatch-test-generate", "--",
               "python", "jobs/generate.py", "--config", "configs/demo.yaml", "--manifest", manifest,
-              "--output", out_uri, "--quiet", "--set", "defaults.num_inference_steps=2"]
+              "--output", out_uri, "--quiet", "--set", "defaults.num_inference_steps=2",
+              "--shared-path", str(tmp_path)]  # the head runs here: tmp_path is a mount every node shares
     done = subprocess.run(submit, cwd=REPO, env=env, capture_output=True, text=True, timeout=400)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "succeeded" in (done.stdout + done.stderr).lower()
@@ -146,6 +147,19 @@ def test_ray_job_submit_runs_generate_on_a_local_head(ray_head, tmp_path):
     assert client.get_job_status("sdbatch-test-generate") == JobStatus.SUCCEEDED
     logs = client.get_job_logs("sdbatch-test-generate")
     assert "images: 3 ok, 0 failed" in logs  # the job's own summary line
+    last = json.loads(logs.strip().splitlines()[-1])  # ... and the JSON line automation reads, last
+    assert last["exit_code"] == 0 and last["sdbatch_summary"]["images_ok"] == 3
+
+    # a relative output under `ray job submit` would land in Ray's per-job working dir: refused, exit 2
+    relative = submit[:submit.index("--submission-id") + 1] + ["sdbatch-test-relative"] + \
+        submit[submit.index("--submission-id") + 2:]
+    relative = relative[:relative.index("--output") + 1] + ["out/run"] + relative[relative.index("--output") + 2:]
+    refused = subprocess.run(relative, cwd=REPO, env=env, capture_output=True, text=True, timeout=400)
+    assert refused.returncode != 0
+    assert client.get_job_status("sdbatch-test-relative") == JobStatus.FAILED
+    logs = client.get_job_logs("sdbatch-test-relative")
+    assert "output 'out/run' is a relative path, but the job runs on a cluster" in logs
+    assert json.loads(logs.strip().splitlines()[-1])["exit_code"] == 2
 
     out = open_output(out_uri)
     assert out.exists(SUCCESS_MARKER)
