@@ -37,7 +37,7 @@ demo-images: install
 	done
 
 test: install
-	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q --durations=25 $(PYTEST_ARGS)
 
 # Everything but the tests marked e2e (they start Ray or run a job; tests/conftest.py enforces the mark) or
 # slow (torch.compile on CPU).

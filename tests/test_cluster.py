@@ -1,5 +1,6 @@
-"""A multi-node Ray cluster on one machine (``ray.cluster_utils.Cluster``): the elastic sampler pool uses a
-node that joins mid-run, and a worker node removed mid-run (a spot preemption) loses and duplicates nothing.
+"""A multi-node Ray cluster on one machine (``ray.cluster_utils.Cluster``): a worker node removed mid-run (a
+spot preemption) loses and duplicates nothing. (A node added mid-run is not shown to be used by the elastic
+pool: see issue 16's note; the test that showed it depended on timing and is not kept.)
 
 The head has no CPUs (it hosts only the driver and the objects it puts); each worker node has 2 logical CPUs,
 room for one sampler actor (``cpus_per_actor: 1.5``) and two writers, so a second sampler needs a second node.
@@ -60,53 +61,12 @@ def cluster():
                                                        "include_dashboard": False})
     c.add_node(**NODE)
     c.wait_for_nodes()
-    # every worker process of these jobs runs _gate_hook first (Ray's worker_process_setup_hook, pickled by value)
-    ray.init(address=c.address, logging_level="WARNING",
-             runtime_env={"worker_process_setup_hook": _gate_hook_for(GATE_CONFIG)})
+    ray.init(address=c.address, logging_level="WARNING")
     yield c
     ray.shutdown()
     c.shutdown()
     if was_up:  # the conftest's session Ray, for the tests that run after these
         ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING")
-
-
-GATE_CONFIG = f"/tmp/sdbatch-cluster-gate-{uuid.uuid4().hex[:8]}.json"  # {"node": id, "gate": path} while on
-
-
-def _gate_hook_for(config_path: str):
-    """The hook for the workers (a closure, so Ray pickles it by value: this test module is not importable
-    there): while ``config_path`` names this worker's node, its sampler runs its first call, then waits
-    before each later one until the ``gate`` file exists. So the first node cannot finish the job alone
-    however fast it is: the work that remains must go to an actor elsewhere (test_a_node_added...)."""
-
-    def hook():
-        import json
-        import os
-        import time
-
-        import ray
-
-        from batch.run import stages
-
-        real = stages.Sampler.__call__
-        node = ray.get_runtime_context().get_node_id()
-        calls = {"n": 0}
-
-        def gated(self, batch):
-            calls["n"] += 1
-            try:
-                with open(config_path) as f:
-                    config = json.load(f)
-            except OSError:
-                config = None
-            if config and config["node"] == node and calls["n"] > 1:
-                while not os.path.exists(config["gate"]):
-                    time.sleep(0.1)
-            return real(self, batch)
-
-        stages.Sampler.__call__ = gated
-
-    return hook
 
 
 def _job(cluster, s3_options, name: str, steps: int, **kw):
@@ -151,51 +111,6 @@ def _run_with(spec, ready, action, timeout: float = 300.0) -> dict:
     thread.join(timeout)
     assert not thread.is_alive(), "job did not finish"
     return result
-
-
-def test_a_node_added_mid_run_is_used_by_the_pool(cluster, s3_options, tmp_path):
-    """The first node's sampler is held after its first call (``_gate_hook``) until the node added mid-run has
-    committed rows: the pool must grow onto it, or the test times out (no timing decides the outcome)."""
-    import json
-    import os
-
-    spec = _job(cluster, s3_options, f"grow-{uuid.uuid4().hex[:6]}", steps=2)
-    out = open_output(spec.output, s3_options)
-    (first,) = [n.node_id for n in cluster.worker_nodes]
-    gate = tmp_path / "open"
-    with open(GATE_CONFIG, "w") as f:
-        json.dump({"node": first, "gate": str(gate)}, f)
-    result: dict = {}
-
-    def job():
-        try:
-            result["summary"] = run_job(spec)
-        except Exception as err:  # noqa: BLE001 - reported to the test
-            result["error"] = err
-
-    thread = threading.Thread(target=job, daemon=True)
-    thread.start()
-    try:
-        deadline = time.monotonic() + 300
-        while not metadata_parts(out):  # the run is under way: the first node's first call committed
-            assert thread.is_alive() and time.monotonic() < deadline, result
-            time.sleep(0.1)
-        new = cluster.add_node(**NODE).node_id[:12]  # in the main thread: Cluster installs signal handlers
-        while new not in {_node_of(w) for w in read_parts(out).column("worker").to_pylist()}:
-            assert thread.is_alive() and time.monotonic() < deadline, f"the pool never grew onto the new node {result}"
-            time.sleep(0.2)
-    finally:
-        gate.touch()  # let the first node go on (also when failing, so the job can end)
-        os.remove(GATE_CONFIG)
-    thread.join(300)
-    assert not thread.is_alive(), "job did not finish"
-    summary = result["summary"]
-    assert summary.images_ok == len(ROWS) and summary.exit_code == 0
-    by_node: dict[str, int] = {}
-    for w in read_metadata(spec.output, s3_options).column("worker").to_pylist():
-        by_node[_node_of(w)] = by_node.get(_node_of(w), 0) + 1
-    assert set(by_node) == {first[:12], new} and by_node[new] > 0, by_node
-    assert_exactly_once(spec.output, len(ROWS), s3_options)
 
 
 def test_a_worker_node_removed_mid_run_loses_and_duplicates_nothing(cluster, s3_options):

@@ -204,7 +204,7 @@ def _on_ray_node(stage: type) -> type:
 def _pool(res: Resources, blocks: int):
     """The sampler (or feature) pool: ``ActorPoolStrategy(min_size, max_size)`` from the resolved sizes, never
     more actors than blocks. Ray Data starts ``min_size`` actors and adds more while inputs queue and the
-    cluster has room (a node that joins mid-run is used), down again when idle."""
+    cluster has room, down again when idle (growth onto a node that joins mid-run is not demonstrated: README)."""
     from ray.data import ActorPoolStrategy
 
     hi = max(1, min(res.actors, blocks))
