@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # never leave a token under ~/.ray
@@ -71,6 +72,26 @@ def ray_session():
     ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING")
     yield ray
     ray.shutdown()
+
+
+@contextlib.contextmanager
+def loopback_s3(bucket: str):
+    """A moto S3 server on loopback (``ENVIRONMENT.md``) holding one empty ``bucket``; yields the s3fs
+    storage options that reach it. The modules that use it wrap it in their own ``s3_options`` fixture."""
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0)
+    server.start()
+    host, port = server.get_host_and_port()
+    options = {"key": "testing", "secret": "testing", "client_kwargs": {"endpoint_url": f"http://{host}:{port}",
+                                                                      "region_name": "us-east-1"}}
+    boto3.client("s3", aws_access_key_id="testing", aws_secret_access_key="testing",
+                 **options["client_kwargs"]).create_bucket(Bucket=bucket)
+    try:
+        yield options
+    finally:
+        server.stop()
 
 
 def write_manifest(path, rows: list[dict], schema: pa.Schema | None = None):

@@ -17,6 +17,7 @@ import uuid
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from conftest import loopback_s3
 from test_resume import assert_exactly_once
 
 from batch.run.job import run_job
@@ -33,19 +34,8 @@ BUCKET = "sdbatch-cluster"
 
 @pytest.fixture(scope="module")
 def s3_options():
-    from moto.server import ThreadedMotoServer
-
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0)
-    server.start()
-    host, port = server.get_host_and_port()
-    options = {"key": "testing", "secret": "testing", "client_kwargs": {"endpoint_url": f"http://{host}:{port}",
-                                                                      "region_name": "us-east-1"}}
-    import boto3
-
-    boto3.client("s3", aws_access_key_id="testing", aws_secret_access_key="testing",
-                 **options["client_kwargs"]).create_bucket(Bucket=BUCKET)
-    yield options
-    server.stop()
+    with loopback_s3(BUCKET) as options:
+        yield options
 
 
 @pytest.fixture(scope="module")

@@ -9,6 +9,7 @@ import time
 import uuid
 
 import pytest
+from conftest import loopback_s3
 
 from batch.store import commit
 from batch.store.commit import LEASE, LEASE_CLAIMS, Lease, RunInProgressError
@@ -17,19 +18,8 @@ from batch.store.io import has_own_retries, open_output, retrying
 
 @pytest.fixture(scope="module")
 def s3_options():
-    from moto.server import ThreadedMotoServer
-
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0)
-    server.start()
-    host, port = server.get_host_and_port()
-    options = {"key": "testing", "secret": "testing", "client_kwargs": {"endpoint_url": f"http://{host}:{port}",
-                                                                      "region_name": "us-east-1"}}
-    import boto3
-
-    boto3.client("s3", aws_access_key_id="testing", aws_secret_access_key="testing",
-                 **options["client_kwargs"]).create_bucket(Bucket="sdbatch-lease")
-    yield options
-    server.stop()
+    with loopback_s3("sdbatch-lease") as options:
+        yield options
 
 
 @pytest.fixture(params=["local", "memory", "s3"])

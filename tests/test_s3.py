@@ -9,6 +9,7 @@ import json
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from conftest import loopback_s3
 
 from batch.spec.config import parse_spec
 from batch.run.job import run_job
@@ -21,19 +22,8 @@ pytestmark = pytest.mark.e2e  # every test here runs a job on Ray
 
 @pytest.fixture(scope="module")
 def s3_options():
-    from moto.server import ThreadedMotoServer
-
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0)
-    server.start()
-    host, port = server.get_host_and_port()
-    options = {"key": "testing", "secret": "testing", "client_kwargs": {"endpoint_url": f"http://{host}:{port}",
-                                                                      "region_name": "us-east-1"}}
-    import boto3
-
-    boto3.client("s3", aws_access_key_id="testing", aws_secret_access_key="testing",
-                 **options["client_kwargs"]).create_bucket(Bucket="sdbatch-test")
-    yield options
-    server.stop()
+    with loopback_s3("sdbatch-test") as options:
+        yield options
 
 
 def test_full_run_on_loopback_s3(s3_options, ray_session):
