@@ -44,7 +44,7 @@ def _device_overrides(device: str | None) -> dict:
 def cmd_run(args: argparse.Namespace) -> int:
     from batch.run.job import run_job
 
-    summary = run_job(_spec_from_args(args), force=args.force)
+    summary = run_job(_spec_from_args(args), mode="extend" if args.extend else "run", force=args.force)
     print(summary.text())
     args.summary = summary
     return summary.exit_code
@@ -132,8 +132,9 @@ def _eval_status(out, args: argparse.Namespace) -> int:
 
 def cmd_status(args: argparse.Namespace) -> int:
     from batch.eval.evaluation import EVAL_RECORD
-    from batch.run.stats import tally
-    from batch.store.commit import LEASE, LEASE_SECONDS, RUN_RECORD, SUCCESS_MARKER, metadata_parts, read_metadata
+    from batch.plan.manifest import failure_reason
+    from batch.store.commit import LEASE, LEASE_SECONDS, RUN_RECORD, SUCCESS_MARKER, metadata_parts
+    from batch.store.done import DoneIndex
     from batch.store.io import open_output
 
     options = apply_overrides({}, _set_overrides(args)).get("storage_options") or {}
@@ -142,7 +143,8 @@ def cmd_status(args: argparse.Namespace) -> int:
         return _eval_status(probe, args)
     out = _open_run(args)
     record = out.get_json(RUN_RECORD)
-    counts = tally(read_metadata(out), record.get("rows", 0), record.get("images_planned", 0))
+    # key columns only, one part at a time: bounded memory on a 10M-row output (batch.store.done)
+    counts = DoneIndex.read(out).tally(out, record.get("rows", 0), record.get("images_planned") or 0, failure_reason)
     report = {"run_id": record.get("run_id"), "status": record.get("status"),
               "complete": out.exists(SUCCESS_MARKER), "attempts": len(record.get("attempts", [])),
               "metadata_parts": len(metadata_parts(out)), **counts}
@@ -182,19 +184,30 @@ def cmd_compact(args: argparse.Namespace) -> int:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    from batch.plan.manifest import plan, read_manifest
+    """Scan and plan the manifest chunk by chunk (as a job does: bounded memory, any size), print each failed
+    row and a JSON report; exit 1 if a row is bad."""
+    from collections import Counter
+
+    from batch.plan.manifest import failure_reason, iter_plan, scan_manifest
+    from batch.plan.sources import open_manifest
     from batch.store.schema import RESERVED_COLUMNS
 
     spec = _spec_from_args(args)  # --task, when given, overrides the config's task
     spec = spec.model_copy(update={"manifest": args.manifest})  # relative image URIs resolve against it
-    p = plan(read_manifest(args.manifest, spec.storage_options), spec, RESERVED_COLUMNS)
-    for r in p.failed.select(["manifest_row", "id", "error"]).to_pylist():
-        print(f"row {r['manifest_row']} (id {r['id']!r}): {r['error']}")
-    reasons = p.failure_reasons()
-    report = {"rows": p.num_rows, "rows_ok": p.num_ok_rows, "rows_failed": p.failed.num_rows,
-              "images": p.items.num_rows, "carried_columns": p.carried, "failure_reasons": dict(reasons)}
+    source = open_manifest(args.manifest, spec.storage_options)
+    scan = scan_manifest(source, spec, RESERVED_COLUMNS)
+    os.unlink(scan.row_hashes)
+    failed, images, reasons = 0, 0, Counter()
+    for _, p in iter_plan(source.iter_batches(), spec, scan.carried, scan.duplicates):
+        for r in p.failed.select(["manifest_row", "id", "error"]).to_pylist():
+            print(f"row {r['manifest_row']} (id {r['id']!r}): {r['error']}")
+            reasons[failure_reason(r["error"])] += 1
+        failed += p.failed.num_rows
+        images += p.items.num_rows
+    report = {"rows": scan.rows, "rows_ok": scan.rows - failed, "rows_failed": failed,
+              "images": images, "carried_columns": scan.carried, "failure_reasons": dict(reasons)}
     print(json.dumps(report, indent=2))
-    return 0 if p.failed.num_rows == 0 else 1
+    return 0 if failed == 0 else 1
 
 
 def cmd_make_tiny_model(args: argparse.Namespace) -> int:
@@ -309,6 +322,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--dtype", choices=["auto", "float32", "float16", "bfloat16"])
     run.add_argument("--quiet", action="store_true", help="no progress bar")
     run.add_argument("--force", action="store_true", help="take over the run's lease even if it looks alive")
+    run.add_argument("--extend", action="store_true",
+                     help="the output holds a run whose manifest has since gained rows at its end: generate only "
+                          "the new rows (rows the run had must be unchanged, else they are named and refused)")
     run.add_argument("--shared-path", action="append", metavar="PATH",
                      help="an absolute path every cluster node mounts; on a cluster, a local --manifest/--output "
                           "must lie under one (repeatable)")

@@ -66,7 +66,7 @@ def test_only_required_columns(spec):
     p = _plan([{"id": "x", "prompt": "p"}], spec)
     assert p.items.num_rows == 1
     assert p.carried == []
-    assert p.items.schema.equals(ITEM_SCHEMA)
+    assert p.items.schema.equals(ITEM_SCHEMA.append(pa.field("_batch", pa.int64())))  # + the plan's GPU batch numbers
     item = p.items.to_pylist()[0]
     assert item["manifest_row"] == 0 and item["image_index"] == 0
 

@@ -77,8 +77,8 @@ def test_structured_log(first_run):
     out = open_output(first_run)
     events = read_log(out, scheduled_run_id(parse_day(DAY)))
     kinds = Counter(e["event"] for e in events)
-    assert events[0]["event"] == "start" and events[0]["images_planned"] == 6
-    assert events[-1]["event"] == "finish" and events[-1]["images_ok"] == 6
+    assert events[0]["event"] == "start" and events[0]["rows"] == 4
+    assert events[-1]["event"] == "finish" and events[-1]["images_ok"] == 6 and events[-1]["images_planned"] == 6
     assert kinds["block"] >= 1 and kinds["commit"] >= 1 and kinds["failure"] == 0
     assert sum(e["images"] for e in events if e["event"] == "block") == 6
     assert all(e["run_id"] == scheduled_run_id(parse_day(DAY)) and e["ts"] for e in events)
@@ -101,8 +101,8 @@ def test_same_day_rerun_does_not_duplicate(first_run, setup, ray_session):
     keys = [(r["id"], r["image_index"]) for r in meta if r["status"] == "ok"]
     assert len(keys) == len(set(keys)) == 6
     assert [p for p in Path(first_run).parent.iterdir()] == [Path(first_run.rstrip("/"))]  # one dated prefix
-    starts = [e for e in read_log(open_output(first_run), scheduled_run_id(parse_day(DAY))) if e["event"] == "start"]
-    assert [e["images_to_do"] for e in starts] == [6, 0]  # the second attempt found everything committed
+    ends = [e for e in read_log(open_output(first_run), scheduled_run_id(parse_day(DAY))) if e["event"] == "finish"]
+    assert [e["images_this_attempt"] for e in ends] == [6, 0]  # the second attempt found everything committed
 
 
 @pytest.mark.e2e

@@ -23,8 +23,9 @@ def sampler():
     return stages.Sampler(stages.SamplerSettings(model="tiny", dtype="float32", device="cpu", batch_size=2))
 
 
-def _items(prompts, defaults=None):
-    spec = parse_spec({"defaults": defaults or {"height": 64, "width": 64, "num_inference_steps": 3}})
+def _items(prompts, defaults=None, batch_size=2):
+    spec = parse_spec({"defaults": defaults or {"height": 64, "width": 64, "num_inference_steps": 3},
+                       "batch_size": batch_size})  # the plan numbers GPU batches with the sampler's batch size
     table = pa.Table.from_pylist([{"id": f"r{i}", "prompt": p} for i, p in enumerate(prompts)])
     return plan(table, spec, RESERVED_COLUMNS).items
 
@@ -57,7 +58,7 @@ def test_out_of_memory_splits_the_batch_down_to_single_images(monkeypatch):
     sampler = stages.Sampler(stages.SamplerSettings(model="tiny", dtype="float32", device="cpu", batch_size=4))
     prompts = ["picture a", "picture b", "huge", "picture c"]
     small = {"height": 32, "width": 32, "num_inference_steps": 2}
-    reference = sampler(_items(prompts, small)).to_pylist()  # one call of 4, no OOM injected yet
+    reference = sampler(_items(prompts, small, 4)).to_pylist()  # one call of 4, no OOM injected yet
     calls = []
     real = sampling.txt2img
 
@@ -68,7 +69,7 @@ def test_out_of_memory_splits_the_batch_down_to_single_images(monkeypatch):
         return real(model, scheduler, prompts, negatives, seeds, params, **kwargs)
 
     monkeypatch.setattr(sampling, "txt2img", small_memory)
-    out = sampler(_items(prompts, small)).to_pylist()
+    out = sampler(_items(prompts, small, 4)).to_pylist()
     assert [len(c) for c in calls] == [4, 2, 1, 1, 2, 1, 1]  # halves, then single images
     assert sorted(p for c in calls if len(c) == 1 for p in c) == sorted(prompts)
     by_prompt = {r["prompt"]: r for r in out}

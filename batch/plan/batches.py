@@ -14,36 +14,44 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
-from batch.plan.rows import BUCKET_FIELDS, bucket_key
+from batch.plan.rows import BUCKET_FIELDS
 
 MAX_BATCHES_PER_BLOCK = 8
 BLOCKS_PER_ACTOR = 4
 
 
-def assign_batches(items: pa.Table, batch_size: int) -> list[int]:
+def assign_batches(items: pa.Table, batch_size: int) -> np.ndarray:
     """GPU batch number of each item: runs of equal bucket key, cut every ``batch_size`` items.
 
     Computed from the (bucket-sorted) items alone, so which images share a sampler call depends only
     on the manifest, the spec's defaults and ``batch_size``, never on blocks, actors or timing.
+    Vectorised: a run starts where any bucket field differs from the previous item's.
     """
-    rows = items.select(list(BUCKET_FIELDS)).to_pylist()
-    ids: list[int] = []
-    batch, run_start = -1, 0
-    for i, row in enumerate(rows):
-        new_run = i == 0 or bucket_key(row) != bucket_key(rows[i - 1])
-        if new_run:
-            run_start = i
-        if new_run or (i - run_start) % batch_size == 0:
-            batch += 1
-        ids.append(batch)
-    return ids
+    n = items.num_rows
+    if n == 0:
+        return np.zeros(0, dtype=np.int64)
+    new_run = np.zeros(n, dtype=bool)
+    new_run[0] = True
+    for f in BUCKET_FIELDS:
+        col = items.column(f).combine_chunks()
+        diff = pc.not_equal(col.slice(1), col.slice(0, n - 1))
+        diff = pc.or_(pc.fill_null(diff, False), pc.not_equal(col.slice(1).is_null(), col.slice(0, n - 1).is_null()))
+        new_run[1:] |= diff.to_numpy(zero_copy_only=False)
+    run_start = np.maximum.accumulate(np.where(new_run, np.arange(n), 0))
+    new_batch = new_run | ((np.arange(n) - run_start) % batch_size == 0)
+    return np.cumsum(new_batch) - 1
 
 
-def _batch_starts(ids: list[int]) -> list[int]:
+def _batch_starts(ids) -> list[int]:
     """Positions where a new GPU batch begins (consecutive items share a batch number)."""
-    return [i for i in range(len(ids)) if i == 0 or ids[i] != ids[i - 1]]
+    ids = np.asarray(ids)
+    if len(ids) == 0:
+        return []
+    return np.flatnonzero(np.concatenate([[True], ids[1:] != ids[:-1]])).tolist()
 
 
 def cut_blocks(items: pa.Table, batch_size: int, actors: int) -> list[pa.Table]:
@@ -51,8 +59,11 @@ def cut_blocks(items: pa.Table, batch_size: int, actors: int) -> list[pa.Table]:
     every actor (``BLOCKS_PER_ACTOR`` each where there is work), none over ``MAX_BATCHES_PER_BLOCK``."""
     if items.num_rows == 0:
         return []
-    ids = assign_batches(items, batch_size)
-    items = items.append_column("_batch", pa.array(ids, pa.int64()))
+    if "_batch" in items.column_names:  # numbered by the plan (batch.plan.manifest.plan_chunk)
+        ids = items.column("_batch").to_numpy()
+    else:
+        ids = assign_batches(items, batch_size)
+        items = items.append_column("_batch", pa.array(ids, pa.int64()))
     starts = _batch_starts(ids)
     per_block = min(MAX_BATCHES_PER_BLOCK, max(1, math.ceil(len(starts) / (actors * BLOCKS_PER_ACTOR))))
     bounds = starts[::per_block] + [items.num_rows]
@@ -69,7 +80,7 @@ def pack_batches(items: pa.Table) -> pa.Table:
     blocks into calls of exactly that many rows. Packing makes a Ray row a whole GPU batch, so whatever
     Ray merges or slices, a sampler call only ever receives whole batches (``batch_size=1``: one each).
     """
-    ids = items.column("_batch").to_pylist()
+    ids = items.column("_batch").to_numpy()
     offsets = pa.array(_batch_starts(ids) + [len(ids)], pa.int32())
     structs = items.combine_chunks().to_struct_array().combine_chunks()
     return pa.table({PACKED: pa.ListArray.from_arrays(offsets, structs)})

@@ -2,16 +2,18 @@
 
 :func:`run_job` runs five named steps:
 
-1. :func:`open_run`: open the output prefix and read the manifest; a prefix that already holds a run must
-   hold the same run (same identity fields and manifest contents), and this attempt then resumes it;
+1. :func:`open_run`: open the output prefix and scan the manifest once, a chunk at a time (its digest, row
+   count, columns and duplicate ids: :func:`batch.plan.manifest.scan_manifest`); a prefix that already holds a
+   run must hold the same run (same identity fields and manifest contents), and this attempt then resumes it
    (then the lease is taken: one driver per run, ``batch.store.commit.Lease``);
-2. :func:`plan_work`: validate and plan the manifest, read what earlier attempts committed and keep only
-   the missing work (``retry_failed``: only the failed images);
-3. :func:`record_attempt`: record the attempt in ``run.json``, open the committer and the run log, commit
-   the failed rows' metadata;
-4. :func:`stream_and_commit`: stream generated items from the Ray pipeline, committing a metadata part
-   every ``commit_every`` rows or ``commit_seconds`` (an image counts as done only once a part holding
-   its row is written);
+2. :func:`plan_work`: read what earlier attempts committed, key columns only
+   (:class:`batch.store.done.DoneIndex`);
+3. :func:`record_attempt`: record the attempt in ``run.json``, open the committer and the run log;
+4. :func:`stream_and_commit`: plan the manifest chunk by chunk (:func:`batch.plan.manifest.iter_plan`), keep
+   only the missing work (``retry_failed``: also the failed images), commit failed rows, and run the items
+   through the Ray pipeline in waves of ``WAVE_CHUNKS`` chunks, committing a metadata part every
+   ``commit_every`` rows or ``commit_seconds`` (an image counts as done only once a part holding its row is
+   written). The driver holds one wave at a time, never the whole manifest;
 5. :func:`finish`: counts over the whole run into the run record; ``_SUCCESS`` last, and only when every
    planned image and row has a committed record (else the run is ``incomplete``, exit code 3).
 
@@ -22,66 +24,66 @@ summary are :mod:`batch.run.stats`; the run record's identity and redaction are 
 from __future__ import annotations
 
 import contextlib
+import io
 import os
 import platform
 import socket
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Iterator
 
 import fsspec
+import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from batch.models.weights import locate
-from batch.plan.manifest import Plan, plan, read_manifest
+from batch.plan.manifest import PLAN_CHUNK_ROWS, ManifestScan, failure_reason, iter_plan, scan_manifest
+from batch.plan.sources import open_manifest
 from batch.run import pipeline
-from batch.run.record import check_same_run, manifest_digest, new_run_id, now, package_versions, redact, redact_arg
-from batch.run.stats import EXIT_ENVIRONMENT, EXIT_ROWS_FAILED, Summary, call_ends, sampler_calls, steady_rate, tally, warmup_seconds
+from batch.run.record import check_same_run, new_run_id, now, package_versions, redact, redact_arg
+from batch.run.stats import EXIT_ENVIRONMENT, EXIT_ROWS_FAILED, Summary, call_ends, sampler_calls, steady_rate, warmup_seconds
 from batch.spec.config import JobSpec
 from batch.spec.base import SpecError
 from batch.store.commit import (
     RUN_RECORD,
-    SLIM_COLUMNS,
     SUCCESS_MARKER,
     Lease,
     MetadataCommitter,
     Mode,
     RunExistsError,
-    latest_rows,
     metadata_parts,
     new_attempt_id,
-    read_parts,
-    select_work,
 )
+from batch.store.done import DoneIndex
 from batch.store.formats import OutputFormat, apply_driver_writes, format_warnings
 from batch.store.io import Output, open_output
 from batch.store.runlog import RunLog
 from batch.store.schema import RESERVED_COLUMNS
 
 
+WAVE_CHUNKS = 16  # plan chunks per wave (16 x 65,536 = 1,048,576 manifest rows): the most the driver holds
+
+
 @dataclass
 class OpenRun:
-    """Step 1's result: the output prefix, the manifest, and the run record if the prefix holds one."""
+    """Step 1's result: the output prefix, the manifest (opened, scanned once) and the run record if any."""
 
     spec: JobSpec  # with the run's ``run_id`` filled in
     mode: Mode
     out: Output
     attempt: str
-    manifest: pa.Table
-    digest: str
+    source: Any  # batch.plan.sources.ManifestSource
+    scan: ManifestScan
     record: dict[str, Any] | None
 
 
 @dataclass
 class Work:
-    """Step 2's result: the whole plan, what is already committed, and what this attempt must do."""
+    """Step 2's result: what earlier attempts committed (key columns only)."""
 
-    plan: Plan
-    carried: pa.Schema
-    committed: pa.Table
-    items: pa.Table
-    failed: pa.Table
+    done: DoneIndex
 
 
 @dataclass
@@ -96,11 +98,13 @@ class Attempt:
 
 @dataclass
 class Streamed:
-    """Step 4's result: timings and the sampler calls seen (for throughput and warm-up)."""
+    """Step 4's result: timings, the sampler calls seen (for throughput and warm-up), and the plan's totals."""
 
     seconds: float = 0.0
     first_result_seconds: float = 0.0
     calls: dict[tuple, tuple[int, float]] = field(default_factory=dict)
+    images_planned: int = 0
+    images_to_do: int = 0
 
 
 def run_job(spec: JobSpec, mode: Mode = "run", force: bool = False) -> Summary:
@@ -116,12 +120,12 @@ def run_job(spec: JobSpec, mode: Mode = "run", force: bool = False) -> Summary:
     lease = Lease(run.out, run.attempt, force)
     try:
         work = plan_work(run)  # 2
-        # no Ray at all when nothing is left to do
-        with pipeline.ray_session(run.spec, needed=work.items.num_rows > 0) as res:
-            attempt = record_attempt(run, work, res)  # 3
-            streamed = stream_and_commit(run, work, attempt, res)  # 4
+        attempt = record_attempt(run, work)  # 3
+        streamed = stream_and_commit(run, work, attempt)  # 4 (Ray starts with the first wave that has work)
     finally:
         lease.release()
+        with contextlib.suppress(OSError):
+            os.unlink(run.scan.row_hashes)
     return finish(run, work, attempt, streamed, t_start)  # 5
 
 
@@ -153,64 +157,131 @@ def check_cluster_paths(spec: JobSpec, on_cluster: bool) -> None:
 
 
 def open_run(spec: JobSpec, mode: Mode) -> OpenRun:
-    """Step 1: the output prefix, the manifest and its digest; a new run, or an attempt of the same run."""
+    """Step 1: the output prefix, the manifest scanned once (digest, rows, duplicate ids, row hashes); a new
+    run, or an attempt of the same run. ``extend``: the run's manifest may have gained rows at its end; every
+    row the run already had must be unchanged (compared by row hash), else the rows are named and refused."""
     out = open_output(spec.output, spec.storage_options, retries=spec.storage_retries)
     locate(spec.model, spec.revision, spec.allow_pickle, spec.variant, resolve_hub=False)  # local preflight
-    table = read_manifest(spec.manifest, spec.storage_options)
-    digest = manifest_digest(table)
     record: dict[str, Any] | None = out.get_json(RUN_RECORD) if out.exists(RUN_RECORD) else None
     if record is None and metadata_parts(out):
         raise RunExistsError(f"output {spec.output} holds metadata but no {RUN_RECORD}; choose a new output prefix")
-    if record is not None:
-        check_same_run(record, spec, digest, spec.output)
-        spec = spec.model_copy(update={"run_id": record["run_id"]})
-    elif mode == "retry_failed":
+    if record is None and mode == "retry_failed":
         raise SpecError(f"output {spec.output} holds no run to retry")
+    source = open_manifest(spec.manifest, spec.storage_options)
+    extending = mode == "extend" and record is not None
+    if extending and not record.get("row_hashes"):
+        raise RunExistsError(f"output {spec.output}: run {record.get('run_id')} stored no manifest row hashes (it was "
+                             "made by an older sdbatch), so appended rows cannot be told from changed ones; use a "
+                             "new output prefix")
+    old_rows = int(record.get("rows") or 0) if extending else 0
+    scan = scan_manifest(source, spec, RESERVED_COLUMNS, compare_rows=old_rows,
+                         stored_hashes=lambda chunk: read_row_hashes(out, chunk))
+    if record is not None:
+        if extending:
+            _check_extension(record, scan, spec.output)
+            check_same_run(record, spec, record.get("manifest_sha256"), spec.output)  # identity fields only
+        else:
+            check_same_run(record, spec, scan.digest, spec.output)
+        spec = spec.model_copy(update={"run_id": record["run_id"]})
     spec = spec.model_copy(update={"run_id": spec.run_id or new_run_id()})
-    return OpenRun(spec=spec, mode=mode, out=out, attempt=new_attempt_id(), manifest=table, digest=digest,
-                   record=record)
+    return OpenRun(spec=spec, mode=mode, out=out, attempt=new_attempt_id(), source=source, scan=scan, record=record)
+
+
+ROW_HASHES = "manifest/rowhash-{:06d}.parquet"  # one object per plan chunk: uint64 hash of each manifest row
+
+
+def read_row_hashes(out: Output, chunk: int) -> np.ndarray:
+    """The row hashes a run stored for plan chunk ``chunk`` (empty when none)."""
+    key = ROW_HASHES.format(chunk)
+    if not out.exists(key):
+        return np.zeros(0, np.uint64)
+    return pq.read_table(io.BytesIO(out.get(key))).column("h").to_numpy().astype(np.uint64)
+
+
+def store_row_hashes(out: Output, scan: ManifestScan, from_row: int) -> None:
+    """Store the scan's row hashes (``manifest/rowhash-*``) of every plan chunk holding a row at or after
+    ``from_row`` (a new run: all; an extended one: from its last old chunk on)."""
+    hashes = np.memmap(scan.row_hashes, dtype=np.uint64, mode="r") if scan.rows else np.zeros(0, np.uint64)
+    for start in range((from_row // PLAN_CHUNK_ROWS) * PLAN_CHUNK_ROWS, scan.rows, PLAN_CHUNK_ROWS):
+        part = pa.table({"h": pa.array(np.asarray(hashes[start:start + PLAN_CHUNK_ROWS]), pa.uint64())})
+        out.put_parquet(ROW_HASHES.format(start // PLAN_CHUNK_ROWS), part)
+
+
+def _check_extension(record: dict[str, Any], scan: ManifestScan, output: str) -> None:
+    """An extended manifest keeps the run's columns and every row it had, unchanged; it only adds rows."""
+    old_rows = int(record.get("rows") or 0)
+    if record.get("manifest_columns") and record["manifest_columns"] != scan.columns:
+        raise RunExistsError(f"output {output}: --extend needs the run's manifest columns {record['manifest_columns']}, "
+                             f"got {scan.columns}")
+    if scan.rows < old_rows:
+        raise RunExistsError(f"output {output}: --extend: the manifest has {scan.rows} rows, fewer than the "
+                             f"{old_rows} of run {record.get('run_id')}; rows may only be appended")
+    if scan.changed_count:
+        named = ", ".join(f"row {r} (id {i!r})" for r, i in scan.changed)
+        raise RunExistsError(f"output {output}: --extend: {scan.changed_count} row(s) the run already has differ from "
+                             f"the manifest: {named}{' ...' if scan.changed_count > len(scan.changed) else ''}. "
+                             "Rows may only be appended at the end; changed rows need a new output prefix")
 
 
 def plan_work(run: OpenRun) -> Work:
-    """Step 2: the plan of the whole manifest minus what earlier attempts committed."""
-    job_plan = plan(run.manifest, run.spec, RESERVED_COLUMNS)
-    carried = pa.schema([run.manifest.schema.field(c) for c in job_plan.carried])
-    committed = latest_rows(read_parts(run.out))
-    items, failed = select_work(job_plan, committed, run.mode)
-    return Work(plan=job_plan, carried=carried, committed=committed, items=items, failed=failed)
+    """Step 2: what earlier attempts committed, key columns only (bounded: :class:`DoneIndex`)."""
+    return Work(done=DoneIndex.read(run.out))
 
 
-def record_attempt(run: OpenRun, work: Work, res: pipeline.Resources | None) -> Attempt:
-    """Step 3: this attempt's entry in ``run.json`` (a new record for a new run), the committer, the log
-    (``logs/<run_id>.jsonl``), and the failed rows' metadata handed to the committer."""
+def record_attempt(run: OpenRun, work: Work) -> Attempt:
+    """Step 3: this attempt's entry in ``run.json`` (a new record for a new run), the committer and the log
+    (``logs/<run_id>.jsonl``). The plan's totals (``images_planned``) are recorded when the attempt finishes:
+    the plan streams, so they are known only then."""
     spec = run.spec
     entry = {"attempt": run.attempt, "mode": run.mode, "started_at": now(), "host": socket.gethostname(),
-             "pid": os.getpid(), "argv": [redact_arg(a) for a in sys.argv], "resources": res and res.__dict__,
+             "pid": os.getpid(), "argv": [redact_arg(a) for a in sys.argv], "resources": None,
              "versions": package_versions(), "platform": platform.platform(),
-             "images_to_do": work.items.num_rows, "images_committed_before": work.committed.num_rows}
+             "images_committed_before": work.done.records}
     record = run.record
     if record is None:
         record = {"run_id": spec.run_id, "spec": redact(spec.model_dump(mode="json")),
-                  "manifest_sha256": run.digest, "rows": work.plan.num_rows,
-                  "images_planned": work.plan.items.num_rows, "created_at": now(), "attempts": []}
+                  "manifest_sha256": run.scan.digest, "rows": run.scan.rows, "images_planned": None,
+                  "manifest_columns": run.scan.columns, "plan_chunk_rows": PLAN_CHUNK_ROWS, "created_at": now(),
+                  "attempts": []}
+    hashed = int(record.get("row_hashes") or 0)
+    if hashed < run.scan.rows:  # a new run, or an extension's new rows (only after the lease is held)
+        store_row_hashes(run.out, run.scan, hashed)
+        record["row_hashes"] = run.scan.rows
+    if run.scan.rows != record["rows"]:  # extended
+        record.setdefault("extended", []).append({"attempt": run.attempt, "rows_before": record["rows"],
+                                                  "rows": run.scan.rows, "manifest_sha256": run.scan.digest})
+        record.update(rows=run.scan.rows, manifest_sha256=run.scan.digest, images_planned=None)
+        if run.out.exists(SUCCESS_MARKER):  # the run was complete; with new rows it is not, until they are done
+            run.out.delete(SUCCESS_MARKER)
     record.update(status="running", attempt=run.attempt)
     record["attempts"].append(entry)
     run.out.put_json(RUN_RECORD, record)
-    committer = MetadataCommitter(run.out, work.carried, spec.run_id, run.attempt, spec.commit_every,
+    committer = MetadataCommitter(run.out, run.scan.carried_schema, spec.run_id, run.attempt, spec.commit_every,
                                   spec.commit_seconds)
     log = RunLog(run.out, spec.run_id)
-    log.event("start", attempt=run.attempt, mode=run.mode, rows=work.plan.num_rows,
-              images_planned=work.plan.items.num_rows, images_to_do=work.items.num_rows,
-              images_committed_before=work.committed.num_rows, output_format=spec.output_format,
-              image_format=spec.image_format, safety_policy=spec.safety_policy, resources=res and res.__dict__)
-    for warning in format_warnings(OutputFormat.from_spec(spec)) + cpu_size_warnings(work.items, res):
+    log.event("start", attempt=run.attempt, mode=run.mode, rows=run.scan.rows,
+              images_committed_before=work.done.records, output_format=spec.output_format,
+              image_format=spec.image_format, safety_policy=spec.safety_policy)
+    for warning in format_warnings(OutputFormat.from_spec(spec)):
         log.warning(warning)
-    failed = work.failed
-    for r in failed.select(["id", "manifest_row", "error"]).to_pylist():
-        log.failure(**r, image_index=None)
-    if failed.num_rows:
-        committer.add(failed.append_column("status", pa.array(["failed"] * failed.num_rows)))
     return Attempt(record=record, entry=entry, committer=committer, log=log)
+
+
+def iter_waves(run: OpenRun, work: Work) -> Iterator[tuple[int, pa.Table, pa.Table]]:
+    """(images planned, items to do, failed rows to commit) per wave of ``WAVE_CHUNKS`` plan chunks: the
+    streaming plan (:func:`batch.plan.manifest.iter_plan`) minus what is committed (:meth:`DoneIndex.select`)."""
+    planned, items, failed = 0, [], []
+    chunks = iter_plan(run.source.iter_batches(), run.spec, run.scan.carried, run.scan.duplicates)
+    for n, (_, chunk) in enumerate(chunks, 1):
+        todo, bad = work.done.select(chunk.items, chunk.failed, run.mode)
+        planned += chunk.items.num_rows
+        items.append(todo)
+        failed.append(bad)
+        if n % WAVE_CHUNKS == 0:
+            yield planned, pa.concat_tables(items), pa.concat_tables(failed)
+            planned, items, failed = 0, [], []
+    if items:
+        yield planned, pa.concat_tables(items), pa.concat_tables(failed)
 
 
 CPU_HINT_PIXELS = 512 * 512  # above this per image, sampling on CPU takes minutes (measured: BENCHMARKS.md)
@@ -230,28 +301,45 @@ def cpu_size_warnings(items: pa.Table, res: pipeline.Resources | None) -> list[s
             "many minutes (time grows with pixels and steps); use a GPU (--device cuda) or smaller sizes"]
 
 
-def stream_and_commit(run: OpenRun, work: Work, attempt: Attempt, res: pipeline.Resources | None) -> Streamed:
-    """Step 4: generate and write every item through the Ray pipeline; commit metadata as blocks finish.
+def stream_and_commit(run: OpenRun, work: Work, attempt: Attempt) -> Streamed:
+    """Step 4: plan wave by wave; commit each wave's failed rows, then generate and write its items through the
+    Ray pipeline (started with the first wave that has work), committing metadata as blocks finish.
 
     If the job itself dies here (not a row), the run record says so before the error propagates.
     """
-    out, committer, log = run.out, attempt.committer, attempt.log
+    out, committer, log, spec = run.out, attempt.committer, attempt.log, run.spec
     streamed = Streamed()
     t_gen = time.perf_counter()
-    with _progress(work.items.num_rows, run.spec.progress) as bar, \
-            _record_failure(out, attempt.record, attempt.entry, log):
-        batches = pipeline.run_items(work.items, run.spec, res, upload=not out.is_process_local) if res else iter(())
-        done = 0
-        for batch in batches:
-            if "_puts" in batch.column_names:  # process-local filesystem: the driver writes (batch.store.formats)
-                batch = apply_driver_writes(out, batch)
-            committed_part = committer.add(batch)
-            done += batch.num_rows
-            _log_block(log, batch, done, committer.parts if committed_part else None)
-            bar.update(batch.num_rows)
-            streamed.calls.update(sampler_calls(batch))
-            if not streamed.first_result_seconds:
-                streamed.first_result_seconds = time.perf_counter() - t_gen
+    done = 0
+    with _progress(None, spec.progress) as bar, _record_failure(out, attempt.record, attempt.entry, log), \
+            contextlib.ExitStack() as ray_stack:
+        res: pipeline.Resources | None = None
+        for planned, items, failed in iter_waves(run, work):
+            streamed.images_planned += planned
+            streamed.images_to_do += items.num_rows
+            log.event("wave", images_planned=planned, images_to_do=items.num_rows, rows_failed=failed.num_rows)
+            for r in failed.select(["id", "manifest_row", "error"]).to_pylist():
+                log.failure(**r, image_index=None)
+            if failed.num_rows:
+                committer.add(failed.append_column("status", pa.array(["failed"] * failed.num_rows)))
+            if not items.num_rows:
+                continue
+            if res is None:  # no Ray at all when nothing is left to do
+                res = ray_stack.enter_context(pipeline.ray_session(spec))
+                attempt.entry["resources"] = res.__dict__
+                log.event("resources", **res.__dict__)
+            for warning in cpu_size_warnings(items, res):
+                log.warning(warning)
+            for batch in pipeline.run_items(items, spec, res, upload=not out.is_process_local):
+                if "_puts" in batch.column_names:  # process-local filesystem: the driver writes (batch.store.formats)
+                    batch = apply_driver_writes(out, batch)
+                committed_part = committer.add(batch)
+                done += batch.num_rows
+                _log_block(log, batch, done, committer.parts if committed_part else None)
+                bar.update(batch.num_rows)
+                streamed.calls.update(sampler_calls(batch))
+                if not streamed.first_result_seconds:
+                    streamed.first_result_seconds = time.perf_counter() - t_gen
         if committer.flush():
             log.event("commit", parts=committer.parts, images_done=done)
     streamed.seconds = time.perf_counter() - t_gen
@@ -259,14 +347,14 @@ def stream_and_commit(run: OpenRun, work: Work, attempt: Attempt, res: pipeline.
 
 
 def finish(run: OpenRun, work: Work, attempt: Attempt, streamed: Streamed, t_start: float) -> Summary:
-    """Step 5: counts over the whole run (earlier attempts included), the finished run record, the log's
-    last event, then the ``_SUCCESS`` marker, written last."""
+    """Step 5: counts over the whole run (earlier attempts included, read back key columns only), the finished
+    run record, the log's last event, then the ``_SUCCESS`` marker, written last."""
     spec, committer, entry, record = run.spec, attempt.committer, attempt.entry, attempt.record
-    final = latest_rows(pa.concat_tables([work.committed.select(SLIM_COLUMNS)] + committer.committed))
-    counts = tally(final, work.plan.num_rows, work.plan.items.num_rows)
+    record["images_planned"] = streamed.images_planned
+    counts = DoneIndex.read(run.out).tally(run.out, run.scan.rows, streamed.images_planned, failure_reason)
     summary = Summary(run_id=spec.run_id, output=spec.output, attempt=run.attempt, **counts,
-                      images_this_attempt=work.items.num_rows,
-                      images_skipped=work.plan.items.num_rows - work.items.num_rows,
+                      images_this_attempt=streamed.images_to_do,
+                      images_skipped=streamed.images_planned - streamed.images_to_do,
                       seconds=time.perf_counter() - t_start, generate_seconds=streamed.seconds,
                       first_result_seconds=streamed.first_result_seconds,
                       steady_images_per_second=steady_rate(call_ends(streamed.calls)),
@@ -278,19 +366,20 @@ def finish(run: OpenRun, work: Work, attempt: Attempt, streamed: Streamed, t_sta
         else EXIT_ENVIRONMENT
     status = "finished" if summary.complete else "incomplete"
     entry.update(status=status, finished_at=now(), metadata_parts=committer.parts,
-                 images_per_second=summary.images_per_second, generate_seconds=streamed.seconds)
+                 images_per_second=summary.images_per_second, generate_seconds=streamed.seconds,
+                 images_planned=streamed.images_planned, images_to_do=streamed.images_to_do)
     record.update(status=status, finished_at=entry["finished_at"],
                   summary={k: v for k, v in summary.__dict__.items() if k != "output"})
     run.out.put_json(RUN_RECORD, record)
     attempt.log.event("finish", force=True, **{k: v for k, v in summary.__dict__.items() if k != "output"},
-                      metadata_parts=committer.parts)
+                      images_planned=streamed.images_planned, metadata_parts=committer.parts)
     if summary.complete:
         run.out.put_json(SUCCESS_MARKER, {"run_id": spec.run_id, "attempt": run.attempt,
                                           "finished_at": record["finished_at"], **counts})
     return summary
 
 
-def _progress(total: int, enabled: bool):
+def _progress(total: int | None, enabled: bool):
     from tqdm.auto import tqdm
 
     return tqdm(total=total, unit="img", desc="generating", disable=not enabled, file=sys.stderr)

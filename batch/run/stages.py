@@ -272,7 +272,7 @@ class Sampler:
             batch_ids = batch.column("_batch").to_pylist()
             batch = batch.drop_columns(["_batch"])
         else:
-            batch_ids = assign_batches(batch, self.settings.batch_size)
+            batch_ids = assign_batches(batch, self.settings.batch_size).tolist()
         rows = self.task.read_rows(batch)
         for r in rows:
             if r["scheduler"] == "model":

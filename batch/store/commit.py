@@ -66,7 +66,7 @@ HEARTBEAT_SECONDS = 20.0
 SLIM_COLUMNS = ["manifest_row", "image_index", "num_images", "status", "error", "vae_redecoded_fp32", "attempt"]
 
 
-Mode = Literal["run", "retry_failed"]
+Mode = Literal["run", "retry_failed", "extend"]  # extend: a run whose manifest gained rows at its end
 
 
 class RunExistsError(RuntimeError):
