@@ -17,7 +17,7 @@ from batch.tasks import TASKS
 
 def _spec_from_args(args: argparse.Namespace):
     overrides = {
-        "manifest": getattr(args, "manifest", None),
+        "manifest": _manifest_arg(getattr(args, "manifest", None)),
         "output": getattr(args, "output", None),
         "model": getattr(args, "model", None),
         "run_id": getattr(args, "run_id", None),
@@ -31,6 +31,13 @@ def _spec_from_args(args: argparse.Namespace):
     overrides = {k: v for k, v in overrides.items() if v is not None}  # flags not given
     overrides |= _device_overrides(getattr(args, "device", None))
     return load_spec(args.config, overrides | _quiet_and_set_overrides(args))
+
+
+def _manifest_arg(uris: list[str] | None) -> str | list[str] | None:
+    """``--manifest`` given once: that URI; several times: the list, read in order."""
+    if not uris:
+        return None
+    return uris[0] if len(uris) == 1 else list(uris)
 
 
 def _device_overrides(device: str | None) -> dict:
@@ -193,8 +200,9 @@ def cmd_validate(args: argparse.Namespace) -> int:
     from batch.store.schema import RESERVED_COLUMNS
 
     spec = _spec_from_args(args)  # --task, when given, overrides the config's task
-    spec = spec.model_copy(update={"manifest": args.manifest})  # relative image URIs resolve against it
-    source = open_manifest(args.manifest, spec.storage_options)
+    manifest = _manifest_arg(args.manifest)
+    spec = spec.model_copy(update={"manifest": manifest})  # relative image URIs resolve against it
+    source = open_manifest(manifest, spec.storage_options)
     scan = scan_manifest(source, spec, RESERVED_COLUMNS)
     os.unlink(scan.row_hashes)
     failed, images, reasons = 0, 0, Counter()
@@ -312,7 +320,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = sub.add_parser("run", help="run a batch job")
     spec_args(run, True)
-    run.add_argument("--manifest", help="Parquet manifest URI")
+    run.add_argument("--manifest", action="append", metavar="URI",
+                     help="manifest: a Parquet/CSV/TSV/JSON Lines/catalogue .json file, folder or glob URI; "
+                          "repeat the flag for several, read in order (README \"Manifest forms\")")
     run.add_argument("--output", help="output prefix URI")
     run.add_argument("--run-id")
     run.add_argument("--batch-size", type=int)
@@ -357,7 +367,7 @@ def build_parser() -> argparse.ArgumentParser:
     cp.set_defaults(func=cmd_compact)
 
     val = sub.add_parser("validate", help="check a manifest (schema and every row); loads no model")
-    val.add_argument("manifest", help="Parquet manifest URI")
+    val.add_argument("manifest", nargs="+", help="manifest URI(s): file, folder or glob, read in order")
     val.add_argument("--task", choices=list(TASKS),
                      help="manifest kind (default: the config's task, else txt2img)")
     val.add_argument("--config", help="job spec whose defaults and limits apply")

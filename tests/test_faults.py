@@ -238,6 +238,8 @@ def test_failure_reasons_group_whatever_the_path_in_them():
     ("s3://b/m.parquet", "file:///data/out", [], "output 'file:///data/out' is a local path"),
     ("s3://b/m.parquet", "/mnt/sharedX/out", ["/mnt/shared"], "is a local path"),
     ("memory://m.parquet", "s3://b/out", [], "memory:// exists only in this process"),
+    (["s3://b/m.parquet", "memory://m2.csv"], "s3://b/out", [], "manifest 'memory://m2.csv': memory:// exists"),
+    (["s3://b/m.parquet", "/mnt/shared/m2.csv"], "s3://b/out", ["/mnt/shared"], None),
 ])
 def test_a_cluster_job_refuses_paths_other_nodes_cannot_see(manifest, output, shared, problem):
     from batch.run.job import check_cluster_paths
@@ -250,7 +252,7 @@ def test_a_cluster_job_refuses_paths_other_nodes_cannot_see(manifest, output, sh
     else:
         with pytest.raises(SpecError, match=problem) as err:
             check_cluster_paths(spec, on_cluster=True)
-        assert "s3://" in str(err.value) and ("--shared-path" in str(err.value) or "memory" in manifest)
+        assert "s3://" in str(err.value) and ("--shared-path" in str(err.value) or "memory" in str(manifest))
 
 
 def test_job_commands_end_with_one_json_summary_line(tmp_path, capsys):

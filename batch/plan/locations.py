@@ -17,6 +17,7 @@ that holds the manifest. Checks run on the normalised location:
 
 from __future__ import annotations
 
+import glob
 import os
 import posixpath
 import urllib.parse
@@ -50,14 +51,27 @@ def _is_relative(uri: str) -> bool:
 
 
 def manifest_folder(manifest_uri: str, storage_options: dict | None = None) -> str:
-    """The folder holding a manifest file (a folder manifest is its own folder)."""
+    """The folder holding a manifest file (a folder manifest is its own folder; a glob's is the folder
+    above its first wildcard: ``s3://b/jobs/*/m.csv`` -> ``s3://b/jobs``)."""
     protocol, path = _split(manifest_uri)
+    if glob.has_magic(path):
+        fixed = path[:min(path.index(c) for c in "*?[" if c in path)]
+        folder = fixed[:fixed.rfind("/")] if "/" in fixed else ""
+        if protocol == "file":
+            return os.path.realpath(folder or ".")
+        return f"{protocol}://{folder}"
     if protocol == "file":
         real = os.path.realpath(path)
         return real if os.path.isdir(real) else os.path.dirname(real)
     fs, root = fsspec.core.url_to_fs(manifest_uri, **(storage_options or {}))
     folder = root if fs.isdir(root) else posixpath.dirname(root.rstrip("/"))
     return f"{protocol}://{folder}"
+
+
+def manifest_folders(manifest: str | list[str], storage_options: dict | None = None) -> list[str]:
+    """The folder of every entry of a manifest (a URI or a list of URIs), in order, without repeats."""
+    uris = [manifest] if isinstance(manifest, str) else manifest
+    return list(dict.fromkeys(manifest_folder(u, storage_options) for u in uris))
 
 
 def normalise(uri: str, base: str | None = None) -> str:
@@ -92,22 +106,26 @@ def is_under(location: str, prefix: str) -> bool:
     return lpath == ppath or lpath.startswith(ppath + "/")
 
 
-def allowed_prefixes(spec_prefixes: list[str], manifest_uri: str | None,
+def allowed_prefixes(spec_prefixes: list[str], manifest_uri: str | list[str] | None,
                      storage_options: dict | None = None) -> list[str]:
-    """The normalised allowed prefixes: the spec's list, else the manifest's folder."""
+    """The normalised allowed prefixes: the spec's list, else the manifest's folder(s)."""
     if spec_prefixes:
         return [normalise(p) if _split(p)[0] != "file" else os.path.realpath(_split(p)[1]) for p in spec_prefixes]
     if manifest_uri is None:
         return []
-    return [manifest_folder(manifest_uri, storage_options)]
+    return manifest_folders(manifest_uri, storage_options)
 
 
 def input_rules(spec) -> tuple[list[str], str | None]:
-    """(allowed prefixes, base folder for relative paths) of a job spec (``spec.manifest`` may be None)."""
-    base = manifest_folder(spec.manifest, spec.storage_options) if spec.manifest else None
+    """(allowed prefixes, base folder for relative paths) of a job spec (``spec.manifest`` may be None).
+
+    A manifest of several URIs allows every entry's folder; relative paths are taken from the first
+    entry's folder (rows do not remember which file they came from)."""
+    folders = manifest_folders(spec.manifest, spec.storage_options) if spec.manifest else []
+    base = folders[0] if folders else None
     if spec.allowed_input_prefixes:
         return allowed_prefixes(spec.allowed_input_prefixes, None), base
-    return ([base] if base else []), base  # allowed_prefixes' default, without looking the folder up twice
+    return folders, base  # allowed_prefixes' default, without looking the folders up twice
 
 
 def check_input_uri(uri: str, allowed: list[str], base: str | None = None) -> str:

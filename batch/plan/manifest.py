@@ -1,9 +1,10 @@
 """Planning a manifest: Parquet rows in, per-image work items (validated, seeded, bucketed) and failed rows out.
 
-A manifest is a Parquet file (or a folder of files, unified into one schema: :func:`read_manifest`) with one row per request; its columns are the task's
+A manifest (Parquet, CSV, JSON Lines or a catalogue request file; a file, folder, glob or list of them:
+:mod:`batch.plan.sources`, unified into one schema) has one row per request; its columns are the task's
 (``batch.tasks``: the txt2img table of columns is in ``batch/tasks/txt2img.py``). Any other column is
 carried through to the metadata untouched (names that the metadata itself uses are refused up front). A
-file that is not Parquet, or lacks a required column, fails the whole job at once; a bad *row* only fails
+file that cannot be read, or lacks a required column, fails the whole job at once; a bad *row* only fails
 that row, with ``field: reason`` messages, and every other row still runs.
 """
 
@@ -17,17 +18,14 @@ from typing import Any, Callable, Iterable, Iterator
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
+from batch.plan import sources
 from batch.plan.locations import input_rules
 from batch.plan.rows import BUCKET_FIELDS, RowError
 from batch.plan.seeds import SEED_SCHEME
+from batch.plan.sources import ManifestError  # defined beside the readers; importers keep using this name
 from batch.spec.config import JobSpec
 from batch.tasks import TASKS
-
-
-class ManifestError(ValueError):
-    """The manifest as a whole cannot be used (not Parquet, missing columns, reserved names)."""
 
 
 @dataclass
@@ -48,72 +46,16 @@ class Plan:
         return Counter(failure_reason(e) for e in self.failed.column("error").to_pylist())
 
 
-def read_manifest(uri: str, storage_options: dict[str, Any] | None = None) -> pa.Table:
-    """Read a Parquet manifest (a file, or a folder of files) from any fsspec URI; fail fast if it is not Parquet.
+def read_manifest(uri: str | list[str], storage_options: dict[str, Any] | None = None) -> pa.Table:
+    """Read a whole manifest (a file, folder, glob or list of them, in any form of :mod:`batch.plan.sources`)
+    from any fsspec URI as one table; fail fast if it cannot be read.
 
-    A folder's files (``*.parquet`` and other names not starting with ``_`` or ``.``, in name order) are
-    unified into one schema: a column missing from a file is null for that file's rows (never dropped), and
-    a column whose type differs between files fails the job with a message naming both files and the column
-    (integer widths and integer/float mixes are widened, as Arrow's permissive promotion does).
+    Several files are unified into one schema: a column missing from a file is null for that file's rows
+    (never dropped), and a column whose type differs between files fails the job with a message naming both
+    files and the column (integer widths and integer/float mixes are widened, as Arrow's permissive
+    promotion does). Delegates to :func:`batch.plan.sources.read_manifest`.
     """
-    import fsspec
-
-    try:
-        fs, path = fsspec.core.url_to_fs(uri, **(storage_options or {}))
-    except Exception as err:  # unknown protocol, missing driver, bad options
-        raise ManifestError(f"manifest {uri}: cannot open ({err})") from None
-    from batch.store.io import retrying  # transient storage errors are retried like every other read
-
-    if not retrying(fs.exists, path, what=f"read manifest {uri}"):
-        raise ManifestError(f"manifest {uri}: not found")
-    files = _manifest_files(fs, path, uri)
-    tables = []
-    for f in files:
-        name = f if len(files) == 1 else f"{uri.rstrip('/')}/{f[len(path.rstrip('/')) + 1:]}"
-        try:
-            schema = retrying(pq.read_schema, f, filesystem=fs, what=f"read manifest {name}")
-            if len(set(schema.names)) != len(schema.names):
-                dup = sorted({n for n in schema.names if schema.names.count(n) > 1})
-                raise ManifestError(f"manifest {name}: repeated column name(s) {dup}; every column needs its own name")
-            tables.append((name, retrying(pq.read_table, f, filesystem=fs, what=f"read manifest {name}")))
-        except (pa.ArrowInvalid, OSError) as err:
-            raise ManifestError(f"manifest {name}: not a readable Parquet file ({err})") from None
-    return _unify(tables)
-
-
-def _manifest_files(fs: Any, path: str, uri: str) -> list[str]:
-    """The Parquet files of a manifest: the file itself, or a folder's data files (``_*``/``.*`` skipped)."""
-    if not fs.isdir(path):
-        return [path]
-    files = sorted(f for f in fs.find(path) if not any(p.startswith(("_", ".")) for p in
-                                                        f[len(path.rstrip("/")) + 1:].split("/")))
-    if not files:
-        raise ManifestError(f"manifest {uri}: folder holds no data files")
-    return files
-
-
-def _unify(tables: list[tuple[str, pa.Table]]) -> pa.Table:
-    """One table from the files' tables: columns in first-seen order, missing ones null, clashing types named."""
-    if len(tables) == 1:
-        return tables[0][1]
-    seen: dict[str, tuple[str, pa.DataType]] = {}
-    for name, t in tables:
-        for field in t.schema:
-            first = seen.setdefault(field.name, (name, field.type))
-            if pa.types.is_null(first[1]) and not pa.types.is_null(field.type):
-                seen[field.name] = (name, field.type)
-                continue
-            try:
-                pa.unify_schemas([pa.schema([pa.field(field.name, first[1])]), pa.schema([field])],
-                                 promote_options="permissive")
-            except (pa.ArrowTypeError, pa.ArrowInvalid, pa.ArrowNotImplementedError):
-                raise ManifestError(
-                    f"manifest column {field.name!r} is {first[1]} in {first[0]} but {field.type} in {name}; "
-                    "give it one type in every file") from None
-    try:
-        return pa.concat_tables([t for _, t in tables], promote_options="permissive")
-    except (pa.ArrowTypeError, pa.ArrowInvalid) as err:  # a clash the pairwise check did not foresee
-        raise ManifestError(f"manifest files do not share a schema ({err})") from None
+    return sources.read_manifest(uri, storage_options)
 
 
 def check_columns(table: pa.Table, task: str, reserved: set[str]) -> list[str]:

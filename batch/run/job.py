@@ -137,8 +137,8 @@ def check_cluster_paths(spec: JobSpec, on_cluster: bool) -> None:
         return
     from batch.plan.locations import LOCAL_PROTOCOLS
 
-    for name in ("manifest", "output"):
-        uri = getattr(spec, name)
+    manifests = [spec.manifest] if isinstance(spec.manifest, str) else spec.manifest
+    for name, uri in [("manifest", m) for m in manifests] + [("output", spec.output)]:
         protocol, path = fsspec.core.split_protocol(uri)
         if protocol == "memory":
             raise SpecError(f"{name} {uri!r}: memory:// exists only in this process; on a cluster use an object "

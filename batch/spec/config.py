@@ -56,7 +56,8 @@ class JobSpec(_Strict):
     optimizations: Optimizations = Field(default_factory=Optimizations)
 
     # Inputs and outputs (fsspec URIs: local paths, file://, s3://, gs://, memory://, ...).
-    manifest: str | None = None
+    # A manifest: a file, folder or glob URI, or a list of them read in order (README "Manifest forms").
+    manifest: str | list[str] | None = None
     output: str | None = None
     storage_options: dict[str, Any] = Field(default_factory=dict)  # passed to fsspec for manifest and output
     # Where image URIs in a manifest may point (URI prefixes); empty: only the manifest's own folder.
@@ -123,6 +124,15 @@ class JobSpec(_Strict):
         if self.device == "cpu" and self.optimizations.cuda_only():  # refused up front, not in every actor
             raise ValueError(f"{self.optimizations.cuda_only()}, and device is cpu")
         return self
+
+    @field_validator("manifest")
+    @classmethod
+    def _manifest_uris(cls, v: str | list[str] | None) -> str | list[str] | None:
+        if isinstance(v, list):
+            if not v or not all(u.strip() for u in v):
+                raise ValueError("a list of manifests must hold at least one URI, and no empty ones")
+            return v[0] if len(v) == 1 else v
+        return v
 
     @field_validator("actors")
     @classmethod
