@@ -244,6 +244,9 @@ def test_csv_errors_name_the_row_and_column(tmp_path, monkeypatch):
     path.write_text('id,prompt,negative_prompt\na,"two\nlines",""\nb,y,\n')
     assert read_manifest(str(path)).to_pylist() == [{"id": "a", "prompt": "two\nlines", "negative_prompt": ""},
                                                    {"id": "b", "prompt": "y", "negative_prompt": None}]
+    # a byte-order mark and CRLF line ends (spreadsheet exports) read the same
+    path.write_bytes(b"\xef\xbb\xbfid,prompt,seed\r\na,x,1\r\n")
+    assert read_manifest(str(path)).to_pylist() == [{"id": "a", "prompt": "x", "seed": 1}]
 
 
 def test_jsonl_errors_name_the_line(tmp_path, monkeypatch):
@@ -260,6 +263,8 @@ def test_jsonl_errors_name_the_line(tmp_path, monkeypatch):
     path.write_text('{"id": "a", "prompt": "x", "guidance_scale": true}\n')
     with pytest.raises(ManifestError, match=r"line 1: guidance_scale must be a number"):
         read_manifest(str(path))
+    path.write_bytes(b'\xef\xbb\xbf{"id": "a", "prompt": "x"}\r\n')
+    assert read_manifest(str(path)).to_pylist() == [{"id": "a", "prompt": "x"}]
     monkeypatch.setattr(sources, "CHUNK_ROWS", 2)  # columns are fixed by the first CHUNK_ROWS rows
     path.write_text('{"id": "a", "prompt": "x"}\n{"id": "b", "prompt": "y"}\n{"id": "c", "prompt": "z", "k": 1}\n')
     with pytest.raises(ManifestError, match=r"line 3: column\(s\) \['k'\] do not appear in the first 2 rows"):
