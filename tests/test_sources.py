@@ -244,6 +244,9 @@ def test_csv_errors_name_the_row_and_column(tmp_path, monkeypatch):
     path.write_text('id,prompt,negative_prompt\na,"two\nlines",""\nb,y,\n')
     assert read_manifest(str(path)).to_pylist() == [{"id": "a", "prompt": "two\nlines", "negative_prompt": ""},
                                                    {"id": "b", "prompt": "y", "negative_prompt": None}]
+    # a byte-order mark and CRLF line ends (spreadsheet exports) read the same
+    path.write_bytes(b"\xef\xbb\xbfid,prompt,seed\r\na,x,1\r\n")
+    assert read_manifest(str(path)).to_pylist() == [{"id": "a", "prompt": "x", "seed": 1}]
 
 
 def test_jsonl_errors_name_the_line(tmp_path, monkeypatch):
@@ -260,6 +263,8 @@ def test_jsonl_errors_name_the_line(tmp_path, monkeypatch):
     path.write_text('{"id": "a", "prompt": "x", "guidance_scale": true}\n')
     with pytest.raises(ManifestError, match=r"line 1: guidance_scale must be a number"):
         read_manifest(str(path))
+    path.write_bytes(b'\xef\xbb\xbf{"id": "a", "prompt": "x"}\r\n')
+    assert read_manifest(str(path)).to_pylist() == [{"id": "a", "prompt": "x"}]
     monkeypatch.setattr(sources, "CHUNK_ROWS", 2)  # columns are fixed by the first CHUNK_ROWS rows
     path.write_text('{"id": "a", "prompt": "x"}\n{"id": "b", "prompt": "y"}\n{"id": "c", "prompt": "z", "k": 1}\n')
     with pytest.raises(ManifestError, match=r"line 3: column\(s\) \['k'\] do not appear in the first 2 rows"):
@@ -350,3 +355,26 @@ def test_cli_validate_reads_several_manifests(tmp_path, capsys):
     assert main(["validate", str(tmp_path / "a.csv"), str(tmp_path / "b.jsonl")]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["rows"] == 2 and report["rows_ok"] == 2
+
+
+@pytest.mark.slow  # a moto server (~4 s here); every form also runs on memory:// in the fast tests
+def test_forms_on_loopback_s3():
+    """A folder, a glob and a list on S3 (moto on loopback, s3fs): the same rows as on local disk."""
+    from conftest import loopback_s3
+
+    with loopback_s3("sdbatch-sources") as options:
+        fs = fsspec.filesystem("s3", **options)
+        fs.pipe_file("sdbatch-sources/m/part-0.parquet", _parquet_bytes(ROWS[:1]))
+        fs.pipe_file("sdbatch-sources/m/part-1.csv.gz", gzip.compress(_csv_bytes(ROWS[1:2])))
+        fs.pipe_file("sdbatch-sources/m/part-2.jsonl", _jsonl_bytes(ROWS[2:]))
+        fs.pipe_file("sdbatch-sources/m/_SUCCESS", b"")
+        assert _rows(read_manifest("s3://sdbatch-sources/m", options)) == ROWS
+        source = open_manifest("s3://sdbatch-sources/m/part-*", options)
+        assert source.files == [f"s3://sdbatch-sources/m/part-{i}{ext}"
+                                for i, ext in enumerate([".parquet", ".csv.gz", ".jsonl"])]
+        assert [b.num_rows for b in source.iter_batches(2)] == [2, 1]
+        listed = read_manifest(["s3://sdbatch-sources/m/part-2.jsonl", "s3://sdbatch-sources/m/part-0.parquet"],
+                               options)
+        assert listed.column("id").to_pylist() == ["c", "a"]
+        with pytest.raises(ManifestError, match="not found"):
+            open_manifest("s3://sdbatch-sources/absent.csv", options)
