@@ -85,7 +85,7 @@ def _yaml_str(value: str) -> str:
 def _wds_lines(shards: str, image_ext: str) -> list[str]:
     """How the ``webdataset`` library opens the shards: local paths as they are, s3:// through ``pipe:``
     (the library opens local files and pipes; object stores go through a command that streams the object)."""
-    tail = f"ds = wds.WebDataset(urls).decode(\"pil\").to_tuple({image_ext!r}, \"json\")"
+    tail = f"ds = wds.WebDataset(urls, shardshuffle=False).decode(\"pil\").to_tuple({image_ext!r}, \"json\")"
     if "://" not in shards or shards.startswith("file://"):
         path = shards.removeprefix("file://")
         return ["import glob, webdataset as wds", f"urls = sorted(glob.glob({path + '/*.tar'!r}))", tail]
