@@ -18,6 +18,7 @@ from batch.spec.config import parse_spec
 from batch.store.commit import RunExistsError
 from batch.run.job import run_job
 from batch.run.pipeline import cut_blocks, resolve_resources
+from batch.store.card import CARD
 from batch.store.commit import LEASE, RUN_RECORD, SUCCESS_MARKER, read_metadata
 from batch.store.io import open_output
 from batch.store.formats import decode_image
@@ -94,7 +95,7 @@ def test_objects_match_metadata_and_stay_under_prefix(mixed_run):
         assert r["seed"] == r["row_seed"] + r["image_index"]
         assert r["model"] == "tiny" and r["model_revision"] == "tiny-v1" and r["dtype"] == "float32"
     files = out.list("")
-    assert all(f.startswith(("images/", "metadata/", "logs/")) or f in (RUN_RECORD, SUCCESS_MARKER, LEASE)
+    assert all(f.startswith(("images/", "metadata/", "logs/")) or f in (RUN_RECORD, SUCCESS_MARKER, LEASE, CARD)
                for f in files)
     record = out.get_json(RUN_RECORD)
     assert record["status"] == "finished" and record["summary"]["images_ok"] == 5

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import uuid
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -275,3 +276,14 @@ def test_metadata_schema_contains_item_schema_and_reserved_names():
     assert METADATA_SCHEMA.names[: len(ITEM_SCHEMA)] == ITEM_SCHEMA.names
     assert {"status", "error", "uri", "sha256", "_pixels", "_png"} <= RESERVED_COLUMNS
     assert len(set(METADATA_SCHEMA.names)) == len(METADATA_SCHEMA.names)
+
+
+def test_local_temp_files_are_hidden_from_readers_and_found_as_stale(tmp_path):
+    from batch.store.commit import stale_temp_files
+    from batch.store.io import temp_path
+
+    tmp = Path(temp_path(str(tmp_path / "run" / "shards" / "abc.tar")))
+    assert tmp.parent == tmp_path / "run" / "shards" and tmp.name.startswith(".abc.tar.tmp-")  # "." : Ray skips it
+    tmp.parent.mkdir(parents=True)
+    tmp.write_bytes(b"partial shard")
+    assert stale_temp_files(open_output(str(tmp_path / "run"))) == [f"shards/{tmp.name}"]

@@ -19,8 +19,10 @@ from batch.spec.config import parse_spec
 from batch.plan.manifest import plan
 from batch.store.schema import RESERVED_COLUMNS
 from batch.store.io import open_output
-from batch.store.formats import (WRITERS, ImageReader, OutputFormat, Sample, Stored, apply_driver_writes, decode_image,
-                                  encode_image, format_warnings, sample_key)
+from batch.store.formats import (SAMPLE_FIELDS, WRITERS, ImageReader, OutputFormat, Sample, Stored, apply_driver_writes,
+                                  decode_image, encode_image, format_warnings, png_parameters, sample_key, stats_key)
+from batch.store.schema import METADATA_SCHEMA
+from PIL import Image
 
 
 @pytest.fixture(scope="module")
@@ -72,9 +74,10 @@ def test_lossless_formats_read_back_equal_to_file_output(generated, files_output
     if output_format == "files":
         assert all(r["member"] is None and r["uri"].endswith(f".{ext}") for r in rows)
         return
-    shards = [k for k in out.list("shards") if not k.endswith("_stats.json")]
+    shards = [k for k in out.list("shards") if "/_stats/" not in k]
     assert len(shards) == 1 and all(r["uri"] == out.uri(shards[0]) for r in rows)  # one shard per block
-    stats = out.get_json(shards[0].rsplit(".", 1)[0] + "_stats.json")
+    assert out.list("shards/_stats") == [stats_key(shards[0])]
+    stats = out.get_json(stats_key(shards[0]))
     assert stats["written"] == 3 and stats["shard"] == shards[0] and stats["image_format"] == image_format
     data = out.get(shards[0])
     if output_format == "webdataset":
@@ -207,3 +210,74 @@ def test_each_writer_class_round_trips_a_block_through_the_reader(name, tmp_path
     failed = WRITERS[name](fmt, second_put_fails, 3).write(samples)
     expected = [False, True, False] if name == "files" else [True, True, True]
     assert [isinstance(s, OSError) for s in failed] == expected
+
+
+def test_png_parameters_chunk_is_a1111_infotext_and_keeps_pixels(generated, tmp_path):
+    rows = _write(generated, str(tmp_path / "out"))
+    reader = ImageReader()
+    for r, g in zip(rows, generated.to_pylist()):
+        data = reader.read_bytes(r)
+        text = Image.open(io.BytesIO(data)).text["parameters"]
+        prompt, params = text.split("\n")  # no negative prompt in these rows
+        assert prompt == r["prompt"]
+        fields = dict(p.split(": ", 1) for p in params.split(", "))
+        assert fields["Steps"] == "3" and fields["Seed"] == str(r["seed"]) and fields["Size"] == "64x64"
+        assert fields["CFG scale"] == str(r["guidance_scale"]) and fields["Sampler"] == r["scheduler"]
+        assert fields["Model"] == "tiny" and fields["Image index"] == str(r["image_index"])
+        # the chunk does not change the pixels, and the bytes are deterministic (no timestamp)
+        px = np.frombuffer(g["_pixels"], np.uint8).reshape(64, 64, 3)
+        assert np.array_equal(decode_image(data), px)
+        assert encode_image(px, OutputFormat(), text) == data
+        assert encode_image(px, OutputFormat()) != data  # ... and it is really there
+    again = _write(generated, str(tmp_path / "again"))
+    assert [r["sha256"] for r in again] == [r["sha256"] for r in rows]
+
+
+def test_png_parameters_quotes_and_negative_prompt():
+    meta = {"prompt": "a cat, on a mat", "negative_prompt": "blurry", "num_inference_steps": 50,
+            "scheduler": "euler_a", "guidance_scale": 7.5, "seed": np.uint64(123), "height": 512, "width": 768,
+            "model": "CompVis/stable-diffusion-v1-4", "model_revision": None, "image_index": 0}
+    assert png_parameters(meta) == ("a cat, on a mat\nNegative prompt: blurry\nSteps: 50, Sampler: euler_a, "
+                                    "CFG scale: 7.5, Seed: 123, Size: 768x512, Model: "
+                                    "CompVis/stable-diffusion-v1-4, Image index: 0")
+    # a value holding ',' or ':' is JSON-quoted (A1111's quote); non-Latin-1 text survives the round trip
+    text = png_parameters({**meta, "prompt": "猫", "model": "/models/a,b:c"})
+    assert 'Model: "/models/a,b:c"' in text
+    data = encode_image(np.zeros((4, 4, 3), np.uint8), OutputFormat(), text)
+    assert Image.open(io.BytesIO(data)).text["parameters"] == text
+
+
+@pytest.mark.parametrize("output_format", ["webdataset", "parquet"])
+def test_images_per_shard_splits_a_block(generated, tmp_path, output_format):
+    out_uri = str(tmp_path / "out")
+    rows = _write(generated, out_uri, output_format=output_format, images_per_shard=2)
+    out = open_output(out_uri)
+    shards = sorted(k for k in out.list("shards") if "/_stats/" not in k)
+    assert len(rows) == 3 and len(shards) == 2  # 3 images, at most 2 per shard
+    assert sorted(out.list("shards/_stats")) == sorted(stats_key(k) for k in shards)
+    stats = [out.get_json(stats_key(k)) for k in shards]
+    assert sorted(s["written"] for s in stats) == [1, 2] and sum(s["images"] for s in stats) == 3
+    reader = ImageReader()
+    for r in rows:
+        assert np.array_equal(reader.read(r), _pixels(generated)[(r["id"], r["image_index"])])
+
+
+def test_images_per_shard_is_checked():
+    with pytest.raises(SpecError, match="images_per_shard"):
+        parse_spec({"images_per_shard": 0, "output_format": "webdataset"})
+    with pytest.raises(SpecError, match="images_per_shard: 8 applies to the shard formats"):
+        parse_spec({"images_per_shard": 8})
+    assert OutputFormat.from_spec(parse_spec({"images_per_shard": 8, "output_format": "parquet"})).images_per_shard == 8
+
+
+def test_parquet_shards_carry_the_generation_parameters(generated, tmp_path):
+    rows = _write(generated, str(tmp_path / "out"), output_format="parquet")
+    table = pq.read_table(rows[0]["uri"])  # a local output: uri is the shard's path
+    for name in SAMPLE_FIELDS:  # typed as the metadata, so shards and metadata join on (id, image_index)
+        assert table.schema.field(name).type == METADATA_SCHEMA.field(name).type
+    by_key = {r["key"]: r for r in table.to_pylist()}
+    for r in rows:
+        s = by_key[r["member"]]
+        assert (s["prompt"], s["seed"], s["guidance_scale"], s["model"]) == (r["prompt"], r["seed"],
+                                                                               r["guidance_scale"], r["model"])
+        assert s["caption"] == r["prompt"] and s["sha256"] == r["sha256"]

@@ -14,7 +14,8 @@
    through the Ray pipeline in waves of ``WAVE_CHUNKS`` chunks, committing a metadata part every
    ``commit_every`` rows or ``commit_seconds`` (an image counts as done only once a part holding its row is
    written). The driver holds one wave at a time, never the whole manifest;
-5. :func:`finish`: counts over the whole run into the run record; ``_SUCCESS`` last, and only when every
+5. :func:`finish`: counts over the whole run into the run record, the dataset card (``README.md``,
+   :mod:`batch.store.card`); ``_SUCCESS`` last, and only when every
    planned image and row has a committed record (else the run is ``incomplete``, exit code 3).
 
 The protocol itself (parts, lease, latest-wins reading) is :mod:`batch.store.commit`; the numbers in the
@@ -57,6 +58,7 @@ from batch.store.commit import (
     new_attempt_id,
 )
 from batch.store.done import DoneIndex
+from batch.store.card import write_dataset_card
 from batch.store.formats import OutputFormat, apply_driver_writes, format_warnings
 from batch.store.io import Output, open_output
 from batch.store.runlog import RunLog
@@ -373,6 +375,7 @@ def finish(run: OpenRun, work: Work, attempt: Attempt, streamed: Streamed, t_sta
     run.out.put_json(RUN_RECORD, record)
     attempt.log.event("finish", force=True, **{k: v for k, v in summary.__dict__.items() if k != "output"},
                       images_planned=streamed.images_planned, metadata_parts=committer.parts)
+    write_dataset_card(run.out, spec, summary, record)  # README.md: model, licence, counts, how to load
     if summary.complete:
         run.out.put_json(SUCCESS_MARKER, {"run_id": spec.run_id, "attempt": run.attempt,
                                           "finished_at": record["finished_at"], **counts})

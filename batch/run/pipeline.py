@@ -263,7 +263,9 @@ def run_items(items: pa.Table, spec: JobSpec, res: Resources, upload: bool) -> I
     ds = ds.map_batches(
         EncodeWriter,
         fn_constructor_args=(WriterSettings.from_spec(spec, upload),),
-        batch_size=None,
+        # images_per_shard: Ray Data bundles rows across blocks into calls of at most that many images, so a
+        # shard can hold more than one sampler block; None: one call (and shard) per block
+        batch_size=spec.images_per_shard if spec.output_format != "files" else None,
         batch_format="pyarrow",
         # warm writer processes, one to start with, more while blocks queue up (PNG encoding of many GPUs)
         compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, 2 * res.actors)),

@@ -94,6 +94,9 @@ class JobSpec(_Strict):
     image_format: Literal["png", "webp", "jpeg"] = "png"
     webp_lossless: bool = True
     jpeg_quality: int = Field(95, ge=1, le=100)  # also the quality of lossy webp
+    # webdataset/parquet: at most this many images per shard (the encode/write stage is handed this many
+    # images at a time); None: one shard per block the pipeline hands the writers (a few GPU batches)
+    images_per_shard: int | None = Field(None, ge=1)
 
     # Safety checker (runs only when the model folder has safety_checker/ + feature_extractor/):
     # flag = keep the image and set metadata nsfw; blackout = zero its pixels (diffusers); drop = fail the row.
@@ -121,6 +124,9 @@ class JobSpec(_Strict):
             raise ValueError(f"device: cpu with gpus_per_actor: {self.gpus_per_actor:g}: a CPU run requests no "
                              "GPUs from Ray; set gpus_per_actor: 0 (or leave it unset), or device: cuda "
                              "(the --device cpu flag clears gpus_per_actor)")
+        if self.images_per_shard is not None and self.output_format == "files":
+            raise ValueError(f"images_per_shard: {self.images_per_shard} applies to the shard formats; "
+                             "set output_format: webdataset or parquet, or leave images_per_shard unset")
         if self.device == "cpu" and self.optimizations.cuda_only():  # refused up front, not in every actor
             raise ValueError(f"{self.optimizations.cuda_only()}, and device is cpu")
         return self

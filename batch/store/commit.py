@@ -133,7 +133,7 @@ def read_metadata(uri: str | Output, storage_options: dict[str, Any] | None = No
 
 
 def stale_temp_files(out: Output) -> list[str]:
-    """Keys of temp files an interrupted local write left behind (``<key>.tmp-<random>``: a driver or
+    """Keys of temp files an interrupted local write left behind (``<dir>/.<name>.tmp-<random>``: a driver or
     writer killed mid-write, or a disk that filled); object stores write whole objects and leave none."""
     if not out.is_local:
         return []

@@ -5,13 +5,15 @@ one :class:`BlockWriter` subclass, registered by name in :data:`WRITERS` (as img
 
 * :class:`FilesWriter` (``files``, default): one object per image, ``images/<slug>-<sha16>/<k>.<ext>``;
   metadata ``uri`` is the object, ``member`` is null.
-* :class:`WebDatasetWriter` (``webdataset``): one tar shard per written block, ``shards/<block>.tar``,
+* :class:`WebDatasetWriter` (``webdataset``): one tar shard per written block (or per ``images_per_shard``
+  images of it), ``shards/<block>.tar``,
   holding per sample ``<key>.<ext>`` (the image), ``<key>.json`` (its generation parameters) and
   ``<key>.txt`` (the prompt); metadata ``uri`` is the shard and ``member`` the image's tar member name.
-* :class:`ParquetWriter` (``parquet``): one Parquet file per written block, ``shards/<block>.parquet``, one
-  row per image with the encoded bytes in a column named by the extension (``png``/``webp``/``jpg``) next
-  to ``key``, ``caption``, ``id``, ``image_index``, ``seed``, ``width``, ``height``, ``sha256``; metadata
-  ``member`` is the ``key``.
+* :class:`ParquetWriter` (``parquet``): one Parquet file per written block (or per ``images_per_shard``),
+  ``shards/<block>.parquet``, one row per image with the encoded bytes in a column named by the extension
+  (``png``/``webp``/``jpg``) next to ``key``, ``caption`` (the prompt, img2dataset's name), ``sha256`` and
+  every generation parameter of :data:`SAMPLE_FIELDS` (prompt, seed, guidance, steps, scheduler, model, ...)
+  typed as in the metadata schema, so a shard is usable without a join; metadata ``member`` is the ``key``.
 
 The interface: ``BlockWriter(fmt, put, block_images).write(samples)`` takes the block's encoded samples
 (:class:`Sample`: ``key``, ``meta``, ``data``), writes them through ``put`` and returns, per sample, a
@@ -20,15 +22,21 @@ exception that failed it. :class:`ShardWriter` is the shared base of the two sha
 says only how to build its shard bytes and name a sample's member. :func:`write_block` does the rest for
 every format: encoding, hashing, per-image failures as data, retries and the ``upload=False`` hand-off.
 
-Every shard has a ``shards/<block>_stats.json`` next to it (counts, bytes, format, timings). ``<block>`` is
-derived from the block's sample keys only (16 hex digits of their SHA-256), so a rerun of the same block
-writes the same name. A shard is built whole in memory and written with one atomic put (object stores PUT
+Every shard has a ``shards/_stats/<block>.json`` (counts, bytes, format, timings): under a folder whose name
+starts with ``_``, which Ray Data's directory listing skips (``ray.data.datasource.file_meta_provider.
+_expand_directory`` excludes relative paths starting with ``.`` or ``_``), so ``ray.data.read_webdataset(
+OUTPUT/shards)`` and ``ray.data.read_parquet(OUTPUT/shards)`` read the shards alone, with no arguments.
+``<block>`` is derived from the shard's sample keys only (16 hex digits of their SHA-256), so a rerun of the
+same block writes the same name. A shard is built whole in memory and written with one atomic put (object stores PUT
 whole objects; local files go to a temp name, then rename), and metadata naming it is committed only after
 that put returned: metadata never references a partial shard.
 
 Image encodings: ``png`` (lossless), ``webp`` (lossless by default, ``webp_lossless: false`` for lossy at
 ``jpeg_quality``), ``jpeg`` (``jpeg_quality``, 4:4:4). Lossy encodings change pixels and so shift FID and
-other metrics computed from the stored images: :func:`format_warnings` says so at job start.
+other metrics computed from the stored images: :func:`format_warnings` says so at job start. PNGs carry
+their generation parameters in a ``parameters`` text chunk (:func:`png_parameters`, the AUTOMATIC1111 web UI's
+infotext, which Stable Diffusion tools read back); the chunk holds no timestamp, so equal pixels and
+parameters still give equal bytes (and ``sha256``).
 """
 
 from __future__ import annotations
@@ -49,9 +57,11 @@ from PIL import Image
 
 from batch.store.io import (DEFAULT_RETRY, Output, RetryPolicy, error_text, image_key, open_output, retrying,
                             storage_options_for)
+from batch.store.schema import METADATA_SCHEMA
 from batch.store.schema import set_column as _set_column
 
 SHARDS_DIR = "shards"
+STATS_DIR = f"{SHARDS_DIR}/_stats"  # "_": skipped by Ray Data's listing of SHARDS_DIR (module docstring)
 EXTENSIONS = {"png": "png", "webp": "webp", "jpeg": "jpg"}
 # generation parameters stored in each WebDataset sample's .json (and useful to any reader of a shard)
 SAMPLE_FIELDS = ("id", "image_index", "prompt", "negative_prompt", "seed", "height", "width", "guidance_scale",
@@ -67,10 +77,12 @@ class OutputFormat:
     image_format: str = "png"
     webp_lossless: bool = True
     jpeg_quality: int = 95
+    images_per_shard: int | None = None  # shard formats: at most this many images per shard (None: the block)
 
     @classmethod
     def from_spec(cls, spec) -> "OutputFormat":
-        return cls(spec.output_format, spec.image_format, spec.webp_lossless, spec.jpeg_quality)
+        return cls(spec.output_format, spec.image_format, spec.webp_lossless, spec.jpeg_quality,
+                   getattr(spec, "images_per_shard", None))
 
     @property
     def ext(self) -> str:
@@ -90,12 +102,44 @@ def format_warnings(fmt: OutputFormat) -> list[str]:
             "evaluation runs"]
 
 
-def encode_image(pixels: np.ndarray, fmt: OutputFormat) -> bytes:
-    """Encode an (H, W, 3) uint8 array; deterministic bytes for equal pixels and settings."""
+def _a1111_quote(value: Any) -> str:
+    """A value as AUTOMATIC1111's infotext writes it: JSON-quoted only if it holds ``,`` ``:`` or a newline
+    (``modules/infotext_utils.py::quote`` in stable-diffusion-webui)."""
+    text = str(value)
+    return json.dumps(text, ensure_ascii=False) if any(c in text for c in ",:\n") else text
+
+
+def png_parameters(meta: dict) -> str:
+    """The ``parameters`` PNG text of one image, in AUTOMATIC1111's infotext form
+    (``modules/processing.py::create_infotext``): the prompt, ``Negative prompt: ...`` when there is one,
+    then ``Steps: 50, Sampler: <scheduler>, CFG scale: 7.5, Seed: 123, Size: <W>x<H>, Model: <model>, ...``
+    (absent values left out). Only generation parameters: no time, no host, so it is deterministic."""
+    params = {"Steps": meta.get("num_inference_steps"), "Sampler": meta.get("scheduler"),
+              "CFG scale": meta.get("guidance_scale"), "Seed": meta.get("seed"),
+              "Size": f"{meta['width']}x{meta['height']}" if meta.get("width") and meta.get("height") else None,
+              "Model": meta.get("model"), "Model revision": meta.get("model_revision"),
+              "Image index": meta.get("image_index")}
+    negative = meta.get("negative_prompt")
+    lines = [meta.get("prompt") or ""] + ([f"Negative prompt: {negative}"] if negative else [])
+    lines.append(", ".join(f"{k}: {_a1111_quote(_jsonable(v))}" for k, v in params.items() if v is not None))
+    return "\n".join(lines)
+
+
+def encode_image(pixels: np.ndarray, fmt: OutputFormat, parameters: str | None = None) -> bytes:
+    """Encode an (H, W, 3) uint8 array; deterministic bytes for equal pixels, settings and ``parameters``.
+
+    ``parameters`` (PNG only) goes into a ``parameters`` text chunk (tEXt, or compressed iTXt when it is not
+    Latin-1); it never changes the pixels."""
     buf = io.BytesIO()
     img = Image.fromarray(np.ascontiguousarray(pixels), mode="RGB")
     if fmt.image_format == "png":
-        img.save(buf, format="PNG")
+        info = None
+        if parameters is not None:
+            from PIL.PngImagePlugin import PngInfo
+
+            info = PngInfo()
+            info.add_text("parameters", parameters)  # Pillow switches to iTXt for non-Latin-1 text
+        img.save(buf, format="PNG", pnginfo=info)
     elif fmt.image_format == "webp":
         if fmt.webp_lossless:
             img.save(buf, format="WEBP", lossless=True, quality=100, method=4, exact=True)
@@ -192,8 +236,9 @@ class FilesWriter(BlockWriter):
 
 
 class ShardWriter(BlockWriter):
-    """A shard format: the block's samples in one object, ``shards/<block>.<extension>``, written whole by
-    one put, then ``shards/<block>_stats.json``; a failure of either fails every sample in the shard."""
+    """A shard format: the block's samples in one object, ``shards/<block>.<extension>`` (or, with
+    ``images_per_shard``, consecutive runs of at most that many in one object each), written whole by one put,
+    then ``shards/_stats/<block>.json``; a failure of either fails every sample in that shard."""
 
     extension: ClassVar[str]
 
@@ -209,23 +254,37 @@ class ShardWriter(BlockWriter):
     def write(self, samples: Sequence[Sample]) -> list[Stored | Exception]:
         if not samples:  # nothing to write: no shard, no stats
             return []
+        size = self.fmt.images_per_shard or len(samples)
+        stored: list[Stored | Exception] = []
+        for start in range(0, len(samples), size):
+            # the block's images that failed before writing are counted once, in its first shard's stats
+            failed_before = self.block_images - len(samples) if start == 0 else 0
+            stored += self._write_shard(samples[start:start + size], failed_before)
+        return stored
+
+    def _write_shard(self, samples: Sequence[Sample], failed_before: int) -> list[Stored | Exception]:
         t0 = time.perf_counter()
         name = block_name([s.key for s in samples])
         key = f"{SHARDS_DIR}/{name}.{self.extension}"
         fmt = self.fmt
         stats: dict[str, Any] = {"output_format": fmt.output_format, "image_format": fmt.image_format,
-                                 "lossless": fmt.lossless, "images": self.block_images,
-                                 "failed_before_write": self.block_images - len(samples)}
+                                 "lossless": fmt.lossless, "images": len(samples) + failed_before,
+                                 "failed_before_write": failed_before}
         try:
             shard = self.build(samples, fmt.ext)
             self.put(0, key, shard)  # atomic: the whole shard or nothing
             stats.update(shard=key, written=len(samples), bytes=len(shard),
                          image_bytes=sum(len(d) for _, _, d in samples), t_write_s=time.perf_counter() - t0)
-            self.put(0, f"{SHARDS_DIR}/{name}_stats.json", _stats_bytes(stats))
+            self.put(0, stats_key(key), _stats_bytes(stats))
         except Exception as err:  # the shard failed: every image in it fails
             return [err] * len(samples)
         dt = (time.perf_counter() - t0) / len(samples)
         return [Stored(key, self.member(s), dt) for s in samples]
+
+
+def stats_key(shard_key: str) -> str:
+    """The stats object of a shard: ``shards/<block>.<ext>`` -> ``shards/_stats/<block>.json``."""
+    return f"{STATS_DIR}/{shard_key.rsplit('/', 1)[-1].rsplit('.', 1)[0]}.json"
 
 
 class WebDatasetWriter(ShardWriter):
@@ -255,17 +314,14 @@ class ParquetWriter(ShardWriter):
 
     @staticmethod
     def build(samples: Sequence[Sample], ext: str) -> bytes:
-        table = pa.table({
-            "key": pa.array([k for k, _, _ in samples], pa.string()),
-            "caption": pa.array([m.get("prompt") for _, m, _ in samples], pa.string()),
-            "id": pa.array([m["id"] for _, m, _ in samples], pa.string()),
-            "image_index": pa.array([m["image_index"] for _, m, _ in samples], pa.int64()),
-            "seed": pa.array([m.get("seed") for _, m, _ in samples], pa.uint64()),
-            "width": pa.array([m["width"] for _, m, _ in samples], pa.int64()),
-            "height": pa.array([m["height"] for _, m, _ in samples], pa.int64()),
-            "sha256": pa.array([hashlib.sha256(d).hexdigest() for _, _, d in samples], pa.string()),
-            ext: pa.array([d for _, _, d in samples], pa.binary()),
-        })
+        columns = {"key": pa.array([k for k, _, _ in samples], pa.string()),
+                   "caption": pa.array([m.get("prompt") for _, m, _ in samples], pa.string())}
+        for name in SAMPLE_FIELDS:  # every generation parameter, typed as the metadata column of that name
+            columns[name] = pa.array([_jsonable(m.get(name)) for _, m, _ in samples],
+                                     METADATA_SCHEMA.field(name).type)
+        columns["sha256"] = pa.array([hashlib.sha256(d).hexdigest() for _, _, d in samples], pa.string())
+        columns[ext] = pa.array([d for _, _, d in samples], pa.binary())
+        table = pa.table(columns)
         out = pa.BufferOutputStream()
         pq.write_table(table, out, compression="none")  # image bytes are already compressed
         return out.getvalue().to_pybytes()
@@ -291,7 +347,7 @@ def write_block(batch: pa.Table, output: str, storage_options: dict[str, Any], u
     driver); a ``_puts`` column (list of ``{key, data}``) carries the objects for the driver to write, in
     order, and ``_uri_key`` the key each row's ``uri`` will name (see :func:`apply_driver_writes`).
 
-    1. encode every generated image (per-image failure isolation);
+    1. encode every generated image (per-image failure isolation; PNGs with their ``parameters`` chunk);
     2. write the encoded samples with the format's :data:`WRITERS` class;
     3. fill the result columns.
     """
@@ -318,7 +374,8 @@ def write_block(batch: pa.Table, output: str, storage_options: dict[str, Any], u
         t0 = time.perf_counter()
         try:
             arr = np.frombuffer(r["_pixels"], dtype=np.uint8).reshape(r["height"], r["width"], 3)
-            encoded[i] = encode_image(arr, fmt)
+            text = png_parameters({**params[i], **rows[i]}) if fmt.image_format == "png" else None
+            encoded[i] = encode_image(arr, fmt, text)
         except Exception as err:  # failures are data: this image fails, the block goes on
             status[i], error[i] = "failed", error_text(err)
         t_enc[i] = time.perf_counter() - t0

@@ -36,7 +36,15 @@ log = logging.getLogger(__name__)
 IMAGES_DIR = "images"
 
 
-TMP_MARK = ".tmp-"  # local writes go to <key>.tmp-<random> first, then are renamed (``Output.put``)
+TMP_MARK = ".tmp-"  # local writes go to <dir>/.<name>.tmp-<random> first, then are renamed (``Output.put``)
+
+
+def temp_path(path: str) -> str:
+    """A fresh temp name next to ``path`` for a local write: ``<dir>/.<name>.tmp-<random>``. The leading dot
+    hides a temp file left by a killed writer from Ray Data's directory listing (it skips names starting with
+    ``.`` or ``_``), so ``ray.data.read_webdataset(OUTPUT/shards)`` never opens a partial shard."""
+    parent, _, name = path.rpartition("/")
+    return f"{parent}/.{name}{TMP_MARK}{uuid.uuid4().hex}" if parent else f".{name}{TMP_MARK}{uuid.uuid4().hex}"
 
 
 _SLUG = re.compile(r"[^A-Za-z0-9_-]+")
@@ -182,7 +190,7 @@ class Output:
         parent = path.rsplit("/", 1)[0]
         self.fs.makedirs(parent, exist_ok=True)
         if self.is_local:
-            tmp = f"{path}{TMP_MARK}{uuid.uuid4().hex}"
+            tmp = temp_path(path)
             try:
                 self.fs.pipe_file(tmp, data)
                 self.fs.mv(tmp, path)
@@ -219,7 +227,7 @@ class Output:
             if self.is_local:
                 import os
 
-                tmp = f"{path}{TMP_MARK}{uuid.uuid4().hex}"
+                tmp = temp_path(path)
                 try:
                     self.fs.pipe_file(tmp, data)
                     os.link(tmp, path)  # atomic, and fails when ``path`` exists (O_EXCL semantics)
