@@ -95,7 +95,7 @@ def test_objects_match_metadata_and_stay_under_prefix(mixed_run):
         assert r["seed"] == r["row_seed"] + r["image_index"]
         assert r["model"] == "tiny" and r["model_revision"] == "tiny-v1" and r["dtype"] == "float32"
     files = out.list("")
-    assert all(f.startswith(("images/", "metadata/", "logs/")) or f in (RUN_RECORD, SUCCESS_MARKER, LEASE, CARD)
+    assert all(f.startswith(("images/", "metadata/", "logs/", "manifest/rowhash-")) or f in (RUN_RECORD, SUCCESS_MARKER, LEASE, CARD)
                for f in files)
     record = out.get_json(RUN_RECORD)
     assert record["status"] == "finished" and record["summary"]["images_ok"] == 5

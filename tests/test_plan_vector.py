@@ -194,3 +194,15 @@ def test_hash_strings_is_stable_and_length_aware():
     assert valid.tolist() == [True] * 6 + [False, True]
     assert len(set(h[:6].tolist())) == 6 and h[3] == h[7]
     assert (hash_strings(a.slice(3, 2))[0] == h[3:5]).all()  # slices (array offsets) hash the same
+
+
+def test_columns_of_another_type_fall_back_to_the_per_row_check():
+    """A text `height` column: its null rows take the default through the kernels, the others fail per row."""
+    spec = parse_spec({})
+    table = pa.table({"id": ["a", "b", "c"], "prompt": ["x", "y", "z"], "height": pa.array([None, "64", None]),
+                      "num_inference_steps": pa.array([None, 3.0, 2.5]), "negative_prompt": pa.array([None, 1, None])})
+    got = plan(table, spec, RESERVED_COLUMNS)
+    want_items, want_failed = reference_plan(table, spec)
+    assert [_clean(r) for r in got.items.to_pylist()] == [_clean(r) for r in want_items]
+    assert got.failed.select(["id", "manifest_row", "error"]).to_pylist() == want_failed
+    assert got.items.num_rows == 1 and got.failed.num_rows == 2

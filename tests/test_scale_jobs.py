@@ -35,10 +35,9 @@ def test_waves_and_extend(tmp_path, ray_session, monkeypatch):
     then 2 appended rows run alone with --extend; a changed row is refused by number and id."""
     monkeypatch.setattr(manifest, "PLAN_CHUNK_ROWS", 3)
     monkeypatch.setattr(job, "PLAN_CHUNK_ROWS", 3)
-    monkeypatch.setattr(job, "WAVE_CHUNKS", 2)
     out = str(tmp_path / "out")
     m1 = write_manifest(tmp_path / "m1.parquet", rows(7), SCHEMA)
-    s1 = run_job(spec_for(m1, out))
+    s1 = run_job(spec_for(m1, out, wave_rows=5))  # 2 chunks of 3 rows
     assert s1.complete and s1.images_ok == 7
     waves = [e for e in read_log(open_output(out), s1.run_id) if e["event"] == "wave"]
     assert [w["images_to_do"] for w in waves] == [6, 1]

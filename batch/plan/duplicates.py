@@ -55,20 +55,28 @@ def hash_strings(arr: pa.Array) -> tuple[np.ndarray, np.ndarray]:
     bufs = arr.buffers()
     offsets = np.frombuffer(bufs[1], dtype=np.int32)[arr.offset:arr.offset + n + 1].astype(np.int64)
     data = np.frombuffer(bufs[2], dtype=np.uint8) if bufs[2] is not None else np.zeros(0, np.uint8)
-    data = np.concatenate([data, np.zeros(8, np.uint8)])
+    data = np.concatenate([data, np.zeros(16, np.uint8)])
+    # the 8 byte alignments of the data as uint64 arrays: the word at byte p is views[p % 8][p // 8]
+    m = (len(data) - 8) // 8
+    views = [data[a:a + 8 * m].view("<u8") for a in range(8)]
     lengths = np.diff(offsets)
     h = _FNV_OFFSET ^ lengths.astype(np.uint64)
-    lanes = np.arange(8)
-    active = np.flatnonzero(lengths > 0)
-    j = 0
     with np.errstate(over="ignore"):
-        while len(active):
-            idx = offsets[active, None] + j + lanes
-            word_bytes = np.where(j + lanes < lengths[active, None], data[np.minimum(idx, len(data) - 1)], 0)
-            words = np.ascontiguousarray(word_bytes.astype(np.uint8)).view("<u8").ravel()
-            h[active] = (h[active] ^ words) * _FNV_PRIME
-            j += 8
-            active = active[lengths[active] > j]
+        for a in range(8):  # a value's alignment (offset % 8) is the same for all its words
+            rows = np.flatnonzero((lengths > 0) & (offsets[:-1] % 8 == a))
+            rows = rows[np.argsort(-lengths[rows], kind="stable")]  # longest first: the rows left are a prefix
+            lens, word_at, hh = lengths[rows], offsets[rows] // 8, h[rows]
+            j, live = 0, len(rows)
+            while live:
+                words = views[a][word_at[:live] + j // 8]
+                rem = lens[:live] - j  # bytes of this value left; keep at most 8 of them
+                short = rem < 8
+                if short.any():
+                    words[short] &= (np.uint64(1) << (rem[short].astype(np.uint64) * np.uint64(8))) - np.uint64(1)
+                hh[:live] = (hh[:live] ^ words) * _FNV_PRIME
+                j += 8
+                live = int(np.count_nonzero(lens[:live] > j))
+            h[rows] = hh
         h = _splitmix(h)
     return h, valid
 

@@ -147,7 +147,8 @@ def fast_rows(table: pa.Table, spec: "JobSpec") -> dict[str, pa.Array]:
 
     def filled(name: str, default, type_: pa.DataType) -> pa.Array:
         col = _column(table, name)
-        if col is None or pa.types.is_null(col.type):
+        # all null (also a column of another type, whose accepted rows are exactly its nulls): the default
+        if col is None or pa.types.is_null(col.type) or col.null_count == len(col):
             return pa.nulls(n, type_) if default is None else pa.array(np.full(n, default), type_) \
                 if not isinstance(default, str) else pa.array([default] * n, type_)
         col = col.combine_chunks()

@@ -11,7 +11,7 @@
 3. :func:`record_attempt`: record the attempt in ``run.json``, open the committer and the run log;
 4. :func:`stream_and_commit`: plan the manifest chunk by chunk (:func:`batch.plan.manifest.iter_plan`), keep
    only the missing work (``retry_failed``: also the failed images), commit failed rows, and run the items
-   through the Ray pipeline in waves of ``WAVE_CHUNKS`` chunks, committing a metadata part every
+   through the Ray pipeline in waves of ``wave_rows`` manifest rows, committing a metadata part every
    ``commit_every`` rows or ``commit_seconds`` (an image counts as done only once a part holding its row is
    written). The driver holds one wave at a time, never the whole manifest;
 5. :func:`finish`: counts over the whole run into the run record, the dataset card (``README.md``,
@@ -65,7 +65,9 @@ from batch.store.runlog import RunLog
 from batch.store.schema import RESERVED_COLUMNS
 
 
-WAVE_CHUNKS = 16  # plan chunks per wave (16 x 65,536 = 1,048,576 manifest rows): the most the driver holds
+def wave_chunks(spec: JobSpec) -> int:
+    """Plan chunks per wave: ``spec.wave_rows`` rounded up to whole chunks (default 16 x 65,536 rows)."""
+    return max(1, -(-spec.wave_rows // PLAN_CHUNK_ROWS))
 
 
 @dataclass
@@ -270,7 +272,7 @@ def record_attempt(run: OpenRun, work: Work) -> Attempt:
 
 
 def iter_waves(run: OpenRun, work: Work) -> Iterator[tuple[int, pa.Table, pa.Table]]:
-    """(images planned, items to do, failed rows to commit) per wave of ``WAVE_CHUNKS`` plan chunks: the
+    """(images planned, items to do, failed rows to commit) per wave of :func:`wave_chunks` plan chunks: the
     streaming plan (:func:`batch.plan.manifest.iter_plan`) minus what is committed (:meth:`DoneIndex.select`)."""
     planned, items, failed = 0, [], []
     chunks = iter_plan(run.source.iter_batches(), run.spec, run.scan.carried, run.scan.duplicates)
@@ -279,7 +281,7 @@ def iter_waves(run: OpenRun, work: Work) -> Iterator[tuple[int, pa.Table, pa.Tab
         planned += chunk.items.num_rows
         items.append(todo)
         failed.append(bad)
-        if n % WAVE_CHUNKS == 0:
+        if n % wave_chunks(run.spec) == 0:
             yield planned, pa.concat_tables(items), pa.concat_tables(failed)
             planned, items, failed = 0, [], []
     if items:
