@@ -2,8 +2,8 @@
 
 :mod:`batch.store.commit` defines the protocol (parts, latest attempt wins); reading a 10M-row output with
 :func:`batch.store.commit.read_metadata` would hold every column of every row. :class:`DoneIndex` reads only
-the key columns, one part at a time, into flat numpy arrays (about 30 bytes per committed record while
-building, 14 after), and answers the three questions a driver asks:
+the key columns, one part at a time, into flat numpy arrays (measured: about 80 bytes per committed
+record at the peak of building, while sorting; 13 after), and answers the three questions a driver asks:
 
 1. :meth:`DoneIndex.select`: which items and failed rows of a plan chunk this attempt must still do;
 2. :meth:`DoneIndex.tally`: the run's counts (rows and images by status, failure reasons);
@@ -63,41 +63,46 @@ class DoneIndex:
         """Read the committed parts' key columns, one part at a time, and keep each key's latest record
         (latest ``attempt``; ties: the later part, the later row)."""
         parts = metadata_parts(out) if parts is None else parts
-        keys, status, nimg, redec, attempt, part_no, row_no = [], [], [], [], [], [], []
+        keys, flags, nimg, attempt, starts = [], [], [], [], [0]
         attempts: dict[str, int] = {}
-        for p, name in enumerate(parts):
+        for name in parts:
             t = pq.read_table(io.BytesIO(out.get(name)), columns=_COLUMNS)
             keys.append(keys_of(t.column("manifest_row"), t.column("image_index")))
-            st = t.column("status")
-            code = np.where(pc.equal(st, "ok").to_numpy(zero_copy_only=False), OK, FAILED).astype(np.int8)
+            code = np.where(pc.equal(t.column("status"), "ok").to_numpy(zero_copy_only=False), OK, FAILED)
             dropped = pc.fill_null(pc.equal(t.column("error"), NSFW_ERROR), False).to_numpy(zero_copy_only=False)
-            code[dropped] = DROPPED
-            status.append(code)
-            nimg.append(pc.fill_null(t.column("num_images"), 0).to_numpy().astype(np.int32))
-            redec.append(pc.fill_null(t.column("vae_redecoded_fp32"), False).to_numpy(zero_copy_only=False))
+            redecoded = pc.fill_null(t.column("vae_redecoded_fp32"), False).to_numpy(zero_copy_only=False)
+            flags.append((np.where(dropped, DROPPED, code) | (redecoded.astype(np.int8) << 4)).astype(np.int8))
+            nimg.append(pc.fill_null(t.column("num_images"), 0).to_numpy().astype(np.int16))
             enc = pc.dictionary_encode(pc.fill_null(t.column("attempt"), "")).combine_chunks()
             codes = [attempts.setdefault(a, len(attempts)) for a in enc.dictionary.to_pylist()]
-            attempt.append(np.asarray(codes, np.int32)[enc.indices.to_numpy()] if len(codes) else
-                           np.zeros(t.num_rows, np.int32))
-            part_no.append(np.full(t.num_rows, p, np.int32))
-            row_no.append(np.arange(t.num_rows, dtype=np.int32))
+            attempt.append(np.asarray(codes, np.int16)[enc.indices.to_numpy()] if len(codes) else
+                           np.zeros(t.num_rows, np.int16))
+            starts.append(starts[-1] + t.num_rows)
+            del t
         if not parts:
             z = np.zeros(0, np.int64)
-            return cls(z, z.astype(np.int8), z.astype(np.int32), z.astype(bool), np.zeros((0, 2), np.int32), [])
-        keys_a = np.concatenate(keys)
+            return cls(z, z.astype(np.int8), z.astype(np.int16), z.astype(bool), np.zeros((0, 2), np.int64), [])
         # attempt ranks in attempt-id order (ids sort in start order: batch.store.commit.new_attempt_id)
-        rank_of_code = np.empty(len(attempts), np.int32)
-        rank_of_code[[attempts[a] for a in sorted(attempts)]] = np.arange(len(attempts), dtype=np.int32)
-        rank = rank_of_code[np.concatenate(attempt)]
-        position = np.arange(len(keys_a))
-        order = np.lexsort((position, rank, keys_a))  # by key, then attempt, then commit order
-        sorted_keys = keys_a[order]
+        rank_of_code = np.empty(len(attempts), np.int16)
+        rank_of_code[[attempts[a] for a in sorted(attempts)]] = np.arange(len(attempts))
+        order_key = np.concatenate(keys)
+        del keys
+        order_key *= len(attempts)
+        order_key += rank_of_code[np.concatenate(attempt)]  # int16 temporaries, added in place
+        del attempt
+        # a stable sort by (key, attempt rank): among equal ones, commit order (the later part, the later row)
+        order = np.argsort(order_key, kind="stable")
+        sorted_key = order_key[order]
+        del order_key
+        sorted_key //= len(attempts)
         last = np.ones(len(order), bool)
-        last[:-1] = sorted_keys[1:] != sorted_keys[:-1]
+        last[:-1] = sorted_key[1:] != sorted_key[:-1]
         pick = order[last]
-        where = np.stack([np.concatenate(part_no)[pick], np.concatenate(row_no)[pick]], axis=1)
-        return cls(keys_a[pick], np.concatenate(status)[pick], np.concatenate(nimg)[pick],
-                   np.concatenate(redec)[pick], where, list(parts))
+        del order
+        flags_a, nimg_a = np.concatenate(flags)[pick], np.concatenate(nimg)[pick]
+        part = np.searchsorted(np.asarray(starts), pick, side="right") - 1
+        where = np.stack([part, pick - np.asarray(starts)[part]], axis=1)
+        return cls(sorted_key[last], flags_a & 0x0F, nimg_a, (flags_a >> 4).astype(bool), where, list(parts))
 
     def _lookup(self, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(found, status code) of ``keys`` (status meaningful where found)."""
@@ -122,14 +127,20 @@ class DoneIndex:
         """The run's counts (as :func:`batch.run.stats.tally` over the latest records), vectorised; the error
         texts of failed records are read back from their parts and counted by ``failure_reason``
         (:func:`batch.plan.manifest.failure_reason`)."""
-        row = self.keys // KEY_STRIDE
+        row = self.keys // KEY_STRIDE  # sorted, as the keys are: groups without another sort
         is_image = (self.keys % KEY_STRIDE) != 0
         bad = self.status != OK
         failed_rows = np.unique(row[bad])
         ok_img = is_image & ~bad
-        ok_rows, first, counts = np.unique(row[ok_img], return_index=True, return_counts=True)
-        complete = counts == self.num_images[ok_img][first]
-        rows_ok = int(np.count_nonzero(complete & ~np.isin(ok_rows, failed_rows)))
+        ok_row = row[ok_img]
+        del row
+        starts = np.flatnonzero(np.r_[True, ok_row[1:] != ok_row[:-1]]) if len(ok_row) else np.zeros(0, np.int64)
+        counts = np.diff(np.r_[starts, len(ok_row)])
+        ok_rows = ok_row[starts]
+        complete = counts == self.num_images[ok_img][starts]
+        pos = np.minimum(np.searchsorted(failed_rows, ok_rows), max(len(failed_rows) - 1, 0))
+        also_failed = failed_rows[pos] == ok_rows if len(failed_rows) else np.zeros(len(ok_rows), bool)
+        rows_ok = int(np.count_nonzero(complete & ~also_failed))
         images = int(np.count_nonzero(is_image))
         images_ok = int(np.count_nonzero(ok_img))
         reasons: Counter = Counter()
