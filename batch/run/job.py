@@ -203,7 +203,8 @@ def record_attempt(run: OpenRun, work: Work, res: pipeline.Resources | None) -> 
               images_planned=work.plan.items.num_rows, images_to_do=work.items.num_rows,
               images_committed_before=work.committed.num_rows, output_format=spec.output_format,
               image_format=spec.image_format, safety_policy=spec.safety_policy, resources=res and res.__dict__)
-    for warning in format_warnings(OutputFormat.from_spec(spec)) + cpu_size_warnings(work.items, res):
+    size_warnings = cpu_size_warnings(work.items, res) if spec.model != "none" else []  # a dry run samples nothing
+    for warning in format_warnings(OutputFormat.from_spec(spec)) + size_warnings:
         log.warning(warning)
     failed = work.failed
     for r in failed.select(["id", "manifest_row", "error"]).to_pylist():
