@@ -313,7 +313,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     def spec_args(p: argparse.ArgumentParser, config_required: bool) -> None:
         p.add_argument("config", nargs=None if config_required else "?", help="YAML job spec (configs/*.yaml)")
-        p.add_argument("--model", help="'tiny', a local diffusers folder, or a hub id")
+        p.add_argument("--model", help="'tiny', a local diffusers folder, a hub id, or 'none' "
+                                       "(dry run: seeded noise images, no model)")
         p.add_argument("--seed", type=int, help="run seed")
         p.add_argument("--set", action="append", metavar="KEY=VALUE",
                        help="override any spec field, e.g. --set defaults.guidance_scale=5 (repeatable)")

@@ -3,6 +3,7 @@
 A spec's ``model`` is one of:
 
 * ``tiny``: the built-in tiny random-weight model (``batch.models.tiny``), built in-process, deterministically;
+* ``none``: the dry run, no weights at all (``batch.models.dryrun``: seeded noise images through the same pipeline);
 * a local diffusers folder (has ``model_index.json``), e.g. one written by ``sdbatch make-tiny-model``;
 * a hub id ``org/name`` (optionally ``revision``), resolved through ``huggingface_hub.snapshot_download``,
   which honours ``HF_HOME``/``HF_HUB_CACHE`` and ``HF_HUB_OFFLINE=1``; the resolved commit is recorded.
@@ -22,6 +23,7 @@ from typing import Any
 
 import torch
 
+from batch.models.dryrun import DryRunModel
 from batch.models.tiny import TINY_REVISION
 from batch.models.weights import COMPONENTS, IMAGE_TASK_COMPONENTS, ModelError, locate
 from batch.tasks import TASKS
@@ -62,6 +64,7 @@ class LoadedModel:
     low_res_scheduler: Any = None  # upscale: DDPM schedule that noises the low-res input
     max_noise_level: int | None = None  # upscale: largest accepted noise_level (350 for the x4 model)
     safety_checker: Any = None  # batch.models.safety.SafetyChecker when the model folder ships one, else None
+    dry_run: bool = False  # True only for batch.models.dryrun.DryRunModel (model: none)
 
     @property
     def vae_scale_factor(self) -> int:
@@ -103,19 +106,23 @@ def scheduler_class_name(name: str) -> str:
 
 
 def load_model(model: str, *, revision: str | None = None, dtype: str = "auto", device: str = "cpu",
-               allow_pickle: bool = False, variant: str | None = None, task: str = "txt2img") -> LoadedModel:
+               allow_pickle: bool = False, variant: str | None = None,
+               task: str = "txt2img") -> LoadedModel | DryRunModel:
     """Load the components of ``task`` onto ``device`` in ``dtype`` (eval mode, no grad).
 
     The task (``batch.tasks.TASKS``) names the diffusers pipeline class the weights load with and the
     weighted components: ``txt2img`` unet, vae, text_encoder, tokenizer (``StableDiffusionPipeline``);
     ``variation`` unet, vae, image_encoder, feature_extractor (``StableDiffusionImageVariationPipeline``);
     ``upscale`` unet, vae, text_encoder, tokenizer, low_res_scheduler, max_noise_level
-    (``StableDiffusionUpscalePipeline``). ``model: tiny`` is the tiny preset of ``task``.
+    (``StableDiffusionUpscalePipeline``). ``model: tiny`` is the tiny preset of ``task``; ``model: none``
+    loads nothing and returns a :class:`~batch.models.dryrun.DryRunModel` (the dry run).
     """
     if task not in TASKS:
         raise ModelError(f"task must be one of {list(TASKS)}, got {task!r}")
     spec = TASKS[task]
     kind, folder, resolved = locate(model, revision, allow_pickle, variant)
+    if kind == "none":
+        return DryRunModel(task=task)
     torch_dtype = resolve_dtype(dtype, device)
     weighted = spec.model.weight_components
     if kind == "tiny":

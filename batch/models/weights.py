@@ -1,4 +1,4 @@
-"""Where a model's weights are and whether they may be loaded: ``tiny``, a local folder or a hub id.
+"""Where a model's weights are and whether they may be loaded: ``tiny``, ``none``, a local folder or a hub id.
 
 Weights load with safetensors only; a component folder with only pickled ``.bin``/``.ckpt`` weights is
 refused unless the spec sets ``allow_pickle: true`` (unpickling can run arbitrary code). Hub ids resolve
@@ -14,6 +14,7 @@ import json
 import re
 from pathlib import Path
 
+from batch.models.dryrun import DRY_RUN_MODEL, DRY_RUN_REVISION
 from batch.models.tiny import TINY_REVISION
 from batch.tasks import TASKS
 
@@ -30,12 +31,16 @@ class ModelError(ValueError):
 
 def locate(model: str, revision: str | None, allow_pickle: bool, variant: str | None = None,
            resolve_hub: bool = True) -> tuple[str, Path | None, str | None]:
-    """Return (kind, local folder, resolved revision) for a spec's ``model``; kind is tiny, local or hub.
+    """Return (kind, local folder, resolved revision) for a spec's ``model``; kind is tiny, none, local or hub.
+
+    ``none`` is the dry run (:mod:`batch.models.dryrun`): no weights; its revision is the pixel recipe's.
 
     With ``resolve_hub=False`` a hub id is only checked for form (no download; folder and revision None).
     """
     if model == "tiny":
         return "tiny", None, TINY_REVISION
+    if model == DRY_RUN_MODEL:
+        return "none", None, DRY_RUN_REVISION
     path = Path(model).expanduser()
     if path.exists():
         if not (path / "model_index.json").is_file():

@@ -332,7 +332,7 @@ def stream_and_commit(run: OpenRun, work: Work, attempt: Attempt) -> Streamed:
                 res = ray_stack.enter_context(pipeline.ray_session(spec))
                 attempt.entry["resources"] = res.__dict__
                 log.event("resources", **res.__dict__)
-            for warning in cpu_size_warnings(items, res):
+            for warning in cpu_size_warnings(items, res) if spec.model != "none" else []:  # a dry run samples nothing
                 log.warning(warning)
             for batch in pipeline.run_items(items, spec, res, upload=not out.is_process_local):
                 if "_puts" in batch.column_names:  # process-local filesystem: the driver writes (batch.store.formats)

@@ -26,6 +26,7 @@ from batch.models.load import load_model, make_scheduler, scheduler_class_name
 from batch.models.safety import apply_policy
 from batch.models.speed import CompileCache, apply_optimizations
 from batch.plan.batches import PACKED, assign_batches, unpack_batches
+from batch.sampling.dryrun import dry_run_images
 from batch.spec.base import Optimizations
 from batch.store.formats import OutputFormat, write_block
 from batch.store.io import error_text
@@ -111,7 +112,7 @@ def with_sampler_columns(batch: pa.Table, model: Any, worker: str, optimized_jso
         "model": [model.model_id] * n,
         "model_revision": [model.revision] * n,
         "prediction_type": [model.prediction_type] * n,
-        "scheduler_class": [scheduler_class_name(r["scheduler"]) for r in rows],
+        "scheduler_class": ["none" if model.dry_run else scheduler_class_name(r["scheduler"]) for r in rows],
         "dtype": [str(model.dtype).replace("torch.", "")] * n,
         "device": [str(model.device)] * n,
         "worker": [worker] * n,
@@ -165,7 +166,9 @@ class Sampler:
     untouched. A call that runs out of accelerator memory is split in halves and retried, down to single
     images (:meth:`_sample_call`). An image that came out flat (NaN/inf, saturated) fails with
     :data:`FLAT_IMAGE_ERROR`, never ``ok``. The task (``batch.tasks``) says how to read its rows and how to
-    sample one GPU batch.
+    sample one GPU batch. With ``model: none`` (the dry run, :mod:`batch.models.dryrun`) nothing is loaded or
+    optimised and each image is :func:`batch.sampling.dryrun.dry_run_image` of its seed at the task's output
+    size; everything around the call (batches, results, metadata columns) is unchanged.
     """
 
     def __init__(self, settings: SamplerSettings):
@@ -178,12 +181,16 @@ class Sampler:
                                 variant=settings.variant, task=settings.task)
         self.opts = settings.optimizations
         self.compile_cache = None  # loaded before anything compiles; saved after calls that compiled
-        if self.opts.compile_cache:
-            self.compile_cache = CompileCache(self.opts.compile_cache, self.model.device, settings.storage_options)
-            cache_info = self.compile_cache.load()
-        self.optimized = apply_optimizations(self.model, self.opts)
-        if self.compile_cache is not None:
-            self.optimized["compile_cache"] = cache_info
+        if self.model.dry_run:  # nothing to optimise or compile
+            self.optimized: dict[str, Any] = {"dry_run": True}
+        else:
+            if self.opts.compile_cache:
+                self.compile_cache = CompileCache(self.opts.compile_cache, self.model.device,
+                                                  settings.storage_options)
+                cache_info = self.compile_cache.load()
+            self.optimized = apply_optimizations(self.model, self.opts)
+            if self.compile_cache is not None:
+                self.optimized["compile_cache"] = cache_info
         self.optimized_json = json.dumps(self.optimized, sort_keys=True, default=str)
         self.worker = worker_id()
 
@@ -209,6 +216,21 @@ class Sampler:
             res.nsfw = flag
         return images, keep
 
+    def _scheduler_json(self, name: str) -> str | None:
+        """The JSON config a fresh scheduler ``name`` is built from (metadata); None in a dry run."""
+        m = self.model
+        if m.dry_run:
+            return None
+        return json.dumps(dict(make_scheduler(name, m.scheduler_config).config), sort_keys=True, default=str)
+
+    def _generate(self, rows: list[dict], rescued: list[bool]) -> Any:
+        """One GPU batch's images: the task's sampler with a fresh scheduler, or the dry-run pixels."""
+        m, name = self.model, rows[0]["scheduler"]
+        if m.dry_run:
+            return dry_run_images([r["seed"] for r in rows], [self.task.output_size(r) for r in rows])
+        return self.task.sample(m, rows, lambda: make_scheduler(name, m.scheduler_config), self.opts,
+                                self.settings.batch_size, rescued)
+
     def _sample_call(self, rows: list[dict], results: list[ItemResult]) -> None:
         """One GPU batch: a fresh scheduler, the task's sampler, the safety policy; fills ``results``.
 
@@ -218,16 +240,13 @@ class Sampler:
         images as the whole batch would, within the batch-invariance tolerance of the kernels (on CPU fp32
         <= 1/255 per pixel, ``ENVIRONMENT.md``).
         """
-        m = self.model
-        name = rows[0]["scheduler"]
         oom: str | None = None
         try:
             # a fresh scheduler per call (schedulers keep per-run state); its config is metadata
-            cfg = json.dumps(dict(make_scheduler(name, m.scheduler_config).config), sort_keys=True, default=str)
+            cfg = self._scheduler_json(rows[0]["scheduler"])
             t0 = time.perf_counter()
             rescued: list[bool] = []
-            images = self.task.sample(m, rows, lambda: make_scheduler(name, m.scheduler_config), self.opts,
-                                      self.settings.batch_size, rescued)
+            images = self._generate(rows, rescued)
             flat = [flat_image_error(img) for img in images]  # before the safety policy (blackout is flat on purpose)
             images, keep = self._safety(images, results)
             dt = (time.perf_counter() - t0) / len(rows)
@@ -293,8 +312,8 @@ class Sampler:
             self.compile_cache.save_if_new()
         # 4. the metadata columns; the fetched input pixels stay behind
         out = batch.drop_columns(["_input"]) if "_input" in batch.column_names else batch
-        return with_sampler_columns(out, self.model, self.worker, self.optimized_json, rows, results,
-                                    self.task.extra_columns(self.model, rows))
+        extra = {} if self.model.dry_run else self.task.extra_columns(self.model, rows)  # no tokenizer in a dry run
+        return with_sampler_columns(out, self.model, self.worker, self.optimized_json, rows, results, extra)
 
 
 class EncodeWriter:

@@ -36,6 +36,11 @@ def no_failed_fields(raw: dict) -> dict:
     return {}
 
 
+def row_size(row: dict) -> tuple[int, int]:
+    """An item's output (height, width) as planned: the row's own ``height`` and ``width``."""
+    return int(row["height"]), int(row["width"])
+
+
 @dataclass(frozen=True)
 class ModelLayout:
     """How a task's model is stored: the diffusers pipeline class its weights load with (and the
@@ -71,6 +76,8 @@ class Task:
     row_error: Callable[[Any, dict], str | None] = no_row_error
     extra_columns: Callable[[Any, list[dict]], dict[str, list]] = no_extra_columns
     failed_fields: Callable[[dict], dict] = no_failed_fields  # task fields of a failed row's record
+    # (height, width) of an item's output image from its sampler row; what the dry run (model: none) makes
+    output_size: Callable[[dict], tuple[int, int]] = row_size
 
 
 def input_pixels(rows: list[dict]) -> list[np.ndarray]:

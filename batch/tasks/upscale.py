@@ -71,6 +71,11 @@ def row_error(model, row):
     return None
 
 
+def output_size(row):
+    """4x the fetched input (the x4 upscaler's output size), for the dry run (``model: none``)."""
+    return 4 * int(row["input_height"]), 4 * int(row["input_width"])
+
+
 def sample(model, rows, new_scheduler, opts, batch_size, rescued):
     """One GPU batch of inputs through :func:`batch.sampling.image.upscale`; at most ``batch_size`` tiles go
     through the UNet at once."""
@@ -98,6 +103,7 @@ def tiny(prediction_type: str) -> dict:
 TASK = image_task(
     "upscale", defaults=UpscaleDefaults, columns=COLUMNS, validate_row=validate_row, sample=sample,
     row_error=row_error,  # the model's max_noise_level
+    output_size=output_size,
     model=ModelLayout("StableDiffusionUpscalePipeline", dict(feature_extractor=None, watermarker=None),
                       weight_components=("unet", "vae", "text_encoder"),
                       tiny_components=tiny),
