@@ -34,7 +34,9 @@ import fsspec
 import pyarrow as pa
 
 from batch.models.weights import locate
+from batch.plan.dedup import dedup_work
 from batch.plan.manifest import Plan, plan, read_manifest
+from batch.plan.seeds import effective_run_seed
 from batch.run import pipeline
 from batch.run.record import check_same_run, manifest_digest, new_run_id, now, package_versions, redact, redact_arg
 from batch.run.stats import EXIT_ENVIRONMENT, EXIT_ROWS_FAILED, Summary, call_ends, sampler_calls, steady_rate, tally, warmup_seconds
@@ -82,6 +84,8 @@ class Work:
     committed: pa.Table
     items: pa.Table
     failed: pa.Table
+    skipped: pa.Table | None = None  # dedup_against: metadata rows of images reused from earlier runs
+    dedup: dict[str, Any] = field(default_factory=dict)  # dedup_against: what the index cost (run.json)
 
 
 @dataclass
@@ -177,7 +181,10 @@ def plan_work(run: OpenRun) -> Work:
     carried = pa.schema([run.manifest.schema.field(c) for c in job_plan.carried])
     committed = latest_rows(read_parts(run.out))
     items, failed = select_work(job_plan, committed, run.mode)
-    return Work(plan=job_plan, carried=carried, committed=committed, items=items, failed=failed)
+    # --- dedup across runs (issue 15, 4b): one separate call, to port into the chunked plan as it is ---
+    items, skipped, dedup = dedup_work(run.spec, items)
+    return Work(plan=job_plan, carried=carried, committed=committed, items=items, failed=failed, skipped=skipped,
+                dedup=dedup)
 
 
 def record_attempt(run: OpenRun, work: Work, res: pipeline.Resources | None) -> Attempt:
@@ -193,6 +200,10 @@ def record_attempt(run: OpenRun, work: Work, res: pipeline.Resources | None) -> 
         record = {"run_id": spec.run_id, "spec": redact(spec.model_dump(mode="json")),
                   "manifest_sha256": run.digest, "rows": work.plan.num_rows,
                   "images_planned": work.plan.items.num_rows, "created_at": now(), "attempts": []}
+        # issue 15, 4c: the day and the run seed the rows without a seed derived theirs from
+        record.update(date=spec.date, run_seed=effective_run_seed(spec))
+    if work.dedup:  # issue 15, 4b
+        entry["dedup"] = work.dedup
     record.update(status="running", attempt=run.attempt)
     record["attempts"].append(entry)
     run.out.put_json(RUN_RECORD, record)
@@ -210,6 +221,9 @@ def record_attempt(run: OpenRun, work: Work, res: pipeline.Resources | None) -> 
         log.failure(**r, image_index=None)
     if failed.num_rows:
         committer.add(failed.append_column("status", pa.array(["failed"] * failed.num_rows)))
+    if work.skipped is not None and work.skipped.num_rows:  # issue 15, 4b: reused images, recorded as done
+        log.event("dedup", **work.dedup)
+        committer.add(work.skipped)
     return Attempt(record=record, entry=entry, committer=committer, log=log)
 
 
@@ -266,7 +280,8 @@ def finish(run: OpenRun, work: Work, attempt: Attempt, streamed: Streamed, t_sta
     counts = tally(final, work.plan.num_rows, work.plan.items.num_rows)
     summary = Summary(run_id=spec.run_id, output=spec.output, attempt=run.attempt, **counts,
                       images_this_attempt=work.items.num_rows,
-                      images_skipped=work.plan.items.num_rows - work.items.num_rows,
+                      images_skipped=work.plan.items.num_rows - work.items.num_rows
+                      - (work.skipped.num_rows if work.skipped is not None else 0),  # dedup: images_reused
                       seconds=time.perf_counter() - t_start, generate_seconds=streamed.seconds,
                       first_result_seconds=streamed.first_result_seconds,
                       steady_images_per_second=steady_rate(call_ends(streamed.calls)),
