@@ -70,6 +70,8 @@ def _hash_column(col: pa.ChunkedArray | pa.Array, type_: pa.DataType, hash_key: 
     """One uint64 per value of ``col`` (cast to ``type_`` first, so int32/int64 or a null column hash alike)."""
     from pandas.util import hash_array
 
+    if col.null_count == len(col):  # e.g. the image-task columns of a txt2img run: no per-row work
+        return np.full(len(col), _NULL, dtype=np.uint64)
     if col.type != type_:
         col = col.cast(type_)
     valid = pc.is_valid(col).to_numpy(zero_copy_only=False)
@@ -103,15 +105,16 @@ def image_keys(table: pa.Table, fields: list[str], model: str | None = None, rev
     ``model``/``revision``: the run's (for work items, which have no such columns); None: the table's own
     ``model``/``model_revision`` columns (earlier metadata). A missing item column counts as null."""
     n = table.num_rows
-    if model is not None:
-        models = pa.array([model] * n, pa.string()) if n else pa.array([], pa.string())
-        revisions = pa.array([revision] * n, pa.string()) if n else pa.array([], pa.string())
+    if model is not None:  # one model for the whole table: hash it once
+        if revision is not None and revision.startswith(_LOCAL_REVISION):
+            model = ""  # a local folder is known by its fingerprint, not by the path it was loaded from
+        one = _hash_column(pa.array([model, revision], pa.string()), pa.string(), hash_key)
+        hashes = [np.full(n, one[0], np.uint64), np.full(n, one[1], np.uint64)]
     else:
         models, revisions = table.column("model"), table.column("model_revision")
-    # a local folder is known by its fingerprint, not by the path it was loaded from
-    local = pc.fill_null(pc.starts_with(revisions, _LOCAL_REVISION), False)
-    models = pc.if_else(local, pa.scalar("", pa.string()), models)
-    hashes = [_hash_column(models, pa.string(), hash_key), _hash_column(revisions, pa.string(), hash_key)]
+        local = pc.fill_null(pc.starts_with(revisions, _LOCAL_REVISION), False)
+        models = pc.if_else(local, pa.scalar("", pa.string()), models)
+        hashes = [_hash_column(models, pa.string(), hash_key), _hash_column(revisions, pa.string(), hash_key)]
     for name in fields:
         type_ = METADATA_SCHEMA.field(name).type
         col = table.column(name) if name in table.column_names else pa.nulls(n, type_)
