@@ -12,6 +12,7 @@ import pyarrow.compute as pc
 import pytest
 
 from batch.cli import main as cli_main
+from batch.eval.grid import select_rows
 from batch.models.tiny import TINY_REVISION
 from batch.plan.dedup import KEY_FIELDS, DedupIndex, find_sources, image_keys, key_fields, model_identity
 from batch.plan.manifest import plan
@@ -20,7 +21,7 @@ from batch.run.record import check_same_run
 from batch.run.stats import tally
 from batch.spec.base import SpecError
 from batch.spec.config import parse_spec
-from batch.store.commit import RUN_RECORD, MetadataCommitter, RunExistsError, read_metadata, select_work
+from batch.store.commit import RUN_RECORD, MetadataCommitter, compact, RunExistsError, read_metadata, select_work
 from batch.store.io import open_output
 from batch.store.schema import IMAGE_ITEM_SCHEMA, RESERVED_COLUMNS
 
@@ -160,7 +161,7 @@ def test_skipped_images_count_as_done_in_tally_retries_and_status(tmp_path, caps
         p.items, "tiny", TINY_REVISION, "pndm")
     out = open_output(str(tmp_path / "run2"))
     out.put_json(RUN_RECORD, {"run_id": "run2", "rows": 5, "images_planned": 10, "status": "finished", "attempts": []})
-    committer = MetadataCommitter(out, pa.schema([]), "run2", "20260102T000000000000Z-abcdef", 100, 1e9)
+    committer = MetadataCommitter(out, pa.schema([]), "run2", "20260102T000000000000Z-abcdef", 1, 1e9)
     committer.add(skipped)
     committer.add(todo.slice(0, 5).append_column("status", pa.array(["ok"] * 5)))
     committer.add(todo.slice(5).append_column("status", pa.array(["failed"]))
@@ -176,10 +177,13 @@ def test_skipped_images_count_as_done_in_tally_retries_and_status(tmp_path, caps
     assert json.loads(capsys.readouterr().out)["images_reused"] == 4
     assert cli_main(["status", str(tmp_path / "run2")]) == 0
     assert "4 reused from earlier runs (status skipped)" in capsys.readouterr().out
+    assert [r["id"] for r in select_rows(str(tmp_path / "run2"), 20)].count("r0") == 2  # grids show reused images
+    assert compact(out) == (3, 1)  # compaction keeps the skipped rows as they are
+    assert read_metadata(out).sort_by("manifest_row").equals(meta.sort_by("manifest_row"))
 
 
-def test_key_and_index_cost_scale_linearly_not_per_row_in_python():
-    """1M keys hash in well under a second per column on this machine: vectorised, no Python per row."""
+def test_keys_are_vectorised_and_distinct():
+    """200,000 keys in well under 5 s (0.4 s measured here: no Python per row), all distinct."""
     import time
 
     n = 200_000
