@@ -312,8 +312,12 @@ def model_identity(spec: Any) -> tuple[str, str | None, str | None]:
 
 def dedup_work(spec: Any, items: pa.Table) -> tuple[pa.Table, pa.Table, dict[str, Any]]:
     """The job's step: (items to generate, skipped metadata rows, facts for the run record) for ``spec``'s
-    ``dedup_against``; without it, ``items`` unchanged."""
-    if not spec.dedup_against:
+    ``dedup_against``; without it (or with nothing left to do: a finished run resumed), ``items`` unchanged.
+
+    To port into a chunked plan: :func:`find_sources`, :meth:`DedupIndex.build` and :func:`model_identity`
+    once per job, then ``index.split(chunk, *identity)`` per chunk of items (memory: the index, 16 bytes per
+    earlier image, plus one chunk's skipped rows)."""
+    if not spec.dedup_against or items.num_rows == 0:
         return items, items.schema.empty_table(), {}
     import time
 
