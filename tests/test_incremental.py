@@ -4,11 +4,13 @@ counts, retries and status; fresh seeds per day (batch/plan/seeds.py) and run id
 
 from __future__ import annotations
 
+import datetime
 import json
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet  # noqa: F401  (pa.parquet)
 import pytest
 
 from batch.cli import main as cli_main
@@ -204,7 +206,8 @@ def test_seed_per_day_derives_the_run_seed_from_the_date():
         day_seed(7, "2026-01-01")
     with pytest.raises(SpecError, match="needs the run's day"):
         effective_run_seed(parse_spec({"seed_per_day": True}))
-    for bad in ("2026-1-01", "2026-02-30", "yesterday"):
+    assert parse_spec({"date": datetime.date(2026, 1, 1)}).date == "2026-01-01"  # YAML's unquoted day
+    for bad in ("2026-1-01", "2026-02-30", "yesterday", 20260101):
         with pytest.raises(SpecError, match="date"):
             parse_spec({"date": bad})
 
@@ -237,3 +240,11 @@ def test_run_identity_of_days_and_dedup_sources():
            "spec": {k: v for k, v in plain.model_dump(mode="json").items()
                     if k not in ("seed_per_day", "date", "dedup_against")}}
     check_same_run(old, plain.model_copy(update={"date": "2026-01-05"}), "d", "out")
+
+
+def test_seed_per_day_without_a_day_is_a_usage_error(tmp_path, capsys):
+    manifest = str(tmp_path / "m.parquet")
+    pa.parquet.write_table(pa.Table.from_pylist(ROWS), manifest)
+    assert cli_main(["validate", manifest, "--set", "seed_per_day=true"]) == 2
+    assert "seed_per_day: true needs the run's day" in capsys.readouterr().err
+    assert cli_main(["validate", manifest, "--set", "seed_per_day=true", "--set", "date=2026-01-01"]) == 0

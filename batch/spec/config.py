@@ -133,14 +133,16 @@ class JobSpec(_Strict):
             raise ValueError(f"{self.optimizations.cuda_only()}, and device is cpu")
         return self
 
-    @field_validator("date")
+    @field_validator("date", mode="before")
     @classmethod
-    def _iso_day(cls, v: str | None) -> str | None:
+    def _iso_day(cls, v: Any) -> Any:
         import datetime as dt
         import re
 
-        if v is None:
-            return v
+        if isinstance(v, dt.date) and not isinstance(v, dt.datetime):  # YAML reads an unquoted 2026-01-01 as a date
+            return v.isoformat()
+        if not isinstance(v, str):
+            return v  # None, or a wrong type pydantic names
         try:
             if not re.fullmatch(r"\d{4}-\d{2}-\d{2}", v):
                 raise ValueError
