@@ -21,6 +21,7 @@ def _spec_from_args(args: argparse.Namespace):
         "output": getattr(args, "output", None),
         "model": getattr(args, "model", None),
         "run_id": getattr(args, "run_id", None),
+        "date": getattr(args, "date", None),
         "seed": getattr(args, "seed", None),
         "batch_size": getattr(args, "batch_size", None),
         "actors": getattr(args, "actors", None),
@@ -167,7 +168,8 @@ def cmd_status(args: argparse.Namespace) -> int:
         return 0
     print(f"run {report['run_id']}: {report['status']}{' (complete)' if report['complete'] else ''}, "
           f"{report['attempts']} attempt(s), {report['metadata_parts']} metadata part(s)")
-    print(f"  images: {counts['images_ok']} done, {counts['images_failed']} failed, "
+    reused = f"{counts['images_reused']} reused from earlier runs (status skipped), " if counts["images_reused"] else ""
+    print(f"  images: {counts['images_ok']} done, {reused}{counts['images_failed']} failed, "
           f"{counts['images_pending']} pending")
     print(f"  rows: {counts['rows_ok']} ok, {counts['rows_failed']} failed (of {counts['rows']})")
     for reason, n in sorted(counts["failure_reasons"].items(), key=lambda kv: -kv[1]):
@@ -326,6 +328,8 @@ def build_parser() -> argparse.ArgumentParser:
                           "repeat the flag for several, read in order (README \"Manifest forms\")")
     run.add_argument("--output", help="output prefix URI")
     run.add_argument("--run-id")
+    run.add_argument("--date", metavar="YYYY-MM-DD",
+                     help="the run's day (spec date): recorded in run.json; with seed_per_day it decides the seeds")
     run.add_argument("--batch-size", type=int)
     run.add_argument("--actors", type=int)
     run.add_argument("--device", choices=["auto", "cpu", "cuda"],

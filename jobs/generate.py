@@ -6,7 +6,8 @@ library connects to the cluster instead of starting an embedded Ray.
 
 Scheduled runs: ``--dated-output BASE [--date YYYY-MM-DD]`` writes to ``BASE/dt=YYYY-MM-DD/`` (default: today,
 UTC) with run id ``dt-YYYY-MM-DD`` unless ``--run-id`` is given, so every attempt on one day targets the same
-run (see ``batch/spec/schedule.py``).
+run (see ``batch/spec/schedule.py``). The day also becomes the spec's ``date`` (``sdbatch run --date``):
+recorded in ``run.json``, and the source of the run seed with ``seed_per_day: true``.
 """
 
 import argparse
@@ -30,8 +31,12 @@ def run_argv(argv: list[str]) -> list[str]:
     if "-h" in rest or "--help" in rest:
         pre.print_help()
         print()
-    if known.date and not known.dated_output:
-        pre.error("--date needs --dated-output")
+    if known.date and not known.dated_output:  # an explicit output: the day is only the spec's date
+        try:
+            parse_day(known.date)
+        except ValueError as err:
+            pre.error(str(err))
+        rest += ["--date", known.date]
     if known.dated_output:
         if "--output" in rest or any(a.startswith("--output=") for a in rest):
             pre.error("give --dated-output or --output, not both")
@@ -39,7 +44,7 @@ def run_argv(argv: list[str]) -> list[str]:
             day = parse_day(known.date)
         except ValueError as err:
             pre.error(str(err))
-        rest += ["--output", dated_prefix(known.dated_output, day)]
+        rest += ["--output", dated_prefix(known.dated_output, day), "--date", day.isoformat()]
         if "--run-id" not in rest and not any(a.startswith("--run-id=") for a in rest):
             rest += ["--run-id", scheduled_run_id(day)]
     return ["run", *([known.config] if known.config else []), *rest]

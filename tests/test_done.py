@@ -41,8 +41,8 @@ def random_output(seed: int):
             for k in range(images[r]):
                 if rng.random() < 0.3:
                     continue
-                status = rng.choice(["ok", "ok", "failed"])
-                error = None if status == "ok" else rng.choice(["RuntimeError: boom", NSFW_ERROR])
+                status = rng.choice(["ok", "ok", "failed", "skipped"])
+                error = rng.choice(["RuntimeError: boom", NSFW_ERROR]) if status == "failed" else None
                 recs.append({"manifest_row": r, "image_index": k, "num_images": images[r], "status": status,
                              "error": error, "attempt": a, "vae_redecoded_fp32": rng.random() < 0.1})
         half = len(recs) // 2
@@ -59,7 +59,7 @@ def test_done_index_equals_latest_rows(seed):
     index = DoneIndex.read(out)
     want = sorted((r["manifest_row"], -1 if r["image_index"] is None else r["image_index"], r["status"])
                   for r in whole.to_pylist())
-    got = sorted((int(k) // 65536, int(k) % 65536 - 1, "ok" if s == 0 else "failed")
+    got = sorted((int(k) // 65536, int(k) % 65536 - 1, {0: "ok", 3: "skipped"}.get(int(s), "failed"))
                  for k, s in zip(index.keys, index.status))
     assert got == want and index.records == whole.num_rows
 

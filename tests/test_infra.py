@@ -306,7 +306,13 @@ def test_nightly_template_is_dated_and_the_cronjob_launches_with_the_standard_li
     assert template["metadata"]["labels"]["sdbatch/dt"] == DAY and "generateName" in template["metadata"]
     run = _generate_run_argv(argv[2:])
     assert run[run.index("--output") + 1] == f"s3://example-bucket/datasets/nightly/dt={DAY}/"
-    assert run[run.index("--run-id") + 1] == f"dt-{DAY}"
+    assert run[run.index("--run-id") + 1] == f"dt-{DAY}" and run[run.index("--date") + 1] == DAY
+    # incremental: each day deduplicates against the earlier days under its own base (README "Incremental ...")
+    from batch.cli import _spec_from_args, build_parser
+
+    job = _spec_from_args(build_parser().parse_args(run))
+    assert job.dedup_against == ["s3://example-bucket/datasets/nightly/"] and job.date == DAY
+    assert job.output.startswith(job.dedup_against[0]) and not job.seed_per_day
     docs = dict((d["kind"], d) for n, d in _docs() if n == "nightly.yaml")
     cron = docs["CronJob"]["spec"]
     assert cron["concurrencyPolicy"] == "Forbid" and len(cron["schedule"].split()) == 5

@@ -109,11 +109,13 @@ def test_vectorised_plan_equals_the_per_row_plan(seed, float_ints):
     assert got.items.num_rows > 50 and got.failed.num_rows > 50  # both kinds really exercised
 
 
-def test_plain_rows_take_the_kernel_path_and_agree():
-    """A manifest of plainly good rows (the common case) never reaches the per-row check, and still equals it."""
+@pytest.mark.parametrize("extra", [{}, {"seed": 3, "seed_per_day": True, "date": "2026-12-02"}])
+def test_plain_rows_take_the_kernel_path_and_agree(extra):
+    """A manifest of plainly good rows (the common case) never reaches the per-row check, and still equals it
+    (also with the per-day run seed the derived seeds come from)."""
     from batch.plan.vector import split_rows
 
-    spec = parse_spec({})
+    spec = parse_spec(extra)
     table = pa.table({"id": [f"row-{i}" for i in range(300)], "prompt": [f"p {i}" for i in range(300)],
                       "guidance_scale": [float(1 + i % 9) for i in range(300)],
                       "seed": [None if i % 3 else i for i in range(300)]})

@@ -121,8 +121,11 @@ def test_entry_point_flags():
     assert run_argv(["--config", "c.yaml", "--output", "o"]) == ["run", "c.yaml", "--output", "o"]
     assert run_argv(["c.yaml", "--quiet"]) == ["run", "c.yaml", "--quiet"]  # positional still works
     argv = run_argv(["--config", "c.yaml", "--dated-output", "s3://b/n/", "--date", "2026-01-02", "--run-id", "x"])
-    assert argv == ["run", "c.yaml", "--run-id", "x", "--output", "s3://b/n/dt=2026-01-02/"]
-    for bad in (["--date", "2026-01-02"], ["--dated-output", "b", "--date", "2026-1-2"],
+    assert argv == ["run", "c.yaml", "--run-id", "x", "--output", "s3://b/n/dt=2026-01-02/", "--date", "2026-01-02"]
+    # without --dated-output the day is only the spec's date (seed_per_day, run.json)
+    assert run_argv(["c.yaml", "--output", "o", "--date", "2026-01-02"]) == ["run", "c.yaml", "--output", "o",
+                                                                           "--date", "2026-01-02"]
+    for bad in (["--date", "2026-1-2"], ["--dated-output", "b", "--date", "2026-1-2"],
                 ["--dated-output", "b", "--output", "o"]):
         with pytest.raises(SystemExit):
             run_argv(["c.yaml", *bad])

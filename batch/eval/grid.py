@@ -18,11 +18,13 @@ from dataclasses import dataclass
 from typing import Any
 
 import fsspec
+import pyarrow as pa
 import pyarrow.compute as pc
 from PIL import Image, ImageDraw, ImageFont
 
 from batch.store.commit import read_metadata
 from batch.store.formats import ImageReader
+from batch.store.schema import DONE_STATUSES
 
 CAPTION_LINES = 3
 LINE_HEIGHT = 12
@@ -102,7 +104,8 @@ def contact_sheet(rows: list[dict], reader: ImageReader, cell: int = 128, column
 def select_rows(output: str, n: int, storage_options: dict[str, Any] | None = None) -> list[dict]:
     """The first ``n`` stored images of a run, ordered by (id, image_index)."""
     meta = read_metadata(output, storage_options)  # filtered and sorted in Arrow: only n rows become dicts
-    ok = meta.filter(pc.and_(pc.equal(meta.column("status"), "ok"),
+    # skipped rows (dedup_against) are images too: their uri is the earlier run's image
+    ok = meta.filter(pc.and_(pc.is_in(meta.column("status"), pa.array(DONE_STATUSES)),
                              pc.not_equal(pc.fill_null(meta.column("uri"), ""), "")))
     ok = ok.take(pc.sort_indices(ok, [("id", "ascending"), ("image_index", "ascending")]))
     return ok.slice(0, n).to_pylist()

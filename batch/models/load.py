@@ -25,7 +25,7 @@ import torch
 
 from batch.models.dryrun import DryRunModel
 from batch.models.tiny import TINY_REVISION
-from batch.models.weights import COMPONENTS, IMAGE_TASK_COMPONENTS, ModelError, locate
+from batch.models.weights import COMPONENTS, IMAGE_TASK_COMPONENTS, SCHEDULER_NAME_FOR_CLASS, ModelError, locate
 from batch.tasks import TASKS
 
 
@@ -39,9 +39,7 @@ SCHEDULERS: dict[str, tuple[str, dict[str, Any]]] = {
     "dpmpp_2m": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 2}),
     "lms": ("LMSDiscreteScheduler", {}),
 }
-_NAME_FOR_CLASS = {"PNDMScheduler": "pndm", "DDIMScheduler": "ddim", "EulerDiscreteScheduler": "euler",
-                   "EulerAncestralDiscreteScheduler": "euler_a", "DPMSolverMultistepScheduler": "dpmpp_2m",
-                   "LMSDiscreteScheduler": "lms"}
+_NAME_FOR_CLASS = SCHEDULER_NAME_FOR_CLASS
 
 
 @dataclass

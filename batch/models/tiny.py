@@ -15,6 +15,8 @@ from typing import Any
 import torch
 
 TINY_SEED = 0
+# the ``_class_name`` of each tiny preset's own scheduler (what ``scheduler: model`` means for it)
+TINY_SCHEDULER_CLASS = {"txt2img": "PNDMScheduler", "variation": "PNDMScheduler", "upscale": "DDIMScheduler"}
 TINY_REVISION = "tiny-v1"  # bump when the configs below change: it is recorded in every metadata row
 TINY_SIZE = 64  # default image side for the tiny model (latent 8x8 with the x8 VAE below)
 

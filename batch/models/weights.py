@@ -23,6 +23,10 @@ COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 IMAGE_TASK_COMPONENTS = ("image_encoder", "feature_extractor", "low_res_scheduler")
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl")
+# sdbatch's scheduler name of a model's own scheduler class (its scheduler_config.json ``_class_name``)
+SCHEDULER_NAME_FOR_CLASS = {"PNDMScheduler": "pndm", "DDIMScheduler": "ddim", "EulerDiscreteScheduler": "euler",
+                            "EulerAncestralDiscreteScheduler": "euler_a", "DPMSolverMultistepScheduler": "dpmpp_2m",
+                            "LMSDiscreteScheduler": "lms"}
 
 
 class ModelError(ValueError):

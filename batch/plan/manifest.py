@@ -22,7 +22,7 @@ import pyarrow.compute as pc
 from batch.plan import sources
 from batch.plan.locations import input_rules
 from batch.plan.rows import BUCKET_FIELDS, RowError
-from batch.plan.seeds import SEED_SCHEME
+from batch.plan.seeds import SEED_SCHEME, effective_run_seed
 from batch.plan.sources import ManifestError  # defined beside the readers; importers keep using this name
 from batch.spec.config import JobSpec
 from batch.tasks import TASKS
@@ -312,7 +312,7 @@ def _expand(parts: list[pa.Table], schema: pa.Schema, spec: JobSpec) -> pa.Table
         missing = np.flatnonzero(seeds.is_null().to_numpy(zero_copy_only=False))
         ids = rows.column("id").take(pa.array(missing)).to_pylist()
         filled = pc.fill_null(seeds, 0).to_numpy().astype(np.uint64)  # (nulls would make numpy floats)
-        filled[missing] = derived_seeds(spec.seed, ids)
+        filled[missing] = derived_seeds(effective_run_seed(spec), ids)
         rows = rows.set_column(rows.schema.get_field_index("row_seed"), schema.field("row_seed"),
                                pa.array(filled, pa.uint64()))
     counts = rows.column("num_images").to_numpy().astype(np.int64)

@@ -12,7 +12,7 @@ import unicodedata
 import urllib.parse
 from typing import TYPE_CHECKING, Any, Callable
 
-from batch.plan.seeds import derive_row_seed
+from batch.plan.seeds import derive_row_seed, effective_run_seed
 from batch.spec.base import MAX_SEED, SCHEDULER_NAMES
 
 if TYPE_CHECKING:
@@ -129,7 +129,7 @@ def check_scheduler_and_seed(raw: dict[str, Any], take: Any, spec: JobSpec, prob
     rid, seed = out["id"], raw.get("seed")
     if seed is None:
         out["seed_source"] = "derived"
-        out["row_seed"] = derive_row_seed(spec.seed, rid) if isinstance(rid, str) else None
+        out["row_seed"] = derive_row_seed(effective_run_seed(spec), rid) if isinstance(rid, str) else None
     elif _is_int(seed) and 0 <= seed < MAX_SEED:
         out["seed_source"], out["row_seed"] = "manifest", seed
     elif isinstance(seed, float) and seed.is_integer() and 0 <= seed < 2**53:  # a float column, exact

@@ -42,6 +42,8 @@ import pyarrow.parquet as pq
 from batch.models.weights import locate
 from batch.plan.manifest import PLAN_CHUNK_ROWS, ManifestScan, failure_reason, iter_plan, scan_manifest
 from batch.plan.sources import open_manifest
+from batch.plan.dedup import DedupIndex, find_sources, model_identity
+from batch.plan.seeds import effective_run_seed
 from batch.run import pipeline
 from batch.run.record import check_same_run, new_run_id, now, package_versions, redact, redact_arg
 from batch.run.stats import EXIT_ENVIRONMENT, EXIT_ROWS_FAILED, Summary, call_ends, sampler_calls, steady_rate, warmup_seconds
@@ -109,6 +111,7 @@ class Streamed:
     calls: dict[tuple, tuple[int, float]] = field(default_factory=dict)
     images_planned: int = 0
     images_to_do: int = 0
+    images_reused: int = 0  # dedup_against: skipped, an earlier run holds the image
 
 
 def run_job(spec: JobSpec, mode: Mode = "run", force: bool = False) -> Summary:
@@ -247,6 +250,8 @@ def record_attempt(run: OpenRun, work: Work) -> Attempt:
                   "manifest_sha256": run.scan.digest, "rows": run.scan.rows, "images_planned": None,
                   "manifest_columns": run.scan.columns, "plan_chunk_rows": PLAN_CHUNK_ROWS, "created_at": now(),
                   "attempts": []}
+        # issue 15, 4c: the day and the run seed the rows without a seed derived theirs from
+        record.update(date=spec.date, run_seed=effective_run_seed(spec))
     hashed = int(record.get("row_hashes") or 0)
     if hashed < run.scan.rows:  # a new run, or an extension's new rows (only after the lease is held)
         store_row_hashes(run.out, run.scan, hashed)
@@ -271,21 +276,49 @@ def record_attempt(run: OpenRun, work: Work) -> Attempt:
     return Attempt(record=record, entry=entry, committer=committer, log=log)
 
 
-def iter_waves(run: OpenRun, work: Work) -> Iterator[tuple[int, pa.Table, pa.Table]]:
-    """(images planned, items to do, failed rows to commit) per wave of :func:`wave_chunks` plan chunks: the
-    streaming plan (:func:`batch.plan.manifest.iter_plan`) minus what is committed (:meth:`DoneIndex.select`)."""
-    planned, items, failed = 0, [], []
+class Deduplicator:
+    """Cross-run deduplication (``dedup_against``, :mod:`batch.plan.dedup`) in the streaming plan: the earlier
+    runs' index and this model's identity are built once, on the first chunk with work; each chunk's items are
+    then split into those to generate and the skipped rows that reuse an earlier image."""
+
+    def __init__(self, spec: JobSpec):
+        self.spec, self.index, self.identity, self.facts = spec, None, None, {}
+
+    def split(self, items: pa.Table) -> tuple[pa.Table, pa.Table | None]:
+        if not self.spec.dedup_against or items.num_rows == 0:
+            return items, None
+        if self.index is None:
+            t0 = time.perf_counter()
+            sources = find_sources(self.spec.dedup_against, self.spec.storage_options, exclude=self.spec.output)
+            self.index, self.identity = DedupIndex.build(sources, self.spec.task), model_identity(self.spec)
+            self.facts = {"sources": [f"{s.uri} run {s.run_id}" for s in sources],
+                          "earlier_rows_read": self.index.rows_read, "index_images": int(len(self.index.keys)),
+                          "index_bytes": self.index.nbytes, "build_seconds": round(time.perf_counter() - t0, 3),
+                          "images_reused": 0}
+        todo, skipped = self.index.split(items, *self.identity)
+        self.facts["images_reused"] += skipped.num_rows
+        return todo, skipped
+
+
+def iter_waves(run: OpenRun, work: Work, dedup: Deduplicator) -> Iterator[tuple[int, pa.Table, pa.Table, pa.Table]]:
+    """(images planned, items to do, failed rows to commit, skipped rows to commit) per wave of
+    :func:`wave_chunks` plan chunks: the streaming plan (:func:`batch.plan.manifest.iter_plan`) minus what is
+    committed (:meth:`DoneIndex.select`) minus what earlier runs hold (:class:`Deduplicator`)."""
+    planned, items, failed, skipped = 0, [], [], []
     chunks = iter_plan(run.source.iter_batches(), run.spec, run.scan.carried, run.scan.duplicates)
     for n, (_, chunk) in enumerate(chunks, 1):
         todo, bad = work.done.select(chunk.items, chunk.failed, run.mode)
+        todo, reused = dedup.split(todo)
         planned += chunk.items.num_rows
         items.append(todo)
         failed.append(bad)
+        if reused is not None and reused.num_rows:
+            skipped.append(reused)
         if n % wave_chunks(run.spec) == 0:
-            yield planned, pa.concat_tables(items), pa.concat_tables(failed)
-            planned, items, failed = 0, [], []
+            yield planned, pa.concat_tables(items), pa.concat_tables(failed), skipped
+            planned, items, failed, skipped = 0, [], [], []
     if items:
-        yield planned, pa.concat_tables(items), pa.concat_tables(failed)
+        yield planned, pa.concat_tables(items), pa.concat_tables(failed), skipped
 
 
 CPU_HINT_PIXELS = 512 * 512  # above this per image, sampling on CPU takes minutes (measured: BENCHMARKS.md)
@@ -318,14 +351,20 @@ def stream_and_commit(run: OpenRun, work: Work, attempt: Attempt) -> Streamed:
     with _progress(None, spec.progress) as bar, _record_failure(out, attempt.record, attempt.entry, log), \
             contextlib.ExitStack() as ray_stack:
         res: pipeline.Resources | None = None
-        for planned, items, failed in iter_waves(run, work):
+        dedup = Deduplicator(spec)
+        for planned, items, failed, skipped in iter_waves(run, work, dedup):
+            reused = sum(t.num_rows for t in skipped)
             streamed.images_planned += planned
             streamed.images_to_do += items.num_rows
-            log.event("wave", images_planned=planned, images_to_do=items.num_rows, rows_failed=failed.num_rows)
+            streamed.images_reused += reused
+            log.event("wave", images_planned=planned, images_to_do=items.num_rows, rows_failed=failed.num_rows,
+                      images_reused=reused)
             for r in failed.select(["id", "manifest_row", "error"]).to_pylist():
                 log.failure(**r, image_index=None)
             if failed.num_rows:
                 committer.add(failed.append_column("status", pa.array(["failed"] * failed.num_rows)))
+            for t in skipped:  # reused images, recorded as done (status skipped, the earlier image's uri)
+                committer.add(t)
             if not items.num_rows:
                 continue
             if res is None:  # no Ray at all when nothing is left to do
@@ -347,6 +386,9 @@ def stream_and_commit(run: OpenRun, work: Work, attempt: Attempt) -> Streamed:
         if committer.flush():
             log.event("commit", parts=committer.parts, images_done=done)
     streamed.seconds = time.perf_counter() - t_gen
+    if dedup.facts:
+        attempt.entry["dedup"] = dedup.facts
+        log.event("dedup", **dedup.facts)
     return streamed
 
 
@@ -358,7 +400,7 @@ def finish(run: OpenRun, work: Work, attempt: Attempt, streamed: Streamed, t_sta
     counts = DoneIndex.read(run.out).tally(run.out, run.scan.rows, streamed.images_planned, failure_reason)
     summary = Summary(run_id=spec.run_id, output=spec.output, attempt=run.attempt, **counts,
                       images_this_attempt=streamed.images_to_do,
-                      images_skipped=streamed.images_planned - streamed.images_to_do,
+                      images_skipped=streamed.images_planned - streamed.images_to_do - streamed.images_reused,
                       seconds=time.perf_counter() - t_start, generate_seconds=streamed.seconds,
                       first_result_seconds=streamed.first_result_seconds,
                       steady_images_per_second=steady_rate(call_ends(streamed.calls)),

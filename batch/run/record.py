@@ -80,8 +80,17 @@ def manifest_digest(table: pa.Table) -> str:
     return hashlib.sha256(sink.getvalue().to_pybytes()).hexdigest()
 
 
+# Identity fields added later, with the value a record written before them means (so older runs still resume).
+# ``date`` decides pixels only with ``seed_per_day`` (then another day into the same prefix is another run).
+LATER_IDENTITY_FIELDS = {"seed_per_day": False, "dedup_against": []}
+
+
 def _identity(spec_json: dict[str, Any]) -> dict[str, Any]:
-    return {k: spec_json.get(k) for k in IDENTITY_FIELDS}
+    ident = {k: spec_json.get(k) for k in IDENTITY_FIELDS}
+    ident |= {k: spec_json.get(k, default) for k, default in LATER_IDENTITY_FIELDS.items()}
+    if ident["seed_per_day"]:
+        ident["date"] = spec_json.get("date")
+    return ident
 
 
 def _differences(old: Any, new: Any, path: str = "") -> list[str]:

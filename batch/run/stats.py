@@ -12,6 +12,7 @@ from typing import Any
 import pyarrow as pa
 
 from batch.plan.manifest import failure_reason
+from batch.store.schema import DONE_STATUSES
 
 # Exit codes of the commands that run jobs (README "Exit codes"); 2 (unusable spec, manifest or model) is
 # decided by ``batch.cli`` before any job starts.
@@ -33,6 +34,7 @@ class Summary:
     images_ok: int = 0
     images_failed: int = 0
     images_pending: int = 0
+    images_reused: int = 0  # status skipped: an earlier run (dedup_against) holds the image; counted as done
     images_redecoded_fp32: int = 0  # fp16/bf16 decodes that gave NaN/black and were redone in fp32
     images_this_attempt: int = 0  # images this attempt generated or tried (the rest were already committed)
     images_skipped: int = 0  # already committed by earlier attempts
@@ -54,7 +56,9 @@ class Summary:
         lines = [
             f"run {self.run_id} (attempt {self.attempt}) -> {self.output}",
             f"  rows: {self.rows_ok} ok, {self.rows_failed} failed (of {self.rows})",
-            f"  images: {self.images_ok} ok, {self.images_failed} failed, {self.images_pending} pending; "
+            f"  images: {self.images_ok} ok, "
+            + (f"{self.images_reused} reused from earlier runs (status skipped), " if self.images_reused else "")
+            + f"{self.images_failed} failed, {self.images_pending} pending; "
             f"this attempt {self.images_this_attempt} ({self.images_skipped} already committed), "
             f"{self.images_per_second:.3f} images/s over {self.generate_seconds:.1f}s of generation, "
             f"of which {self.first_result_seconds:.1f}s until the first block (actor start-up); "
@@ -128,25 +132,29 @@ def steady_rate(batch_ends: Counter) -> float:
 def tally(meta: pa.Table, rows: int, images_planned: int) -> dict[str, Any]:
     """Counts over a run's (latest-wins) metadata: rows and images by status, failure reasons.
 
-    A row is ok once all its ``num_images`` images are committed ok, failed once any record of it failed.
+    A row is ok once all its ``num_images`` images are committed done (``ok``, or ``skipped``: reused from an
+    earlier run by deduplication), failed once any record of it failed. ``images_ok`` counts generated images,
+    ``images_reused`` the skipped ones.
     """
     recs = meta.select(["manifest_row", "image_index", "num_images", "status", "error",
                         "vae_redecoded_fp32"]).to_pylist()
-    failed_rows = {r["manifest_row"] for r in recs if r["status"] != "ok"}
-    ok_images: Counter = Counter()
+    failed_rows = {r["manifest_row"] for r in recs if r["status"] not in DONE_STATUSES}
+    done_images: Counter = Counter()
     wanted: dict[int, int] = {}
-    images = 0
+    images = ok = 0
     for r in recs:
         if r["image_index"] is not None:
             images += 1
             wanted[r["manifest_row"]] = r["num_images"]
-            ok_images[r["manifest_row"]] += r["status"] == "ok"
-    rows_ok = sum(1 for row, n in wanted.items() if row not in failed_rows and ok_images[row] == n)
+            done_images[r["manifest_row"]] += r["status"] in DONE_STATUSES
+            ok += r["status"] == "ok"
+    rows_ok = sum(1 for row, n in wanted.items() if row not in failed_rows and done_images[row] == n)
+    done = sum(done_images.values())
     return {
         "rows": rows, "rows_ok": rows_ok, "rows_failed": len(failed_rows),
-        "images_ok": sum(ok_images.values()), "images_failed": images - sum(ok_images.values()),
+        "images_ok": ok, "images_reused": done - ok, "images_failed": images - done,
         "images_pending": max(0, images_planned - images),
         "images_redecoded_fp32": sum(bool(r["vae_redecoded_fp32"]) for r in recs),
         "failure_reasons": dict(Counter(failure_reason(r["error"] or "unknown") for r in recs
-                                        if r["status"] != "ok")),
+                                        if r["status"] not in DONE_STATUSES)),
     }

@@ -82,6 +82,15 @@ class JobSpec(_Strict):
     # Identity, seeding and verdict.
     run_id: str | None = None  # default: UTC timestamp + random suffix
     seed: int = Field(0, ge=0, lt=MAX_SEED)  # run seed: rows without a seed derive theirs from (seed, id)
+    # Fresh seeds per scheduled day: the run seed becomes SHA-256 of (seed, date) (batch/plan/seeds.py), so each
+    # day draws new samples of the same prompts and a rerun of one day the same ones. Needs ``date``.
+    seed_per_day: bool = False
+    date: str | None = None  # the run's day, YYYY-MM-DD (--date); recorded in run.json, never read from the clock
+    # Deduplication across runs: earlier run prefixes (or base prefixes whose child folders are runs, such as
+    # a nightly's BASE/ holding dt=YYYY-MM-DD/); an image whose key (model, revision, effective parameters,
+    # prompts, seed, input) matches an earlier ok image is not generated again but recorded with status
+    # "skipped" and the earlier image's uri (batch/plan/dedup.py).
+    dedup_against: list[str] = Field(default_factory=list)
     max_failed_fraction: float = Field(0.0, ge=0, le=1)  # exit non-zero above this fraction of failed rows
     commit_every: int = Field(64, ge=1)  # commit a metadata part once this many rows are waiting ...
     commit_seconds: float = Field(30.0, gt=0)  # ... or once the oldest waiting row is this old
@@ -143,6 +152,24 @@ class JobSpec(_Strict):
             if not v or not all(u.strip() for u in v):
                 raise ValueError("a list of manifests must hold at least one URI, and no empty ones")
             return v[0] if len(v) == 1 else v
+        return v
+
+    @field_validator("date", mode="before")
+    @classmethod
+    def _iso_day(cls, v: Any) -> Any:
+        import datetime as dt
+        import re
+
+        if isinstance(v, dt.date) and not isinstance(v, dt.datetime):  # YAML reads an unquoted 2026-01-01 as a date
+            return v.isoformat()
+        if not isinstance(v, str):
+            return v  # None, or a wrong type pydantic names
+        try:
+            if not re.fullmatch(r"\d{4}-\d{2}-\d{2}", v):
+                raise ValueError
+            dt.date.fromisoformat(v)
+        except ValueError:
+            raise ValueError("must be a day YYYY-MM-DD") from None
         return v
 
     @field_validator("actors")

@@ -37,7 +37,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from batch.store.io import TMP_MARK, Output, open_output
-from batch.store.schema import METADATA_SCHEMA, NSFW_ERROR, conform
+from batch.store.schema import DONE_STATUSES, METADATA_SCHEMA, NSFW_ERROR, conform
 
 if TYPE_CHECKING:
     from batch.plan.manifest import Plan
@@ -295,7 +295,7 @@ def select_work(job_plan: Plan, committed: pa.Table, mode: Mode) -> tuple[pa.Tab
     """The items to generate and the failed rows to commit in this attempt.
 
     ``run``: everything without a committed record. ``retry_failed``: that, plus the images whose latest
-    record failed, except those that would fail the same way again: rows that failed validation, and images
+    record failed (an image ``skipped`` by deduplication is done, like an ``ok`` one), except those that would fail the same way again: rows that failed validation, and images
     the safety checker dropped (same seed and parameters, same image, same verdict). So retrying the failures
     of an interrupted run also finishes it (an image without a record was never "ok").
     """
@@ -306,7 +306,7 @@ def select_work(job_plan: Plan, committed: pa.Table, mode: Mode) -> tuple[pa.Tab
     item_keys = [row_key(r, k) for r, k in zip(job_plan.items.column("manifest_row").to_pylist(),
                                                job_plan.items.column("image_index").to_pylist())]
     if mode == "retry_failed":
-        keep = [k not in status or (status[k] != "ok" and k not in dropped) for k in item_keys]
+        keep = [k not in status or (status[k] not in DONE_STATUSES and k not in dropped) for k in item_keys]
     else:
         keep = [k not in status for k in item_keys]
     failed_keep = [row_key(r, None) not in status for r in job_plan.failed.column("manifest_row").to_pylist()]

@@ -26,12 +26,15 @@ import pyarrow.parquet as pq
 
 from batch.store.commit import metadata_parts
 from batch.store.schema import NSFW_ERROR
+from batch.store.schema import SKIPPED as SKIPPED_STATUS
 
 if TYPE_CHECKING:
     from batch.store.io import Output
 
 KEY_STRIDE = 1 << 16  # more than limits.max_images_per_row allows
-OK, FAILED, DROPPED = 0, 1, 2  # status codes; DROPPED: failed by the safety checker (retry-failed leaves it)
+# status codes; DROPPED: failed by the safety checker (retry-failed leaves it); SKIPPED: done, an earlier run
+# holds the image (dedup_against)
+OK, FAILED, DROPPED, SKIPPED = 0, 1, 2, 3
 _COLUMNS = ["manifest_row", "image_index", "num_images", "status", "error", "vae_redecoded_fp32", "attempt"]
 
 
@@ -68,10 +71,12 @@ class DoneIndex:
         for name in parts:
             t = pq.read_table(io.BytesIO(out.get(name)), columns=_COLUMNS)
             keys.append(keys_of(t.column("manifest_row"), t.column("image_index")))
-            code = np.where(pc.equal(t.column("status"), "ok").to_numpy(zero_copy_only=False), OK, FAILED)
+            st = t.column("status")
+            code = np.where(pc.equal(st, "ok").to_numpy(zero_copy_only=False), OK,
+                            np.where(pc.equal(st, SKIPPED_STATUS).to_numpy(zero_copy_only=False), SKIPPED, FAILED))
             dropped = pc.fill_null(pc.equal(t.column("error"), NSFW_ERROR), False).to_numpy(zero_copy_only=False)
             redecoded = pc.fill_null(t.column("vae_redecoded_fp32"), False).to_numpy(zero_copy_only=False)
-            flags.append((np.where(dropped, DROPPED, code) | (redecoded.astype(np.int8) << 4)).astype(np.int8))
+            flags.append((np.where(dropped & (code == FAILED), DROPPED, code) | (redecoded.astype(np.int8) << 4)).astype(np.int8))
             nimg.append(pc.fill_null(t.column("num_images"), 0).to_numpy().astype(np.int16))
             enc = pc.dictionary_encode(pc.fill_null(t.column("attempt"), "")).combine_chunks()
             codes = [attempts.setdefault(a, len(attempts)) for a in enc.dictionary.to_pylist()]
@@ -129,9 +134,9 @@ class DoneIndex:
         (:func:`batch.plan.manifest.failure_reason`)."""
         row = self.keys // KEY_STRIDE  # sorted, as the keys are: groups without another sort
         is_image = (self.keys % KEY_STRIDE) != 0
-        bad = self.status != OK
+        bad = (self.status != OK) & (self.status != SKIPPED)
         failed_rows = np.unique(row[bad])
-        ok_img = is_image & ~bad
+        ok_img = is_image & ~bad  # done: generated, or reused from an earlier run
         ok_row = row[ok_img]
         del row
         starts = np.flatnonzero(np.r_[True, ok_row[1:] != ok_row[:-1]]) if len(ok_row) else np.zeros(0, np.int64)
@@ -142,7 +147,8 @@ class DoneIndex:
         also_failed = failed_rows[pos] == ok_rows if len(failed_rows) else np.zeros(len(ok_rows), bool)
         rows_ok = int(np.count_nonzero(complete & ~also_failed))
         images = int(np.count_nonzero(is_image))
-        images_ok = int(np.count_nonzero(ok_img))
+        images_done = int(np.count_nonzero(ok_img))
+        images_reused = int(np.count_nonzero(is_image & (self.status == SKIPPED)))
         reasons: Counter = Counter()
         bad_where = self.where[bad]
         for p in np.unique(bad_where[:, 0]):
@@ -150,7 +156,8 @@ class DoneIndex:
             errors = t.column("error").take(pa.array(bad_where[bad_where[:, 0] == p, 1])).to_pylist()
             reasons.update(failure_reason(e or "unknown") for e in errors)
         return {"rows": rows, "rows_ok": rows_ok, "rows_failed": int(len(failed_rows)),
-                "images_ok": images_ok, "images_failed": images - images_ok,
+                "images_ok": images_done - images_reused, "images_reused": images_reused,
+                "images_failed": images - images_done,
                 "images_pending": max(0, (images_planned or 0) - images),
                 "images_redecoded_fp32": int(np.count_nonzero(self.redecoded)),
                 "failure_reasons": dict(reasons)}

@@ -53,7 +53,7 @@ IMAGE_ITEM_SCHEMA = pa.schema(list(ITEM_SCHEMA) + [pa.field(n, t) for n, t in IM
 
 
 RESULT_FIELDS = [
-    ("status", pa.string()),  # "ok" or "failed"
+    ("status", pa.string()),  # "ok", "failed", or "skipped" (deduplicated: uri is an earlier run's image)
     ("error", pa.string()),  # "field: reason" for bad rows, "<Exception>: message" for failed generation
     ("uri", pa.string()),
     ("sha256", pa.string()),
@@ -76,6 +76,7 @@ RESULT_FIELDS = [
     ("attempt", pa.string()),  # the driver attempt that committed the row; the latest attempt wins
     ("member", pa.string()),  # shard formats: the image's tar member / Parquet key inside the shard at uri
     ("nsfw", pa.bool_()),  # safety checker verdict; null when the model has no checker
+    ("reused_from", pa.string()),  # status skipped: "<earlier output prefix> run <run_id>" the image comes from
 ]
 
 
@@ -84,6 +85,12 @@ METADATA_SCHEMA = pa.schema(list(ITEM_SCHEMA) + [pa.field(n, t) for n, t in RESU
 
 
 RESERVED_COLUMNS = set(METADATA_SCHEMA.names) | {"_pixels", "_png", "_input", "_puts", "_uri_key"}
+
+
+# Status of an image not generated because an earlier run (spec ``dedup_against``) already holds it: its row
+# names the earlier image (``uri``, ``member``, ``sha256``, ``reused_from``). It counts as done, like "ok".
+SKIPPED = "skipped"
+DONE_STATUSES = ("ok", SKIPPED)
 
 
 # The error of an image the safety checker dropped (safety_policy: drop); retry-failed leaves it.
