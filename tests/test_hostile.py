@@ -81,8 +81,9 @@ def test_hostile_manifest_fails_bad_rows_only_and_writes_nowhere_else(tmp_path, 
     # nothing outside the output prefix changed; everything new is under it
     after = _tree(tmp_path)
     assert {k: v for k, v in after.items() if not k.startswith("run/out/")} == before
-    assert all(k.startswith(("run/out/images/", "run/out/metadata/", "run/out/logs/")) or k in (
-        "run/out/run.json", "run/out/_SUCCESS", "run/out/_LEASE") for k in after if k not in before)
+    assert all(k.startswith(("run/out/images/", "run/out/metadata/", "run/out/logs/", "run/out/manifest/rowhash-"))
+               or k in ("run/out/run.json", "run/out/_SUCCESS", "run/out/_LEASE", "run/out/README.md")
+               for k in after if k not in before)
 
 
 @pytest.mark.parametrize("rid", ["a", "row-0001", "a.b.c", "name with spaces", "日本語", "x" * 512])
