@@ -153,6 +153,8 @@ def cmd_status(args: argparse.Namespace) -> int:
     record = out.get_json(RUN_RECORD)
     # key columns only, one part at a time: bounded memory on a 10M-row output (batch.store.done)
     counts = DoneIndex.read(out).tally(out, record.get("rows", 0), record.get("images_planned") or 0, failure_reason)
+    if record.get("images_planned") is None:  # the plan streams: its total is known once an attempt finishes it
+        counts["images_pending"] = None
     report = {"run_id": record.get("run_id"), "status": record.get("status"),
               "complete": out.exists(SUCCESS_MARKER), "attempts": len(record.get("attempts", [])),
               "metadata_parts": len(metadata_parts(out)), **counts}
@@ -169,8 +171,9 @@ def cmd_status(args: argparse.Namespace) -> int:
     print(f"run {report['run_id']}: {report['status']}{' (complete)' if report['complete'] else ''}, "
           f"{report['attempts']} attempt(s), {report['metadata_parts']} metadata part(s)")
     reused = f"{counts['images_reused']} reused from earlier runs (status skipped), " if counts["images_reused"] else ""
-    print(f"  images: {counts['images_ok']} done, {reused}{counts['images_failed']} failed, "
-          f"{counts['images_pending']} pending")
+    pending = "unknown (the first attempt is still planning)" if counts["images_pending"] is None \
+        else counts["images_pending"]
+    print(f"  images: {counts['images_ok']} done, {reused}{counts['images_failed']} failed, {pending} pending")
     print(f"  rows: {counts['rows_ok']} ok, {counts['rows_failed']} failed (of {counts['rows']})")
     for reason, n in sorted(counts["failure_reasons"].items(), key=lambda kv: -kv[1]):
         print(f"  failed x{n}: {reason}")
