@@ -36,8 +36,8 @@ def test_dry_run_image_is_a_function_of_seed_and_size_only():
     assert np.array_equal(img, dry_run_image(7, 24, 20))  # same inputs, same bytes
     assert not np.array_equal(img, dry_run_image(8, 24, 20))  # another seed, other pixels
     assert img.min() != img.max()  # never flat: passes the sampler's flat-image check
-    # the documented recipe: an 8x8 tile from Generator(PCG64(seed)), repeated; a cropped size is a crop
-    tile = np.random.Generator(np.random.PCG64(7)).integers(0, 256, (TILE, TILE, 3), dtype=np.uint8)
+    # the documented recipe: an 8x8 tile of PCG64(seed)'s raw little-endian bytes, repeated; a cropped size is a crop
+    tile = np.frombuffer(np.random.PCG64(7).random_raw(24).astype("<u8").tobytes(), np.uint8).reshape(TILE, TILE, 3)
     assert np.array_equal(img[:TILE, :TILE], tile) and np.array_equal(img[TILE:2 * TILE, TILE:2 * TILE], tile)
     assert np.array_equal(dry_run_image(7, 9, 11), img[:9, :11])
     big_seed = 2**63 - 1  # the largest seed the planner gives
