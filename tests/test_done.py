@@ -52,16 +52,18 @@ def random_output(seed: int):
     return out, rows, images
 
 
-@pytest.mark.parametrize("seed", [1, 2, 3, 4])
-def test_done_index_equals_latest_rows(seed):
+@pytest.mark.parametrize("seed,partition_rows", [(1, None), (2, 7), (3, 1), (4, 16)])
+def test_done_index_equals_latest_rows(seed, partition_rows):
     out, rows, images = random_output(seed)
     whole = latest_rows(read_parts(out))
-    index = DoneIndex.read(out)
+    index = DoneIndex.read(out, partition_rows=partition_rows)
     want = sorted((r["manifest_row"], -1 if r["image_index"] is None else r["image_index"], r["status"])
                   for r in whole.to_pylist())
     got = sorted((int(k) // 65536, int(k) % 65536 - 1, {0: "ok", 3: "skipped"}.get(int(s), "failed"))
-                 for k, s in zip(index.keys, index.status))
-    assert got == want and index.records == whole.num_rows
+                 for q in index.partitions for k, s in zip(index.latest(q).keys, index.latest(q).status))
+    assert got == want and index.records == read_parts(out).num_rows
+    if partition_rows and partition_rows < rows:
+        assert len(index.partitions) > 1  # several partitions really exercised
 
     planned = sum(images.values())
     assert index.tally(out, rows, planned, failure_reason) == tally(whole, rows, planned)

@@ -2,12 +2,14 @@
 
 :mod:`batch.store.commit` defines the protocol (parts, latest attempt wins); reading a 10M-row output with
 :func:`batch.store.commit.read_metadata` would hold every column of every row. :class:`DoneIndex` reads only
-the key columns, one part at a time, into flat numpy arrays (measured: about 80 bytes per committed
-record at the peak of building, while sorting; 13 after), and answers the three questions a driver asks:
+the key columns, one part at a time, and spills each record (21 bytes) to a local temp file of its partition
+(``PARTITION_ROWS`` manifest rows); a partition's latest records (:class:`Latest`) are built when needed, one
+partition in memory at a time, so memory is bounded by the partition, not the output. It answers the three
+questions a driver asks:
 
 1. :meth:`DoneIndex.select`: which items and failed rows of a plan chunk this attempt must still do;
 2. :meth:`DoneIndex.tally`: the run's counts (rows and images by status, failure reasons);
-3. :attr:`DoneIndex.records`: how many records exist (nothing to do when the plan is covered).
+3. :attr:`DoneIndex.records`: how many records earlier attempts committed (all of them, superseded ones too).
 
 A record's key is ``manifest_row * KEY_STRIDE + image_index + 1`` (``0`` for a failed manifest row), the
 integer form of :func:`batch.store.commit.row_key`.
@@ -48,75 +50,132 @@ def keys_of(manifest_row: pa.Array | np.ndarray, image_index: pa.Array | None) -
     return rows * KEY_STRIDE + np.asarray(k, dtype=np.int64)
 
 
+_SPILL = np.dtype([("key", "<i8"), ("code", "<i2"), ("flags", "i1"), ("nimg", "<i2"), ("part", "<i4"),
+                   ("row", "<i4")])  # one committed record in a partition's spill file: 21 bytes
+PARTITION_ROWS = 1 << 22  # manifest rows per partition: one partition's records are in memory at a time
+
+
+class Latest:
+    """The latest record of every key of one partition (sorted keys), from its spilled records."""
+
+    def __init__(self, rec: np.ndarray, rank_of_code: np.ndarray):
+        n_att = max(1, len(rank_of_code))
+        order_key = rec["key"].astype(np.int64) * n_att
+        order_key += rank_of_code[rec["code"]] if len(rank_of_code) else 0
+        # a stable sort by (key, attempt rank): among equal ones, commit order (the later part, the later row)
+        order = np.argsort(order_key, kind="stable")
+        sorted_key = order_key[order]
+        del order_key
+        sorted_key //= n_att
+        last = np.ones(len(order), bool)
+        last[:-1] = sorted_key[1:] != sorted_key[:-1]
+        pick = order[last]
+        del order
+        flags = rec["flags"][pick]
+        self.keys = sorted_key[last]
+        self.status, self.redecoded = flags & 0x0F, (flags >> 4).astype(bool)
+        self.num_images = rec["nimg"][pick]
+        self.where = np.stack([rec["part"][pick], rec["row"][pick]], axis=1)  # for the error texts
+
+    def lookup(self, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(found, status code) of ``keys`` (status meaningful where found)."""
+        if not len(self.keys):
+            return np.zeros(len(keys), bool), np.zeros(len(keys), np.int8)
+        pos = np.minimum(np.searchsorted(self.keys, keys), len(self.keys) - 1)
+        return self.keys[pos] == keys, self.status[pos]
+
+    def counts(self) -> dict[str, Any]:
+        """This partition's counts (rows never span partitions) and where its failed records are."""
+        row = self.keys // KEY_STRIDE  # sorted, as the keys are: groups without another sort
+        is_image = (self.keys % KEY_STRIDE) != 0
+        bad = (self.status != OK) & (self.status != SKIPPED)
+        failed_rows = np.unique(row[bad])
+        ok_img = is_image & ~bad  # done: generated, or reused from an earlier run
+        ok_row = row[ok_img]
+        starts = np.flatnonzero(np.r_[True, ok_row[1:] != ok_row[:-1]]) if len(ok_row) else np.zeros(0, np.int64)
+        complete = np.diff(np.r_[starts, len(ok_row)]) == self.num_images[ok_img][starts]
+        ok_rows = ok_row[starts]
+        pos = np.minimum(np.searchsorted(failed_rows, ok_rows), max(len(failed_rows) - 1, 0))
+        also_failed = failed_rows[pos] == ok_rows if len(failed_rows) else np.zeros(len(ok_rows), bool)
+        images_done = int(np.count_nonzero(ok_img))
+        images_reused = int(np.count_nonzero(is_image & (self.status == SKIPPED)))
+        return {"rows_ok": int(np.count_nonzero(complete & ~also_failed)), "rows_failed": int(len(failed_rows)),
+                "images": int(np.count_nonzero(is_image)), "images_ok": images_done - images_reused,
+                "images_reused": images_reused, "images_failed": int(np.count_nonzero(is_image)) - images_done,
+                "images_redecoded_fp32": int(np.count_nonzero(self.redecoded)), "bad_where": self.where[bad]}
+
+
 class DoneIndex:
-    """The latest committed record of every key (see the module docstring), built by :meth:`read`."""
+    """What a run committed, in bounded memory (see the module docstring), built by :meth:`read`.
 
-    def __init__(self, keys: np.ndarray, status: np.ndarray, num_images: np.ndarray, redecoded: np.ndarray,
-                 where: np.ndarray, parts: list[str]):
-        self.keys, self.status, self.num_images, self.redecoded = keys, status, num_images, redecoded
-        self.where = where  # (part number, row in part) of each latest record, for its error text
-        self.parts = parts
+    One pass over the parts' key columns spills every record (21 bytes) to a local temp file per partition of
+    ``PARTITION_ROWS`` manifest rows; a partition's latest records (:class:`Latest`) are built when a plan
+    chunk or the count needs them, one partition in memory at a time."""
 
-    @property
-    def records(self) -> int:
-        return len(self.keys)
+    def __init__(self, spill_dir: Any, partitions: dict[int, str], rank_of_code: np.ndarray, parts: list[str],
+                 records: int, partition_rows: int):
+        self._dir, self.partitions, self.rank_of_code = spill_dir, partitions, rank_of_code
+        self.parts, self.records, self.partition_rows = parts, records, partition_rows
+        self._cached: tuple[int, Latest] | None = None
 
     @classmethod
-    def read(cls, out: "Output", parts: list[str] | None = None) -> "DoneIndex":
-        """Read the committed parts' key columns, one part at a time, and keep each key's latest record
-        (latest ``attempt``; ties: the later part, the later row)."""
+    def read(cls, out: "Output", parts: list[str] | None = None,
+             partition_rows: int | None = None) -> "DoneIndex":
+        """Read the committed parts' key columns, one part at a time, into the partitions' spill files."""
+        import tempfile
+
+        partition_rows = partition_rows or PARTITION_ROWS
         parts = metadata_parts(out) if parts is None else parts
-        keys, flags, nimg, attempt, starts = [], [], [], [], [0]
+        spill_dir = tempfile.TemporaryDirectory(prefix="sdbatch-done-")
+        files: dict[int, Any] = {}
         attempts: dict[str, int] = {}
-        for name in parts:
+        records = 0
+        for p, name in enumerate(parts):
             t = pq.read_table(io.BytesIO(out.get(name)), columns=_COLUMNS)
-            keys.append(keys_of(t.column("manifest_row"), t.column("image_index")))
+            rec = np.empty(t.num_rows, _SPILL)
+            rec["key"] = keys_of(t.column("manifest_row"), t.column("image_index"))
             st = t.column("status")
             code = np.where(pc.equal(st, "ok").to_numpy(zero_copy_only=False), OK,
                             np.where(pc.equal(st, SKIPPED_STATUS).to_numpy(zero_copy_only=False), SKIPPED, FAILED))
             dropped = pc.fill_null(pc.equal(t.column("error"), NSFW_ERROR), False).to_numpy(zero_copy_only=False)
             redecoded = pc.fill_null(t.column("vae_redecoded_fp32"), False).to_numpy(zero_copy_only=False)
-            flags.append((np.where(dropped & (code == FAILED), DROPPED, code) | (redecoded.astype(np.int8) << 4)).astype(np.int8))
-            nimg.append(pc.fill_null(t.column("num_images"), 0).to_numpy().astype(np.int16))
+            rec["flags"] = np.where(dropped & (code == FAILED), DROPPED, code) | (redecoded.astype(np.int8) << 4)
+            rec["nimg"] = pc.fill_null(t.column("num_images"), 0).to_numpy()
             enc = pc.dictionary_encode(pc.fill_null(t.column("attempt"), "")).combine_chunks()
             codes = [attempts.setdefault(a, len(attempts)) for a in enc.dictionary.to_pylist()]
-            attempt.append(np.asarray(codes, np.int16)[enc.indices.to_numpy()] if len(codes) else
-                           np.zeros(t.num_rows, np.int16))
-            starts.append(starts[-1] + t.num_rows)
+            rec["code"] = np.asarray(codes, np.int16)[enc.indices.to_numpy()] if codes else 0
+            rec["part"], rec["row"] = p, np.arange(t.num_rows)
             del t
-        if not parts:
-            z = np.zeros(0, np.int64)
-            return cls(z, z.astype(np.int8), z.astype(np.int16), z.astype(bool), np.zeros((0, 2), np.int64), [])
+            partition = rec["key"] // (KEY_STRIDE * partition_rows)
+            for q in np.unique(partition).tolist():
+                if q not in files:
+                    files[q] = open(f"{spill_dir.name}/p{q:08d}", "wb")
+                rec[partition == q].tofile(files[q])
+            records += len(rec)
+        for f in files.values():
+            f.close()
         # attempt ranks in attempt-id order (ids sort in start order: batch.store.commit.new_attempt_id)
-        rank_of_code = np.empty(len(attempts), np.int16)
+        rank_of_code = np.empty(len(attempts), np.int64)
         rank_of_code[[attempts[a] for a in sorted(attempts)]] = np.arange(len(attempts))
-        order_key = np.concatenate(keys)
-        del keys
-        order_key *= len(attempts)
-        order_key += rank_of_code[np.concatenate(attempt)]  # int16 temporaries, added in place
-        del attempt
-        # a stable sort by (key, attempt rank): among equal ones, commit order (the later part, the later row)
-        order = np.argsort(order_key, kind="stable")
-        sorted_key = order_key[order]
-        del order_key
-        sorted_key //= len(attempts)
-        last = np.ones(len(order), bool)
-        last[:-1] = sorted_key[1:] != sorted_key[:-1]
-        pick = order[last]
-        del order
-        flags_a, nimg_a = np.concatenate(flags)[pick], np.concatenate(nimg)[pick]
-        part = np.searchsorted(np.asarray(starts), pick, side="right") - 1
-        where = np.stack([part, pick - np.asarray(starts)[part]], axis=1)
-        return cls(sorted_key[last], flags_a & 0x0F, nimg_a, (flags_a >> 4).astype(bool), where, list(parts))
+        return cls(spill_dir, {q: f.name for q, f in files.items()}, rank_of_code, list(parts), records,
+                   partition_rows)
+
+    def latest(self, partition: int) -> Latest:
+        """The latest records of one partition (the last one asked for is kept)."""
+        if self._cached is None or self._cached[0] != partition:
+            self._cached = None
+            rec = np.fromfile(self.partitions[partition], dtype=_SPILL) if partition in self.partitions \
+                else np.zeros(0, _SPILL)
+            self._cached = (partition, Latest(rec, self.rank_of_code))
+        return self._cached[1]
 
     def _lookup(self, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(found, status code) of ``keys`` (status meaningful where found)."""
-        if not len(self.keys):
-            return np.zeros(len(keys), bool), np.zeros(len(keys), np.int8)
-        pos = np.searchsorted(self.keys, keys)
-        pos_c = np.minimum(pos, len(self.keys) - 1)
-        found = self.keys[pos_c] == keys
-        return found, self.status[pos_c]
+        found, status = np.zeros(len(keys), bool), np.zeros(len(keys), np.int8)
+        partition = keys // (KEY_STRIDE * self.partition_rows)
+        for q in np.unique(partition).tolist():
+            sel = partition == q
+            found[sel], status[sel] = self.latest(q).lookup(keys[sel])
+        return found, status
 
     def select(self, items: pa.Table, failed: pa.Table, mode: str) -> tuple[pa.Table, pa.Table]:
         """The items to generate and the failed rows to commit in this attempt (vectorised
@@ -129,35 +188,20 @@ class DoneIndex:
 
     def tally(self, out: "Output", rows: int, images_planned: int,
               failure_reason: Callable[[str], str] = str) -> dict[str, Any]:
-        """The run's counts (as :func:`batch.run.stats.tally` over the latest records), vectorised; the error
-        texts of failed records are read back from their parts and counted by ``failure_reason``
+        """The run's counts (as :func:`batch.run.stats.tally` over the latest records), partition by partition;
+        the error texts of failed records are read back from their parts and counted by ``failure_reason``
         (:func:`batch.plan.manifest.failure_reason`)."""
-        row = self.keys // KEY_STRIDE  # sorted, as the keys are: groups without another sort
-        is_image = (self.keys % KEY_STRIDE) != 0
-        bad = (self.status != OK) & (self.status != SKIPPED)
-        failed_rows = np.unique(row[bad])
-        ok_img = is_image & ~bad  # done: generated, or reused from an earlier run
-        ok_row = row[ok_img]
-        del row
-        starts = np.flatnonzero(np.r_[True, ok_row[1:] != ok_row[:-1]]) if len(ok_row) else np.zeros(0, np.int64)
-        counts = np.diff(np.r_[starts, len(ok_row)])
-        ok_rows = ok_row[starts]
-        complete = counts == self.num_images[ok_img][starts]
-        pos = np.minimum(np.searchsorted(failed_rows, ok_rows), max(len(failed_rows) - 1, 0))
-        also_failed = failed_rows[pos] == ok_rows if len(failed_rows) else np.zeros(len(ok_rows), bool)
-        rows_ok = int(np.count_nonzero(complete & ~also_failed))
-        images = int(np.count_nonzero(is_image))
-        images_done = int(np.count_nonzero(ok_img))
-        images_reused = int(np.count_nonzero(is_image & (self.status == SKIPPED)))
+        total: Counter = Counter()
         reasons: Counter = Counter()
-        bad_where = self.where[bad]
-        for p in np.unique(bad_where[:, 0]):
-            t = pq.read_table(io.BytesIO(out.get(self.parts[p])), columns=["error"])
-            errors = t.column("error").take(pa.array(bad_where[bad_where[:, 0] == p, 1])).to_pylist()
-            reasons.update(failure_reason(e or "unknown") for e in errors)
-        return {"rows": rows, "rows_ok": rows_ok, "rows_failed": int(len(failed_rows)),
-                "images_ok": images_done - images_reused, "images_reused": images_reused,
-                "images_failed": images - images_done,
-                "images_pending": max(0, (images_planned or 0) - images),
-                "images_redecoded_fp32": int(np.count_nonzero(self.redecoded)),
+        for q in sorted(self.partitions):
+            c = self.latest(q).counts()
+            bad_where = c.pop("bad_where")
+            total.update(c)
+            for p in np.unique(bad_where[:, 0]).tolist():
+                t = pq.read_table(io.BytesIO(out.get(self.parts[p])), columns=["error"])
+                errors = t.column("error").take(pa.array(bad_where[bad_where[:, 0] == p, 1])).to_pylist()
+                reasons.update(failure_reason(e or "unknown") for e in errors)
+        keys = ("rows_ok", "rows_failed", "images_ok", "images_reused", "images_failed", "images_redecoded_fp32")
+        return {"rows": rows, **{k: int(total[k]) for k in keys},
+                "images_pending": max(0, (images_planned or 0) - int(total["images"])),
                 "failure_reasons": dict(reasons)}
