@@ -501,22 +501,27 @@ def _jsonl_schema(f: ManifestFile) -> pa.Schema:
         names: dict[str, None] = {}
         for _, obj in objects:
             names.update(dict.fromkeys(obj))
-        fields = []
-        for n in names:
-            if n in KNOWN_TYPES:
-                fields.append(pa.field(n, KNOWN_TYPES[n]))
-                continue
-            try:
-                t = pa.array([obj.get(n) for _, obj in objects]).type
-            except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError) as err:
-                raise ManifestError(f"manifest {f.name}: column {n!r} mixes value types in its first rows ({err}); "
-                                    "give it one type") from None
-            fields.append(pa.field(n, t))
-        inferred = pa.schema(fields)
+        inferred = pa.schema(_object_fields(list(names), [obj for _, obj in objects],
+                                            f"manifest {f.name}", " in its first rows"))
     _check_names(inferred.names, f.name)
     return pa.schema([pa.field(fd.name, KNOWN_TYPES[fd.name]) if fd.name in KNOWN_TYPES
                       else pa.field(fd.name, pa.string()) if pa.types.is_null(fd.type) or pa.types.is_timestamp(fd.type)
                       else fd for fd in inferred])
+
+
+def _object_fields(names: list[str], objects: list[dict], where: str, scope: str = "") -> list[pa.Field]:
+    """Fields of JSON objects: the task columns' fixed types, others inferred by Arrow from ``objects``."""
+    fields = []
+    for n in names:
+        if n in KNOWN_TYPES:
+            fields.append(pa.field(n, KNOWN_TYPES[n]))
+            continue
+        try:
+            t = pa.array([obj.get(n) for obj in objects]).type
+        except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError) as err:
+            raise ManifestError(f"{where}: column {n!r} mixes value types{scope} ({err}); give it one type") from None
+        fields.append(pa.field(n, t))
+    return fields
 
 
 def _jsonl_batches(f: ManifestFile, rows: int) -> Iterator[pa.RecordBatch]:
@@ -642,17 +647,7 @@ def _catalogue_table(f: ManifestFile) -> pa.Table:
         for r in rows:
             if r.get(p) is None:
                 r[p] = value
-    fields = []
-    for n in names:
-        if n in KNOWN_TYPES:
-            fields.append(pa.field(n, KNOWN_TYPES[n]))
-            continue
-        try:
-            t = pa.array([r.get(n) for r in rows]).type
-        except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError) as err:
-            raise ManifestError(f"manifest {f.name}: column {n!r} mixes value types ({err}); give it one type") \
-                from None
-        fields.append(pa.field(n, pa.string() if pa.types.is_null(t) else t))
-    schema = pa.schema(fields)
+    schema = pa.schema([pa.field(fd.name, pa.string()) if pa.types.is_null(fd.type) else fd
+                        for fd in _object_fields(names, rows, f"manifest {f.name}")])
     return pa.Table.from_batches([_typed_batch(rows, schema, f.name, lambda i: f"input_data.data[{i}]")],
                                  schema=schema) if rows else schema.empty_table()
