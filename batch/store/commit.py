@@ -63,9 +63,6 @@ LEASE_SECONDS = 120.0  # a lease whose heartbeat is older than this is considere
 HEARTBEAT_SECONDS = 20.0
 
 
-SLIM_COLUMNS = ["manifest_row", "image_index", "num_images", "status", "error", "vae_redecoded_fp32", "attempt"]
-
-
 Mode = Literal["run", "retry_failed", "extend"]  # extend: a run whose manifest gained rows at its end
 
 
@@ -178,7 +175,6 @@ class MetadataCommitter:
         self.pending_rows = 0
         self.oldest = 0.0
         self.parts = 0
-        self.committed: list[pa.Table] = []  # slim copies (keys and status) of what this attempt committed
 
     def add(self, table: pa.Table) -> bool:
         """Buffer ``table``'s rows; commit a part when enough rows or time have gathered (then True)."""
@@ -198,7 +194,6 @@ class MetadataCommitter:
             return False
         table = pa.concat_tables(self.pending)
         self.out.put_parquet(part_key(self.attempt, self.parts), table)
-        self.committed.append(table.select(SLIM_COLUMNS))
         self.parts += 1
         self.pending, self.pending_rows, self.oldest = [], 0, 0.0
         return True
