@@ -310,23 +310,30 @@ def model_identity(spec: Any) -> tuple[str, str | None, str | None]:
     return spec.model, resolved, SCHEDULER_NAME_FOR_CLASS.get(cls)
 
 
-def dedup_work(spec: Any, items: pa.Table) -> tuple[pa.Table, pa.Table, dict[str, Any]]:
-    """The job's step: (items to generate, skipped metadata rows, facts for the run record) for ``spec``'s
-    ``dedup_against``; without it (or with nothing left to do: a finished run resumed), ``items`` unchanged.
+class Deduplicator:
+    """The job's step, chunk by chunk: :func:`find_sources`, :meth:`DedupIndex.build` and
+    :func:`model_identity` once per job, on the first chunk with work (a resumed run with nothing left builds
+    nothing); then :meth:`split` per chunk of items. Memory: the index (16 bytes per earlier image) plus one
+    chunk's skipped rows. ``facts`` is what the run record says about it."""
 
-    To port into a chunked plan: :func:`find_sources`, :meth:`DedupIndex.build` and :func:`model_identity`
-    once per job, then ``index.split(chunk, *identity)`` per chunk of items (memory: the index, 16 bytes per
-    earlier image, plus one chunk's skipped rows)."""
-    if not spec.dedup_against or items.num_rows == 0:
-        return items, items.schema.empty_table(), {}
-    import time
+    def __init__(self, spec: Any):
+        self.spec, self.index, self.identity, self.facts = spec, None, None, {}
 
-    t0 = time.perf_counter()
-    sources = find_sources(spec.dedup_against, spec.storage_options, exclude=spec.output)
-    index = DedupIndex.build(sources, spec.task)
-    t1 = time.perf_counter()
-    todo, skipped = index.split(items, *model_identity(spec))
-    facts = {"sources": [f"{s.uri} run {s.run_id}" for s in sources], "earlier_rows_read": index.rows_read,
-             "index_images": int(len(index.keys)), "index_bytes": index.nbytes, "build_seconds": round(t1 - t0, 3),
-             "split_seconds": round(time.perf_counter() - t1, 3), "images_reused": skipped.num_rows}
-    return todo, skipped, facts
+    def split(self, items: pa.Table) -> tuple[pa.Table, pa.Table | None]:
+        """(items to generate, skipped metadata rows or None) for one chunk; ``items`` unchanged without
+        ``dedup_against``."""
+        if not self.spec.dedup_against or items.num_rows == 0:
+            return items, None
+        if self.index is None:
+            import time
+
+            t0 = time.perf_counter()
+            sources = find_sources(self.spec.dedup_against, self.spec.storage_options, exclude=self.spec.output)
+            self.index, self.identity = DedupIndex.build(sources, self.spec.task), model_identity(self.spec)
+            self.facts = {"sources": [f"{s.uri} run {s.run_id}" for s in sources],
+                          "earlier_rows_read": self.index.rows_read, "index_images": int(len(self.index.keys)),
+                          "index_bytes": self.index.nbytes, "build_seconds": round(time.perf_counter() - t0, 3),
+                          "images_reused": 0}
+        todo, skipped = self.index.split(items, *self.identity)
+        self.facts["images_reused"] += skipped.num_rows
+        return todo, skipped

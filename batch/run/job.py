@@ -42,7 +42,7 @@ import pyarrow.parquet as pq
 from batch.models.weights import locate
 from batch.plan.manifest import PLAN_CHUNK_ROWS, ManifestScan, failure_reason, iter_plan, scan_manifest
 from batch.plan.sources import open_manifest
-from batch.plan.dedup import DedupIndex, find_sources, model_identity
+from batch.plan.dedup import Deduplicator
 from batch.plan.seeds import effective_run_seed
 from batch.run import pipeline
 from batch.run.record import check_same_run, new_run_id, now, package_versions, redact, redact_arg
@@ -276,34 +276,10 @@ def record_attempt(run: OpenRun, work: Work) -> Attempt:
     return Attempt(record=record, entry=entry, committer=committer, log=log)
 
 
-class Deduplicator:
-    """Cross-run deduplication (``dedup_against``, :mod:`batch.plan.dedup`) in the streaming plan: the earlier
-    runs' index and this model's identity are built once, on the first chunk with work; each chunk's items are
-    then split into those to generate and the skipped rows that reuse an earlier image."""
-
-    def __init__(self, spec: JobSpec):
-        self.spec, self.index, self.identity, self.facts = spec, None, None, {}
-
-    def split(self, items: pa.Table) -> tuple[pa.Table, pa.Table | None]:
-        if not self.spec.dedup_against or items.num_rows == 0:
-            return items, None
-        if self.index is None:
-            t0 = time.perf_counter()
-            sources = find_sources(self.spec.dedup_against, self.spec.storage_options, exclude=self.spec.output)
-            self.index, self.identity = DedupIndex.build(sources, self.spec.task), model_identity(self.spec)
-            self.facts = {"sources": [f"{s.uri} run {s.run_id}" for s in sources],
-                          "earlier_rows_read": self.index.rows_read, "index_images": int(len(self.index.keys)),
-                          "index_bytes": self.index.nbytes, "build_seconds": round(time.perf_counter() - t0, 3),
-                          "images_reused": 0}
-        todo, skipped = self.index.split(items, *self.identity)
-        self.facts["images_reused"] += skipped.num_rows
-        return todo, skipped
-
-
 def iter_waves(run: OpenRun, work: Work, dedup: Deduplicator) -> Iterator[tuple[int, pa.Table, pa.Table, pa.Table]]:
     """(images planned, items to do, failed rows to commit, skipped rows to commit) per wave of
     :func:`wave_chunks` plan chunks: the streaming plan (:func:`batch.plan.manifest.iter_plan`) minus what is
-    committed (:meth:`DoneIndex.select`) minus what earlier runs hold (:class:`Deduplicator`)."""
+    committed (:meth:`DoneIndex.select`) minus what earlier runs hold (:class:`batch.plan.dedup.Deduplicator`)."""
     planned, items, failed, skipped = 0, [], [], []
     chunks = iter_plan(run.source.iter_batches(), run.spec, run.scan.carried, run.scan.duplicates)
     for n, (_, chunk) in enumerate(chunks, 1):
