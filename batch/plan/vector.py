@@ -23,6 +23,7 @@ import pyarrow.compute as pc
 
 from batch.plan.rows import MAX_ID_CHARS
 from batch.spec.base import MAX_SEED, SCHEDULER_NAMES
+from batch.tasks.txt2img import int_ranges
 
 if TYPE_CHECKING:
     from batch.spec.config import JobSpec
@@ -33,15 +34,10 @@ _PLAIN_ID = r"^[ -~]+$"  # printable ASCII; separators, "%" and blanks are exclu
 _HAS_WORD = r"[A-Za-z0-9]"  # a prompt the kernels accept has an ASCII letter or digit (str.strip() is unicode-aware)
 
 FAST_TASKS = ("txt2img",)
-INT_FIELDS = ("num_inference_steps", "num_images", "height", "width")
 
 
 def _column(table: pa.Table, name: str) -> pa.ChunkedArray | None:
     return table.column(name) if name in table.column_names else None
-
-
-def _is_int_type(t: pa.DataType) -> bool:
-    return pa.types.is_integer(t)
 
 
 def _plain_ids(ids: pa.ChunkedArray | None, n: int) -> pa.ChunkedArray | pa.Array:
@@ -56,15 +52,6 @@ def _plain_ids(ids: pa.ChunkedArray | None, n: int) -> pa.ChunkedArray | pa.Arra
     ok = pc.and_(ok, pc.less_equal(pc.utf8_length(ids), MAX_ID_CHARS))
     ok = pc.and_(ok, pc.invert(pc.is_in(ids, value_set=pa.array([".", ".."]))))
     return pc.fill_null(ok, False)
-
-
-def _taken(table: pa.Table, name: str, default) -> pa.ChunkedArray | None:
-    """The column with nulls replaced by the spec's default (``take`` in batch.plan.rows), or None when the
-    column's type is not one the kernels judge."""
-    col = _column(table, name)
-    if col is None:
-        return None
-    return col if default is None else pc.fill_null(col, default)
 
 
 def split_rows(table: pa.Table, spec: "JobSpec") -> np.ndarray:
@@ -97,16 +84,14 @@ def split_rows(table: pa.Table, spec: "JobSpec") -> np.ndarray:
     else:
         return np.zeros(n, dtype=bool)
     # the integer fields: integer columns in range (height/width multiples of 8); floats go to the per-row check
-    ranges = {"num_inference_steps": (1, 1000), "num_images": (1, lim.max_images_per_row),
-              "height": (8, lim.max_side), "width": (8, lim.max_side)}
-    for field, (lo, hi) in ranges.items():
+    for field, lo, hi in int_ranges(lim):  # the per-row check's own ranges
         col = _column(table, field)
         default = getattr(d, field)
         if col is None or pa.types.is_null(col.type):
             good = lo <= default <= hi and (field not in ("height", "width") or default % 8 == 0)
             ok = pc.and_(ok, pa.scalar(bool(good)))
             continue
-        if not _is_int_type(col.type):  # floats (whole or not), strings, ...: only nulls (the default) here
+        if not pa.types.is_integer(col.type):  # floats (whole or not), strings, ...: only nulls (the default) here
             good_default = lo <= default <= hi and (field not in ("height", "width") or default % 8 == 0)
             ok = pc.and_(ok, pc.is_null(col)) if good_default else pa.array(np.zeros(n, dtype=bool))
             continue

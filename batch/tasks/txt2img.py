@@ -62,9 +62,14 @@ def validate_row(raw: dict[str, Any], spec: Any, rules: Any = None) -> dict[str,
     out["negative_prompt"] = neg
 
     # 2. Numbers, scheduler and seed (shared with the image tasks).
-    return finish_row(raw, take, spec, problems, out, [
-        ("num_inference_steps", 1, 1000), ("num_images", 1, lim.max_images_per_row),
-        ("height", 8, lim.max_side), ("width", 8, lim.max_side)])
+    return finish_row(raw, take, spec, problems, out, int_ranges(lim))
+
+
+def int_ranges(lim: Any) -> list[tuple[str, int, int]]:
+    """The integer fields of a txt2img row and their allowed ranges under ``limits`` (also read by the
+    vectorised checks, :mod:`batch.plan.vector`)."""
+    return [("num_inference_steps", 1, 1000), ("num_images", 1, lim.max_images_per_row),
+            ("height", 8, lim.max_side), ("width", 8, lim.max_side)]
 
 
 def read_rows(batch: pa.Table) -> list[dict]:
