@@ -87,12 +87,11 @@ def split_rows(table: pa.Table, spec: "JobSpec") -> np.ndarray:
     for field, lo, hi in int_ranges(lim):  # the per-row check's own ranges
         col = _column(table, field)
         default = getattr(d, field)
+        good_default = lo <= default <= hi and (field not in ("height", "width") or default % 8 == 0)
         if col is None or pa.types.is_null(col.type):
-            good = lo <= default <= hi and (field not in ("height", "width") or default % 8 == 0)
-            ok = pc.and_(ok, pa.scalar(bool(good)))
+            ok = pc.and_(ok, pa.scalar(good_default))
             continue
         if not pa.types.is_integer(col.type):  # floats (whole or not), strings, ...: only nulls (the default) here
-            good_default = lo <= default <= hi and (field not in ("height", "width") or default % 8 == 0)
             ok = pc.and_(ok, pc.is_null(col)) if good_default else pa.array(np.zeros(n, dtype=bool))
             continue
         v = pc.cast(pc.fill_null(col, default), pa.int64())
