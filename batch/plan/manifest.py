@@ -22,7 +22,7 @@ import pyarrow.compute as pc
 from batch.plan import sources
 from batch.plan.locations import input_rules
 from batch.plan.rows import BUCKET_FIELDS, RowError
-from batch.plan.seeds import SEED_SCHEME, effective_run_seed
+from batch.plan.seeds import derive_row_seeds, effective_run_seed
 from batch.plan.sources import ManifestError  # defined beside the readers; importers keep using this name
 from batch.spec.config import JobSpec
 from batch.tasks import TASKS
@@ -312,7 +312,7 @@ def _expand(parts: list[pa.Table], schema: pa.Schema, spec: JobSpec) -> pa.Table
         missing = np.flatnonzero(seeds.is_null().to_numpy(zero_copy_only=False))
         ids = rows.column("id").take(pa.array(missing)).to_pylist()
         filled = pc.fill_null(seeds, 0).to_numpy().astype(np.uint64)  # (nulls would make numpy floats)
-        filled[missing] = derived_seeds(effective_run_seed(spec), ids)
+        filled[missing] = derive_row_seeds(effective_run_seed(spec), ids)
         rows = rows.set_column(rows.schema.get_field_index("row_seed"), schema.field("row_seed"),
                                pa.array(filled, pa.uint64()))
     counts = rows.column("num_images").to_numpy().astype(np.int64)
@@ -326,18 +326,6 @@ def _expand(parts: list[pa.Table], schema: pa.Schema, spec: JobSpec) -> pa.Table
     cols["seed"] = pa.array(row_seed + k.astype(np.uint64), pa.uint64())
     n = len(take)
     return pa.table([cols[f.name] if f.name in cols else pa.nulls(n, f.type) for f in schema], schema=schema)
-
-
-def derived_seeds(run_seed: int, ids: list[str]) -> np.ndarray:
-    """:func:`batch.plan.seeds.derive_row_seed` of many ids at once (the same SHA-256 per id, without the
-    per-call overhead of formatting the prefix)."""
-    import hashlib
-
-    prefix = f"{SEED_SCHEME}:{int(run_seed)}:"
-    sha = hashlib.sha256
-    messages = pc.binary_join_element_wise(prefix, pa.array(ids, pa.string()), "").cast(pa.binary()).to_pylist()
-    digests = b"".join([sha(m).digest()[:8] for m in messages])
-    return np.frombuffer(digests, dtype=">u8").astype(np.uint64) >> np.uint64(1)
 
 
 def _sort_and_number(items: pa.Table, batch_size: int, first_row: int) -> pa.Table:
