@@ -17,7 +17,8 @@ import pytest
 
 import batch.plan.manifest as manifest
 from batch.plan.duplicates import DuplicateFinder, hash_strings
-from batch.plan.manifest import iter_plan, plan, rechunk
+from batch.plan.manifest import iter_plan, plan
+from batch.plan.sources import rechunk
 from batch.plan.rows import RowError, bucket_key
 from batch.plan.seeds import image_seed
 from batch.spec.config import parse_spec

@@ -23,7 +23,8 @@ from batch.plan import sources
 from batch.plan.locations import input_rules
 from batch.plan.rows import BUCKET_FIELDS, RowError
 from batch.plan.seeds import derive_row_seeds, effective_run_seed
-from batch.plan.sources import ManifestError  # defined beside the readers; importers keep using this name
+# ManifestError is defined beside the readers; importers keep using this name
+from batch.plan.sources import ManifestError, rechunk
 from batch.spec.config import JobSpec
 from batch.tasks import TASKS
 
@@ -114,32 +115,13 @@ def plan(table: pa.Table, spec: JobSpec, reserved: set[str],
                 carried=carried, num_rows=table.num_rows)
 
 
-def rechunk(batches: Iterable[pa.RecordBatch | pa.Table], rows: int = None) -> Iterator[pa.Table]:
-    """Tables of exactly ``rows`` rows (default ``PLAN_CHUNK_ROWS``; the last may be fewer) from record batches
-    of any sizes, in order: plan chunks start at fixed manifest rows whatever the files' row groups."""
-    rows = rows or PLAN_CHUNK_ROWS
-    pending: list[pa.Table] = []
-    held = 0
-    for b in batches:
-        t = pa.Table.from_batches([b]) if isinstance(b, pa.RecordBatch) else b
-        while t.num_rows:
-            take = min(rows - held, t.num_rows)
-            pending.append(t.slice(0, take))
-            held += take
-            t = t.slice(take)
-            if held == rows:
-                yield pa.concat_tables(pending).combine_chunks()
-                pending, held = [], 0
-    if held:
-        yield pa.concat_tables(pending).combine_chunks()
-
-
 def iter_plan(chunks: Iterable[pa.Table], spec: JobSpec, carried: list[str],
               duplicates: dict[int, list[int]]) -> Iterator[tuple[int, Plan]]:
-    """(first manifest row, :func:`plan_chunk`) for each chunk of :func:`rechunk` over ``chunks``: the streaming
-    plan, one chunk in memory at a time."""
+    """(first manifest row, :func:`plan_chunk`) for each chunk of ``PLAN_CHUNK_ROWS`` rows of ``chunks`` (tables or
+    record batches of any sizes, re-cut by :func:`batch.plan.sources.rechunk`): the streaming plan, one chunk in
+    memory at a time."""
     first = 0
-    for chunk in rechunk(chunks):
+    for chunk in rechunk(chunks, PLAN_CHUNK_ROWS):
         yield first, plan_chunk(chunk, first, spec, carried, duplicates)
         first += chunk.num_rows
 
@@ -197,7 +179,8 @@ def scan_manifest(source: Any, spec: JobSpec, reserved: set[str], compare_rows: 
     rows, changed, changed_count = 0, [], 0
     hash_file = tempfile.NamedTemporaryFile(prefix="sdbatch-rowhash-", delete=False)
     with pa.ipc.new_stream(pa.PythonFile(sink, mode="w"), source.schema) as writer, hash_file:
-        for number, chunk in enumerate(rechunk(source.iter_batches())):
+        for number, batch in enumerate(source.iter_batches(PLAN_CHUNK_ROWS)):
+            chunk = pa.Table.from_batches([batch])
             writer.write_table(chunk)
             finder.add(chunk.column("id"))
             hashes = hash_rows(chunk)
@@ -209,10 +192,11 @@ def scan_manifest(source: Any, spec: JobSpec, reserved: set[str], compare_rows: 
                 if len(old) > len(hashes):  # the old run had more rows in this chunk than the manifest now has
                     diff = np.concatenate([diff, np.arange(len(hashes), len(old))])
                 changed_count += len(diff)
-                ids = chunk.column("id").to_pylist()
-                changed += [(rows + int(i), ids[i] if i < len(ids) else None) for i in diff[:10 - len(changed)]]
+                if len(diff):  # the ids only of a chunk that changed
+                    ids = chunk.column("id").to_pylist()
+                    changed += [(rows + int(i), ids[i] if i < len(ids) else None) for i in diff[:10 - len(changed)]]
             rows += chunk.num_rows
-    duplicates = finder.finish(c.column("id") for c in rechunk(source.iter_batches()))
+    duplicates = finder.finish(b.column("id") for b in source.iter_batches(PLAN_CHUNK_ROWS))
     return ManifestScan(rows=rows, digest=sink.hash.hexdigest(), carried=carried,
                         carried_schema=pa.schema([source.schema.field(c) for c in carried]), duplicates=duplicates,
                         columns=[[f.name, str(f.type)] for f in source.schema], row_hashes=hash_file.name,

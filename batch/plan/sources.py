@@ -41,7 +41,7 @@ import io
 import json
 import os
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -103,21 +103,29 @@ class ManifestSource:
         is bounded by ``rows`` (plus one reader block), never a whole file."""
         if not isinstance(rows, int) or rows < 1:
             raise ValueError(f"rows must be a positive integer, got {rows!r}")
-        pending: list[pa.RecordBatch] = []
-        held = 0
-        for f in self._files:
-            for batch in _file_batches(f, rows):
-                if batch.num_rows == 0:
-                    continue
-                pending.append(_conform(batch, self.schema, f.name))
-                held += batch.num_rows
-                while held >= rows:
-                    table = pa.Table.from_batches(pending, schema=self.schema)
-                    yield _one_batch(table.slice(0, rows), self.schema)
-                    pending = table.slice(rows).to_batches()
-                    held -= rows
-        if held:
-            yield _one_batch(pa.Table.from_batches(pending, schema=self.schema), self.schema)
+        conformed = (_conform(batch, self.schema, f.name) for f in self._files for batch in _file_batches(f, rows)
+                     if batch.num_rows)
+        for table in rechunk(conformed, rows):
+            yield _one_batch(table, self.schema)
+
+
+def rechunk(batches: Iterable[pa.RecordBatch | pa.Table], rows: int) -> Iterator[pa.Table]:
+    """Tables of exactly ``rows`` rows (the last may be fewer), one chunk each, from record batches or tables of
+    any sizes, in order (slices and concatenation: a piece that already has ``rows`` rows is not copied)."""
+    pending: list[pa.Table] = []
+    held = 0
+    for b in batches:
+        t = pa.Table.from_batches([b]) if isinstance(b, pa.RecordBatch) else b
+        while t.num_rows:
+            take = min(rows - held, t.num_rows)
+            pending.append(t.slice(0, take))
+            held += take
+            t = t.slice(take)
+            if held == rows:
+                yield pa.concat_tables(pending).combine_chunks()
+                pending, held = [], 0
+    if held:
+        yield pa.concat_tables(pending).combine_chunks()
 
 
 def open_manifest(uri: str | list[str], storage_options: dict | None = None) -> ManifestSource:

@@ -281,7 +281,7 @@ def iter_waves(run: OpenRun, work: Work, dedup: Deduplicator) -> Iterator[tuple[
     :func:`wave_chunks` plan chunks: the streaming plan (:func:`batch.plan.manifest.iter_plan`) minus what is
     committed (:meth:`DoneIndex.select`) minus what earlier runs hold (:class:`batch.plan.dedup.Deduplicator`)."""
     planned, items, failed, skipped = 0, [], [], []
-    chunks = iter_plan(run.source.iter_batches(), run.spec, run.scan.carried, run.scan.duplicates)
+    chunks = iter_plan(run.source.iter_batches(PLAN_CHUNK_ROWS), run.spec, run.scan.carried, run.scan.duplicates)
     for n, (_, chunk) in enumerate(chunks, 1):
         todo, bad = work.done.select(chunk.items, chunk.failed, run.mode)
         todo, reused = dedup.split(todo)
