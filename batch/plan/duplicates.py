@@ -18,7 +18,6 @@ a second read of the id column only when a candidate exists.
 from __future__ import annotations
 
 import os
-import shutil
 import tempfile
 from typing import Iterable
 
@@ -86,7 +85,8 @@ class DuplicateFinder:
 
     def __init__(self, partitions: int = PARTITIONS, tmp_dir: str | None = None):
         self.partitions = partitions
-        self.dir = tempfile.mkdtemp(prefix="sdbatch-dups-", dir=tmp_dir)
+        self._tmp = tempfile.TemporaryDirectory(prefix="sdbatch-dups-", dir=tmp_dir)  # removed when collected
+        self.dir = self._tmp.name
         self.files = [open(os.path.join(self.dir, f"p{p:03d}"), "wb") for p in range(partitions)]
         self.rows = 0
 
@@ -120,7 +120,7 @@ class DuplicateFinder:
             twice = h[1:][h[1:] == h[:-1]]
             if len(twice):
                 found.append(pairs["row"][np.isin(pairs["h"], twice)])
-        shutil.rmtree(self.dir, ignore_errors=True)
+        self._tmp.cleanup()
         return np.sort(np.concatenate(found)) if found else np.zeros(0, np.int64)
 
     def finish(self, id_chunks_again: Iterable[pa.Array | pa.ChunkedArray]) -> dict[int, list[int]]:
@@ -140,9 +140,6 @@ class DuplicateFinder:
                     positions.setdefault(rid, []).append(row)
             start += n
         return {row: rows for rows in positions.values() if len(rows) > 1 for row in rows}
-
-    def __del__(self):
-        shutil.rmtree(getattr(self, "dir", ""), ignore_errors=True) if getattr(self, "dir", None) else None
 
 
 _NULL = np.uint64(0x9E3779B97F4A7C15)
