@@ -7,14 +7,12 @@ manifest's contents (:func:`check_same_run`), else it is refused: one output pre
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
 import platform
 import re
 import secrets
 from importlib import metadata as importlib_metadata
 from typing import Any
 
-import pyarrow as pa
 
 from batch.spec.config import JobSpec
 from batch.store.commit import RunExistsError
@@ -70,14 +68,6 @@ def redact_arg(arg: str) -> str:
 
 def now() -> str:
     return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
-
-
-def manifest_digest(table: pa.Table) -> str:
-    """SHA-256 of the manifest's contents (schema and rows, in order), to tell a changed manifest."""
-    sink = pa.BufferOutputStream()
-    with pa.ipc.new_stream(sink, table.schema) as writer:
-        writer.write_table(table.combine_chunks())
-    return hashlib.sha256(sink.getvalue().to_pybytes()).hexdigest()
 
 
 # Identity fields added later, with the value a record written before them means (so older runs still resume).
