@@ -17,7 +17,8 @@ Under a run's output prefix::
 4. Readers take the union of the parts and keep, for each (manifest row, image index), the row of the
    latest attempt (:func:`latest_rows`), so a retried row supersedes its failed record and compaction
    (:func:`compact`) never shows an image twice.
-5. A new attempt does only what is missing (:func:`select_work`); ``_SUCCESS`` is written last.
+5. A new attempt does only what is missing (:func:`select_work`; a job uses its bounded-memory form,
+   :class:`batch.store.done.DoneIndex`); ``_SUCCESS`` is written last.
 """
 
 from __future__ import annotations
