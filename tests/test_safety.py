@@ -236,3 +236,37 @@ def test_card_names_the_checker_that_ran():
             in card)
     card = dataset_card({"run_id": "r", "spec": {"model": "tiny"}, "safety_checker": None}, {}, model_license("tiny"))
     assert "- safety checker: none (the model ships none); metadata `nsfw` is null" in card
+
+
+@pytest.mark.e2e
+def test_job_with_a_standalone_checker_records_it_in_metadata_run_json_and_card(standalone, tiny_dir, tmp_path,
+                                                                                 ray_session):
+    """The whole job (Ray actors, writers, commit): the checker travels through SamplerSettings.from_spec to
+    the actors; metadata, run.json and the dataset card name it; a resume with another checker is refused."""
+    from conftest import write_manifest
+
+    from batch.run.job import run_job
+    from batch.store.card import CARD
+    from batch.store.commit import RUN_RECORD, RunExistsError, read_metadata
+    from batch.store.io import open_output
+
+    manifest = write_manifest(tmp_path / "m.parquet", [{"id": f"r{i}", "prompt": p} for i, p in enumerate(PROMPTS)])
+    base = {"model": str(tiny_dir), "device": "cpu", "dtype": "float32", "manifest": manifest,
+            "output": str(tmp_path / "out"), "defaults": {"height": 64, "width": 64, "num_inference_steps": 3},
+            "batch_size": 4, "actors": 1, "progress": False, "safety_checker": str(standalone["all"]),
+            "safety_policy": "blackout"}
+    summary = run_job(parse_spec(base))
+    assert summary.exit_code == 0 and summary.images_ok == len(PROMPTS)
+    rows = read_metadata(str(tmp_path / "out")).to_pylist()
+    assert all(r["status"] == "ok" and r["nsfw"] is True and r["safety_checker"] == str(standalone["all"])
+               for r in rows)
+    revision = rows[0]["safety_checker_revision"]
+    assert revision.startswith("local-")
+    out = open_output(str(tmp_path / "out"))
+    record = out.get_json(RUN_RECORD)
+    assert record["safety_checker"] == {"location": str(standalone["all"]), "revision": revision}
+    assert record["spec"]["safety_checker"] == str(standalone["all"])
+    assert f"- safety checker: `{standalone['all']}` (revision `{revision}`), policy `blackout`" in \
+        out.get(CARD).decode()
+    with pytest.raises(RunExistsError, match="safety_checker"):
+        run_job(parse_spec({**base, "safety_checker": str(standalone["none"])}))
