@@ -271,7 +271,11 @@ def run_items(items: pa.Table, spec: JobSpec, res: Resources, upload: bool) -> I
         compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, 2 * res.actors)),
         num_cpus=spec.writer_cpus,
     )
-    yield from ds.iter_batches(batch_size=None, batch_format="pyarrow")
+    # prefetch_batches=0: each block reaches the driver (and its commit) as soon as it is written. With Ray's
+    # default (1), iter_batches(batch_size=None) asks for the next block before it yields the current one
+    # (ray/data/_internal/block_batching/iter_batches.py, prefetch_batches_locally), so every commit waited
+    # for the following block, and the last committed rows lagged one block behind what was written.
+    yield from ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=0)
 
 
 def cluster_resources() -> dict[str, Any]:
@@ -349,4 +353,4 @@ def run_features(table: pa.Table, extractor_kwargs: dict[str, Any], res: Resourc
         num_gpus=res.gpus_per_actor,
         num_cpus=res.cpus_per_actor,
     )
-    yield from ds.iter_batches(batch_size=None, batch_format="pyarrow")
+    yield from ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=0)  # as run_items
