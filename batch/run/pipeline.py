@@ -203,8 +203,10 @@ def _on_ray_node(stage: type) -> type:
 
 def _pool(res: Resources, blocks: int):
     """The sampler (or feature) pool: ``ActorPoolStrategy(min_size, max_size)`` from the resolved sizes, never
-    more actors than blocks. Ray Data starts ``min_size`` actors and adds more while inputs queue and the
-    cluster has room, down again when idle (growth onto a node that joins mid-run is not demonstrated: README)."""
+    more actors than blocks. Ray Data starts ``min_size`` actors and requests one more while every running actor
+    has 2 blocks in flight and blocks still queue (utilisation >= 1.75: ``DefaultActorAutoscaler``); without
+    room the new actor stays pending (a resource request an autoscaler answers) and starts on a node that joins
+    (tests/test_cluster.py); idle actors are retired."""
     from ray.data import ActorPoolStrategy
 
     hi = max(1, min(res.actors, blocks))
