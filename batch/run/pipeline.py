@@ -203,8 +203,10 @@ def _on_ray_node(stage: type) -> type:
 
 def _pool(res: Resources, blocks: int):
     """The sampler (or feature) pool: ``ActorPoolStrategy(min_size, max_size)`` from the resolved sizes, never
-    more actors than blocks. Ray Data starts ``min_size`` actors and adds more while inputs queue and the
-    cluster has room, down again when idle (growth onto a node that joins mid-run is not demonstrated: README)."""
+    more actors than blocks. Ray Data starts ``min_size`` actors and requests one more while every running actor
+    has 2 blocks in flight and blocks still queue (utilisation >= 1.75: ``DefaultActorAutoscaler``); without
+    room the new actor stays pending (a resource request an autoscaler answers) and starts on a node that joins
+    (tests/test_cluster.py); idle actors are retired."""
     from ray.data import ActorPoolStrategy
 
     hi = max(1, min(res.actors, blocks))
@@ -271,7 +273,11 @@ def run_items(items: pa.Table, spec: JobSpec, res: Resources, upload: bool) -> I
         compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, 2 * res.actors)),
         num_cpus=spec.writer_cpus,
     )
-    yield from ds.iter_batches(batch_size=None, batch_format="pyarrow")
+    # prefetch_batches=0: each block reaches the driver (and its commit) as soon as it is written. With Ray's
+    # default (1), iter_batches(batch_size=None) asks for the next block before it yields the current one
+    # (ray/data/_internal/block_batching/iter_batches.py, prefetch_batches_locally), so every commit waited
+    # for the following block, and the last committed rows lagged one block behind what was written.
+    yield from ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=0)
 
 
 def cluster_resources() -> dict[str, Any]:
@@ -349,4 +355,4 @@ def run_features(table: pa.Table, extractor_kwargs: dict[str, Any], res: Resourc
         num_gpus=res.gpus_per_actor,
         num_cpus=res.cpus_per_actor,
     )
-    yield from ds.iter_batches(batch_size=None, batch_format="pyarrow")
+    yield from ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=0)  # as run_items
