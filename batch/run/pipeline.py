@@ -96,6 +96,11 @@ def init_ray(spec: JobSpec) -> bool:
 _REAPER = None  # the watchdog of the embedded Ray this process started (batch.run.reaper), if any
 
 
+def embedded() -> bool:
+    """True while this process runs the embedded local Ray it started (:func:`init_ray`), which cannot grow."""
+    return _REAPER is not None
+
+
 @contextlib.contextmanager
 def ray_attached(spec: JobSpec) -> Iterator[None]:
     """The one way the job and the evaluation use Ray: attach to the cluster or start an embedded Ray

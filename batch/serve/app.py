@@ -1,0 +1,273 @@
+"""The Ray Serve application of the real-time endpoint (``sdbatch serve``; with ``batch.run.pipeline`` the only
+modules that import Ray).
+
+    HTTP proxy -> Ingress (FastAPI: parse, plan, queue limit) -> SamplerReplica (@serve.batch -> Sampler)
+
+1. :class:`Ingress` (one replica): ``/health``, ``/ready``, ``/queue``, ``POST /generate`` (plain) and
+   ``POST /score`` (catalogue). It parses and plans a request with :mod:`batch.serve.protocol` (400/413), counts
+   the images accepted and not yet answered (429 above ``serve.max_queued_images``) and hands the request's
+   items, whole, to the sampler deployment.
+2. :class:`SamplerReplica` (``serve.replicas``: a number, or ``{min, max}`` for Serve autoscaling; one GPU each
+   on cuda, a fraction of the CPUs on cpu, as the batch job's actors: :func:`batch.run.pipeline.resolve_resources`)
+   holds the batch job's :class:`batch.run.stages.Sampler`. Ray Serve's ``@serve.batch`` collects requests up
+   to ``serve.max_batch_size`` images (``batch_size_fn`` counts images, not requests) or ``serve.batch_wait_ms``;
+   :func:`batch.serve.protocol.collect_batch` sorts them by the batch job's bucket key and numbers GPU batches of
+   at most ``batch_size``; the sampler makes one call per GPU batch (in a worker thread, so the replica keeps
+   answering ``/ready`` while it samples); :func:`batch.serve.protocol.split_batch` encodes each image with the
+   batch writer's encoder and hands each request its rows.
+3. A request whose client goes away is cancelled by Serve (proxy -> ingress -> replica). ``@serve.batch`` drops
+   a cancelled request that has not started; one cancelled during its batch's sampler call only loses its
+   answer: the call, and the other requests of that batch, complete (``ray.serve.batching._BatchQueue``).
+
+:func:`build_app` is the application builder a KubeRay RayService names (``import_path:
+batch.serve.app:build_app``, ``args: {config: <spec path or URI>, set: {dotted: value}}``); :func:`serve_forever`
+is ``sdbatch serve``.
+"""
+
+import asyncio
+import json
+import signal
+import sys
+import threading
+import time
+import urllib.request
+from typing import Any
+
+import pyarrow as pa
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+from ray import serve
+
+from batch.serve.protocol import (MAX_BODY_BYTES, RequestError, catalogue_response, check_servable, collect_batch,
+                                  parse_catalogue, parse_plain, plain_response, plan_request, split_batch)
+from batch.spec.config import JobSpec
+
+APP_NAME = "sdbatch"
+READY_TIMEOUT_S = 2.0  # /ready: how long a replica may take to answer before the endpoint says 503
+
+api = FastAPI(title="sdbatch serve", description="Stable Diffusion on the batch job's sampler (README "
+                                                 "\"Serving (real-time endpoint)\")")
+
+
+def _images(requests: list[pa.Table]) -> int:
+    """``@serve.batch``'s ``batch_size_fn``: a batch's size is its images, not its requests."""
+    return sum(t.num_rows for t in requests)
+
+
+@serve.deployment(name="sampler")
+class SamplerReplica:
+    """One model replica: the batch job's :class:`batch.run.stages.Sampler` behind ``@serve.batch``."""
+
+    def __init__(self, spec: JobSpec, device: str, num_threads: int | None):
+        from batch.run.stages import Sampler, SamplerSettings
+        from batch.store.formats import OutputFormat
+
+        self.spec = spec
+        self.sampler = Sampler(SamplerSettings.from_spec(spec, device, num_threads))  # loads the model
+        self.fmt = OutputFormat.from_spec(spec)
+        self.generate.set_max_batch_size(spec.serve.max_batch_size)
+        self.generate.set_batch_wait_timeout_s(spec.serve.batch_wait_ms / 1000.0)
+
+    def ready(self) -> bool:
+        """Answered only once ``__init__`` (model loading) finished: Serve routes nothing to a replica before."""
+        return True
+
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.02, batch_size_fn=_images)  # sizes set in __init__
+    async def generate(self, requests: list[pa.Table]) -> list[list[dict]]:
+        """One collected batch: bucket-sorted GPU batches, one sampler call each, rows back per request."""
+        batch = collect_batch(requests, self.spec.batch_size)
+        out = await asyncio.to_thread(self.sampler, batch)
+        return await asyncio.to_thread(split_batch, batch, out, len(requests), self.fmt)
+
+
+def _error(err: RequestError) -> JSONResponse:
+    return JSONResponse(err.body(), status_code=err.status)
+
+
+@serve.deployment(name="ingress")
+@serve.ingress(api)
+class Ingress:
+    """HTTP routes, request planning and the queue limit (see the module docstring)."""
+
+    def __init__(self, sampler: Any, spec: JobSpec):
+        self.sampler = sampler  # DeploymentHandle of SamplerReplica
+        self.spec = spec
+        self.queued = 0  # images accepted and not yet answered (this ingress replica; there is one)
+
+    @api.get("/health")
+    async def health(self) -> dict:
+        return {"status": "ok"}
+
+    @api.get("/ready")
+    async def ready(self) -> JSONResponse:
+        """200 once a sampler replica answers (it has loaded its model), else 503."""
+        try:
+            await asyncio.wait_for(self.sampler.ready.remote(), READY_TIMEOUT_S)
+        except Exception as err:  # noqa: BLE001 - timeout, no replica yet, replica died: not ready
+            return JSONResponse({"status": "not ready", "error": f"{type(err).__name__}: {err}"[:300]},
+                                status_code=503)
+        return JSONResponse({"status": "ready"})
+
+    @api.get("/queue")
+    async def queue(self) -> dict:
+        """Images accepted and not yet answered, and the limit above which requests get 429."""
+        return {"queued_images": self.queued, "max_queued_images": self.spec.serve.max_queued_images}
+
+    @api.post("/generate")
+    async def generate(self, request: Request) -> JSONResponse:
+        """Plain form: one JSON object of manifest columns -> ``{"image", "seed", "metadata"}``."""
+        return await self._serve(request, "plain")
+
+    @api.post("/score")
+    async def score(self, request: Request) -> JSONResponse:
+        """Catalogue form: ``{"input_data": {...}}`` -> ``[{"prompt", "generated_image", "nsfw_content_detected"}]``."""
+        return await self._serve(request, "catalogue")
+
+    async def _serve(self, request: Request, form: str) -> JSONResponse:
+        spec = self.spec
+        # 1. read and plan (400, 413)
+        body = await request.body()
+        try:
+            if len(body) > MAX_BODY_BYTES:
+                raise RequestError(413, f"request: body of {len(body)} bytes, more than {MAX_BODY_BYTES}")
+            try:
+                doc = json.loads(body)
+            except (json.JSONDecodeError, UnicodeDecodeError) as err:
+                raise RequestError(400, f"request: not valid JSON ({err})") from None
+            table = parse_plain(doc, spec) if form == "plain" else parse_catalogue(doc, spec)
+            planned = plan_request(table, spec, form)
+        except RequestError as err:
+            return _error(err)
+        # 2. the queue limit (429)
+        n, limit = planned.images, spec.serve.max_queued_images
+        if self.queued + n > limit:
+            return _error(RequestError(429, f"queue full: {self.queued} images queued, {n} more would exceed "
+                                            f"serve.max_queued_images={limit}; retry later"))
+        # 3. sample; the count is given back however this ends (answer, error, or the client going away)
+        self.queued += n
+        try:
+            rows = await self.sampler.generate.remote(planned.items)
+            return JSONResponse(plain_response(rows) if form == "plain" else catalogue_response(rows))
+        except RequestError as err:
+            return _error(err)
+        finally:
+            self.queued -= n
+
+
+# --- building and running the application ----------------------------------------------------------------------
+
+
+def load_serve_spec(config: str, overrides: dict[str, Any] | None = None) -> JobSpec:
+    """The job spec at ``config`` (a local path or an fsspec URI) with dotted ``overrides``, checked servable."""
+    from batch.spec.config import apply_overrides, load_spec, parse_spec
+
+    if "://" in config:
+        import fsspec
+        import yaml
+
+        from batch.spec.base import SpecError
+
+        try:
+            with fsspec.open(config, "r") as fh:
+                data = yaml.safe_load(fh.read()) or {}
+        except FileNotFoundError:
+            raise SpecError(f"job spec not found: {config}") from None
+        if not isinstance(data, dict):
+            raise SpecError(f"invalid job spec ({config}): expected a mapping at the top level")
+        spec = parse_spec(apply_overrides(data, overrides or {}), config)
+    else:
+        spec = load_spec(config, overrides or {})
+    check_servable(spec)
+    return spec
+
+
+def application(spec: JobSpec) -> serve.Application:
+    """The bound application for ``spec`` on the Ray this process is attached to (started embedded when none):
+    replica resources resolved as the batch job's actors are (:func:`batch.run.pipeline.resolve_resources`,
+    ``serve.replicas`` in place of ``actors``; the ingress takes ``writer_cpus``)."""
+    import ray
+
+    from batch.run import pipeline
+    from batch.spec.config import ActorRange, ReplicaRange
+
+    if not ray.is_initialized():
+        pipeline.init_ray(spec)
+    s = spec.serve
+    replicas = s.replicas
+    actors = ActorRange(min=replicas.min, max=replicas.max) if isinstance(replicas, ReplicaRange) else replicas
+    local = pipeline.embedded()
+    res = pipeline.resolve_resources(spec.model_copy(update={"actors": actors}), pipeline.cluster_resources(),
+                                     local=local, cluster_max=None if local else pipeline.cluster_max_resources())
+    scale: dict[str, Any] = ({"num_replicas": replicas} if isinstance(replicas, int) else
+                             {"autoscaling_config": {"min_replicas": replicas.min, "max_replicas": replicas.max,
+                                                     # Serve adds replicas while requests per replica exceed this
+                                                     "target_ongoing_requests": s.max_batch_size}})
+    sampler = SamplerReplica.options(
+        ray_actor_options={"num_cpus": res.cpus_per_actor, "num_gpus": res.gpus_per_actor},
+        # a replica holds the batch it samples and the requests queued for the next (the ingress bounds them)
+        max_ongoing_requests=max(s.max_queued_images, s.max_batch_size),
+        **scale,
+    ).bind(spec, res.device, res.threads_per_actor if res.device == "cpu" else None)
+    return Ingress.options(
+        ray_actor_options={"num_cpus": spec.writer_cpus},
+        # the ingress answers 429 itself: it must never be the one that queues (probes included)
+        max_ongoing_requests=max(1000, 4 * s.max_queued_images),
+    ).bind(sampler, spec)
+
+
+def build_app(args: dict[str, Any]) -> serve.Application:
+    """Ray Serve application builder: ``args`` = ``{"config": <spec path or fsspec URI>, "set": {dotted: value}}``
+    (what a RayService's ``serveConfigV2`` passes)."""
+    unknown = sorted(set(args) - {"config", "set"})
+    if unknown or "config" not in args:
+        raise ValueError(f"build_app args: expected config (and optional set), got {sorted(args)}")
+    return application(load_serve_spec(str(args["config"]), dict(args.get("set") or {})))
+
+
+def _wait_until_answering(url: str, timeout_s: float) -> None:
+    """Poll ``url/health`` until it answers 200 (the proxy is up and routes to the app)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=5) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            pass
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{url}/health did not answer within {timeout_s:.0f}s")
+        time.sleep(0.2)
+
+
+def serve_forever(config: str, overrides: dict[str, Any], host: str | None, port: int | None) -> int:
+    """``sdbatch serve``: attach to Ray (``ray_address``/``$RAY_ADDRESS``) or start an embedded one on loopback,
+    start Serve's HTTP proxy on ``host:port`` (default: the spec's ``serve.host``/``serve.port``), deploy the
+    app, print ``{"event": "ready", "url": ...}`` once it answers, and run until SIGTERM or SIGINT; then shut
+    Serve down (and the embedded Ray) and return 0."""
+    from batch.run import pipeline
+
+    spec = load_serve_spec(config, overrides)
+    host = host or spec.serve.host
+    port = port or spec.serve.port
+    stop = threading.Event()
+    started = pipeline.init_ray(spec)
+    try:
+        # after ray.init, which installs its own SIGTERM handler in the driver (it exits without Serve's cleanup)
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: stop.set())
+        serve.start(http_options={"host": host, "port": port})
+        serve.run(application(spec), name=APP_NAME, route_prefix="/", blocking=False)
+        url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"
+        _wait_until_answering(url, 120)
+        print(json.dumps({"event": "ready", "url": f"http://{host}:{port}"}), flush=True)
+        while not stop.wait(1.0):  # a timed wait: the signal handler runs between waits at the latest
+            pass
+        print(json.dumps({"event": "stopping"}), flush=True)
+    finally:
+        try:
+            serve.shutdown()
+        finally:
+            if started:
+                pipeline.shutdown()
+    print(json.dumps({"event": "stopped"}), flush=True, file=sys.stdout)
+    return 0
