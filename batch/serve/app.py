@@ -1,7 +1,7 @@
 """The Ray Serve application of the real-time endpoint (``sdbatch serve``; with ``batch.run.pipeline`` the only
 modules that import Ray).
 
-    HTTP proxy -> Ingress (FastAPI: parse, plan, queue limit) -> SamplerReplica (@serve.batch -> Sampler)
+    HTTP proxy -> Ingress (FastAPI: parse, plan, queue limit) -> SamplerReplica (Collector -> Sampler)
 
 1. :class:`Ingress` (one replica): ``/health``, ``/ready``, ``/queue``, ``POST /generate`` (plain) and
    ``POST /score`` (catalogue). It parses and plans a request with :mod:`batch.serve.protocol` (400/413), counts
@@ -9,15 +9,16 @@ modules that import Ray).
    items, whole, to the sampler deployment.
 2. :class:`SamplerReplica` (``serve.replicas``: a number, or ``{min, max}`` for Serve autoscaling; one GPU each
    on cuda, a fraction of the CPUs on cpu, as the batch job's actors: :func:`batch.run.pipeline.resolve_resources`)
-   holds the batch job's :class:`batch.run.stages.Sampler`. Ray Serve's ``@serve.batch`` collects requests up
-   to ``serve.max_batch_size`` images (``batch_size_fn`` counts images, not requests) or ``serve.batch_wait_ms``;
-   :func:`batch.serve.protocol.collect_batch` sorts them by the batch job's bucket key and numbers GPU batches of
+   holds the batch job's :class:`batch.run.stages.Sampler`. Its :class:`Collector` batches requests: while
+   the sampler works, requests queue; when it is free it takes them up to ``serve.max_batch_size`` images
+   (waiting at most ``serve.batch_wait_ms`` for more); :func:`batch.serve.protocol.collect_batch` sorts them
+   by the batch job's bucket key and numbers GPU batches of
    at most ``batch_size``; the sampler makes one call per GPU batch (in a worker thread, so the replica keeps
-   answering ``/ready`` while it samples); :func:`batch.serve.protocol.split_batch` encodes each image with the
+   collecting and answering while it samples); :func:`batch.serve.protocol.split_batch` encodes each image with the
    batch writer's encoder and hands each request its rows.
-3. A request whose client goes away is cancelled by Serve (proxy -> ingress -> replica). ``@serve.batch`` drops
-   a cancelled request that has not started; one cancelled during its batch's sampler call only loses its
-   answer: the call, and the other requests of that batch, complete (``ray.serve.batching._BatchQueue``).
+3. A request whose client goes away is cancelled by Serve (proxy -> ingress -> replica): the collector drops it
+   if it has not started; one cancelled during its batch's sampler call only loses its answer: the call, and
+   the other requests of that batch, complete.
 
 :func:`build_app` is the application builder a KubeRay RayService names (``import_path:
 batch.serve.app:build_app``, ``args: {config: <spec path or URI>, set: {dotted: value}}``); :func:`serve_forever`
@@ -25,6 +26,7 @@ is ``sdbatch serve``.
 """
 
 import asyncio
+import collections
 import json
 import signal
 import sys
@@ -49,14 +51,87 @@ api = FastAPI(title="sdbatch serve", description="Stable Diffusion on the batch 
                                                  "\"Serving (real-time endpoint)\")")
 
 
-def _images(requests: list[pa.Table]) -> int:
-    """``@serve.batch``'s ``batch_size_fn``: a batch's size is its images, not its requests."""
-    return sum(t.num_rows for t in requests)
+class Collector:
+    """Continuous request batching for one replica: requests (tables of items) queue while the sampler works;
+    when it is free, the next batch takes the queued requests in arrival order up to ``max_images`` images
+    (a request is never split), waiting at most ``wait_s`` after the first for more to arrive.
+
+    Not ``@serve.batch``: Ray Serve's ``_BatchQueue`` (``ray/serve/batching.py``, ``_process_batches``) forms the
+    next batch while the previous one still runs (its semaphore only gates execution), so requests that arrive
+    during a sampler call are cut into batches of whatever came within ``batch_wait_timeout_s`` of each other,
+    instead of one batch of everything that waited. Here the batch is formed when the sampler is free.
+
+    A cancelled request (its caller's future cancelled: the client went away) is skipped if it has not started;
+    if its batch is running, the batch completes for the other requests and only its answer is dropped.
+    """
+
+    def __init__(self, run_batch: Any, max_images: int, wait_s: float):
+        self.run_batch = run_batch  # async (list of item tables) -> list of per-request results
+        self.max_images, self.wait_s = max_images, wait_s
+        self.pending: collections.deque = collections.deque()  # (items, future), arrival order
+        self.arrived = asyncio.Event()
+        self.worker: asyncio.Task | None = None
+
+    async def submit(self, items: pa.Table) -> Any:
+        """Queue one request's items; its rows once its batch has run."""
+        loop = asyncio.get_running_loop()
+        if self.worker is None or self.worker.done():
+            self.worker = loop.create_task(self._work())
+        future = loop.create_future()
+        self.pending.append((items, future))
+        self.arrived.set()
+        return await future
+
+    def _queued_images(self) -> int:
+        return sum(t.num_rows for t, f in self.pending if not f.done())
+
+    async def _next_batch(self) -> list[tuple[pa.Table, asyncio.Future]]:
+        """1. wait for a request; 2. wait up to ``wait_s`` for more unless ``max_images`` are queued; 3. take
+        requests in arrival order up to ``max_images`` images, skipping cancelled ones."""
+        loop = asyncio.get_running_loop()
+        while not self._queued_images():
+            self.pending.clear()  # only cancelled ones, if any
+            self.arrived.clear()
+            await self.arrived.wait()
+        deadline = loop.time() + self.wait_s
+        while self._queued_images() < self.max_images and loop.time() < deadline:
+            self.arrived.clear()
+            try:
+                await asyncio.wait_for(self.arrived.wait(), deadline - loop.time())
+            except asyncio.TimeoutError:
+                break
+        batch, images = [], 0
+        while self.pending:
+            items, future = self.pending[0]
+            if future.done():  # cancelled while queued
+                self.pending.popleft()
+                continue
+            if batch and images + items.num_rows > self.max_images:
+                break
+            batch.append(self.pending.popleft())
+            images += items.num_rows
+        return batch
+
+    async def _work(self) -> None:
+        while True:
+            batch = await self._next_batch()
+            if not batch:
+                continue
+            try:
+                results = await self.run_batch([items for items, _ in batch])
+            except Exception as err:  # noqa: BLE001 - the batch's callers get the error; the replica goes on
+                for _, future in batch:
+                    if not future.done():
+                        future.set_exception(err)
+                continue
+            for (_, future), result in zip(batch, results):
+                if not future.done():  # a caller that went away during the call just gets nothing
+                    future.set_result(result)
 
 
 @serve.deployment(name="sampler")
 class SamplerReplica:
-    """One model replica: the batch job's :class:`batch.run.stages.Sampler` behind ``@serve.batch``."""
+    """One model replica: the batch job's :class:`batch.run.stages.Sampler` behind a :class:`Collector`."""
 
     def __init__(self, spec: JobSpec, device: str, num_threads: int | None):
         from batch.run.stages import Sampler, SamplerSettings
@@ -65,16 +140,20 @@ class SamplerReplica:
         self.spec = spec
         self.sampler = Sampler(SamplerSettings.from_spec(spec, device, num_threads))  # loads the model
         self.fmt = OutputFormat.from_spec(spec)
-        self.generate.set_max_batch_size(spec.serve.max_batch_size)
-        self.generate.set_batch_wait_timeout_s(spec.serve.batch_wait_ms / 1000.0)
+        self.collector = Collector(self._run_batch, spec.serve.max_batch_size, spec.serve.batch_wait_ms / 1000.0)
 
     def ready(self) -> bool:
         """Answered only once ``__init__`` (model loading) finished: Serve routes nothing to a replica before."""
         return True
 
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.02, batch_size_fn=_images)  # sizes set in __init__
-    async def generate(self, requests: list[pa.Table]) -> list[list[dict]]:
-        """One collected batch: bucket-sorted GPU batches, one sampler call each, rows back per request."""
+    async def generate(self, items: pa.Table) -> list[dict]:
+        """One request's rows (:func:`batch.serve.protocol.split_batch`), sampled with whatever was collected
+        with it."""
+        return await self.collector.submit(items)
+
+    async def _run_batch(self, requests: list[pa.Table]) -> list[list[dict]]:
+        """One collected batch: bucket-sorted GPU batches, one sampler call each (in a worker thread, so the
+        replica's event loop keeps collecting and answering), rows back per request."""
         batch = collect_batch(requests, self.spec.batch_size)
         out = await asyncio.to_thread(self.sampler, batch)
         return await asyncio.to_thread(split_batch, batch, out, len(requests), self.fmt)
