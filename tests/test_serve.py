@@ -111,6 +111,25 @@ def png(b64: str):
     return decode_image(base64.b64decode(b64))
 
 
+def test_build_app_reads_the_spec_from_a_uri_and_refuses_what_it_cannot_serve():
+    """What a RayService's serveConfigV2 passes: {config: <path or fsspec URI>, set: {...}} (no Ray started)."""
+    import fsspec
+
+    from batch.serve.app import build_app, load_serve_spec
+    from batch.spec.base import SpecError
+
+    with fsspec.open("memory://sdbatch-serve/spec.yaml", "w") as fh:
+        fh.write(Path(CONFIG).read_text())
+    spec = load_serve_spec("memory://sdbatch-serve/spec.yaml", {"serve.max_batch_size": 16})
+    assert spec.serve.max_batch_size == 16 and spec.model == "tiny"
+    with fsspec.open("memory://sdbatch-serve/up.yaml", "w") as fh:
+        fh.write("task: upscale\n")
+    with pytest.raises(SpecError, match="serves task txt2img only"):
+        build_app({"config": "memory://sdbatch-serve/up.yaml"})
+    with pytest.raises(ValueError, match="expected config"):
+        build_app({"conf": CONFIG})
+
+
 def test_health_and_ready(server):
     assert call(server, "/health") == (200, {"status": "ok"})
     assert call(server, "/ready") == (200, {"status": "ready"})

@@ -43,6 +43,10 @@ def test_plain_request_plans_like_a_manifest_row():
     anon = _planned({"prompt": "a cat"}, spec).items.to_pylist()[0]
     assert anon["id"].startswith("req-") and anon["seed"] == derive_row_seed(11, anon["id"])
     assert _planned({"prompt": "a cat"}, spec).items.to_pylist()[0]["id"] != anon["id"]
+    # one image, even where the spec's defaults ask for more per row
+    assert _planned({"prompt": "a cat"}, _spec(defaults={"num_images": 3})).images == 1
+    assert _planned({"input_data": {"columns": ["prompt"], "data": ["a"]}}, _spec(defaults={"num_images": 3}),
+                    "catalogue").images == 3
 
 
 def test_bad_rows_get_the_manifest_validation_text():

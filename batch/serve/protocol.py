@@ -93,8 +93,8 @@ def _manifest_problem(err: ManifestError, where_prefix: str) -> RequestError:
 
 
 def parse_plain(body: Any, spec: Any) -> pa.Table:
-    """One plain request (a JSON object of manifest columns) as a one-row manifest table; a missing or null
-    ``id`` becomes ``req-<32 hex>``."""
+    """One plain request (a JSON object of manifest columns) as a one-row manifest table of one image; a
+    missing or null ``id`` becomes ``req-<32 hex>``."""
     allowed = plain_columns(spec)
     if not isinstance(body, dict):
         raise RequestError(400, f"{REQUEST}: must be a JSON object of {allowed}, got {type(body).__name__}")
@@ -106,6 +106,7 @@ def parse_plain(body: Any, spec: Any) -> pa.Table:
     row = dict(body)
     if row.get("id") is None:
         row["id"] = f"req-{uuid.uuid4().hex}"
+    row["num_images"] = 1  # one image, whatever the spec's defaults.num_images says
     try:
         return catalogue_table({"input_data": {"columns": list(row), "data": [list(row.values())]}}, REQUEST)
     except ManifestError as err:
