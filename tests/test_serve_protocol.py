@@ -64,6 +64,13 @@ def test_bad_rows_get_the_manifest_validation_text():
     assert err.value.errors == [f"input_data.data[1]: {p}" for p in expected]
 
 
+def test_duplicate_ids_fail_as_in_the_manifest():
+    from batch.plan.manifest import find_duplicates
+
+    ids = ["a", "b", "a", "c", "b", "a"]
+    assert P._duplicates(ids) == find_duplicates([pa.array(ids)])
+
+
 def test_request_refusals_name_the_problem():
     spec = _spec()
     cases = [

@@ -151,11 +151,20 @@ class SamplerReplica:
         with it."""
         return await self.collector.submit(items)
 
+    def _sample(self, batch: pa.Table) -> pa.Table:
+        """The sampler call, in a worker thread with the replica's torch thread count (OpenMP's is per thread)."""
+        threads = self.sampler.settings.num_threads
+        if threads:
+            import torch
+
+            torch.set_num_threads(threads)
+        return self.sampler(batch)
+
     async def _run_batch(self, requests: list[pa.Table]) -> list[list[dict]]:
         """One collected batch: bucket-sorted GPU batches, one sampler call each (in a worker thread, so the
         replica's event loop keeps collecting and answering), rows back per request."""
         batch = collect_batch(requests, self.spec.batch_size)
-        out = await asyncio.to_thread(self.sampler, batch)
+        out = await asyncio.to_thread(self._sample, batch)
         return await asyncio.to_thread(split_batch, batch, out, len(requests), self.fmt)
 
 

@@ -34,7 +34,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from batch.plan.batches import assign_batches
-from batch.plan.manifest import ManifestError, check_columns, find_duplicates, plan_chunk, split_problems
+from batch.plan.manifest import ManifestError, check_columns, plan_chunk, split_problems
 from batch.plan.rows import BUCKET_FIELDS
 from batch.plan.sources import catalogue_table
 from batch.spec.base import SpecError
@@ -145,8 +145,7 @@ def plan_request(table: pa.Table, spec: Any, form: str) -> ServeRequest:
         raise RequestError(400, f"{REQUEST}: {err}") from None
     if carried:  # parse_* refuse them first; kept as a guard
         raise RequestError(400, f"{REQUEST}: unknown column(s) {carried}")
-    ids = table.column("id").chunks if table.num_rows else []
-    planned = plan_chunk(table, 0, spec, [], find_duplicates(ids))
+    planned = plan_chunk(table, 0, spec, [], _duplicates(table.column("id").to_pylist()))
     if planned.failed.num_rows:
         where = (lambda r: REQUEST) if form == "plain" else (lambda r: f"input_data.data[{r}]")
         errors = [f"{where(row)}: {part}"
@@ -163,6 +162,16 @@ def plan_request(table: pa.Table, spec: Any, form: str) -> ServeRequest:
     order = pc.sort_indices(items, sort_keys=[("manifest_row", "ascending"), ("image_index", "ascending")])
     items = items.take(order).drop_columns(["_batch"])
     return ServeRequest(items=items, form=form)
+
+
+def _duplicates(ids: list) -> dict[int, list[int]]:
+    """Row -> every row holding the same id, for ids occurring more than once: what
+    :func:`batch.plan.manifest.find_duplicates` gives, in memory (a request has few rows; the manifest finder
+    spills to local files, and nothing a request says may reach the filesystem)."""
+    rows: dict[Any, list[int]] = {}
+    for i, rid in enumerate(ids):
+        rows.setdefault(rid, []).append(i)
+    return {i: group for group in rows.values() if len(group) > 1 for i in group}
 
 
 # --- a replica's batch -----------------------------------------------------------------------------------------
