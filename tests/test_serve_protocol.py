@@ -1,5 +1,6 @@
-"""The serving endpoint's protocol without Ray: requests plan like manifest rows (same texts, seeds, limits),
-a replica's batch groups by the batch job's bucket rule, responses carry the batch writer's encoding."""
+"""The serving endpoint without starting Ray: requests plan like manifest rows (same texts, seeds, limits),
+a replica batches waiting requests and groups them by the batch job's bucket rule, responses carry the batch
+writer's encoding."""
 
 from __future__ import annotations
 
@@ -154,3 +155,53 @@ def test_a_batch_groups_by_bucket_and_answers_each_request_in_order():
     with pytest.raises(P.RequestError) as err:
         P.plain_response(failed)
     assert err.value.status == 500 and err.value.errors == ["request: RuntimeError: boom"]
+
+
+def test_the_collector_batches_what_waited_skips_the_cancelled_and_survives_errors():
+    """The replica's request batching (batch.serve.app.Collector) on a plain event loop (no Ray started):
+    requests arriving while a batch runs form the next batch together (up to max_images, never split); a
+    request cancelled while queued is never run; one cancelled during its batch leaves the batch to finish."""
+    import asyncio
+
+    from batch.serve.app import Collector
+
+    def req(n):
+        return pa.table({"x": list(range(n))})
+
+    async def scenario():
+        calls, gate = [], asyncio.Event()
+
+        async def run_batch(requests):
+            calls.append([t.num_rows for t in requests])
+            await gate.wait()
+            if any(t.num_rows == 7 for t in requests):
+                raise RuntimeError("boom")
+            return [f"r{t.num_rows}" for t in requests]
+
+        c = Collector(run_batch, max_images=4, wait_s=0.01)
+        first = asyncio.ensure_future(c.submit(req(1)))
+        while not calls:  # the first batch is running (blocked on the gate)
+            await asyncio.sleep(0.001)
+        waiting = [asyncio.ensure_future(c.submit(req(n))) for n in (2, 1, 3)]
+        cancelled = asyncio.ensure_future(c.submit(req(1)))
+        await asyncio.sleep(0.02)
+        cancelled.cancel()
+        gate.set()
+        results = [await first] + [await w for w in waiting]
+        assert results == ["r1", "r2", "r1", "r3"]
+        # the 2 and 1 that waited went together (3 images; the 3 would exceed 4); the cancelled one never ran
+        assert calls == [[1], [2, 1], [3]]
+        # cancelled during its batch: the batch completes and the other request gets its answer
+        gate.clear()
+        a, b = asyncio.ensure_future(c.submit(req(1))), asyncio.ensure_future(c.submit(req(2)))
+        while len(calls) < 4:
+            await asyncio.sleep(0.001)
+        a.cancel()
+        gate.set()
+        assert await b == "r2" and calls[-1] == [1, 2]
+        # an error fails that batch's requests only; the collector goes on
+        with pytest.raises(RuntimeError, match="boom"):
+            await c.submit(req(7))
+        assert await c.submit(req(1)) == "r1"
+
+    asyncio.run(asyncio.wait_for(scenario(), 10))

@@ -54,7 +54,7 @@ api = FastAPI(title="sdbatch serve", description="Stable Diffusion on the batch 
 class Collector:
     """Continuous request batching for one replica: requests (tables of items) queue while the sampler works;
     when it is free, the next batch takes the queued requests in arrival order up to ``max_images`` images
-    (a request is never split), waiting at most ``wait_s`` after the first for more to arrive.
+    (a request is never split), waiting for more at most until ``wait_s`` after the oldest one arrived.
 
     Not ``@serve.batch``: Ray Serve's ``_BatchQueue`` (``ray/serve/batching.py``, ``_process_batches``) forms the
     next batch while the previous one still runs (its semaphore only gates execution), so requests that arrive
@@ -68,7 +68,7 @@ class Collector:
     def __init__(self, run_batch: Any, max_images: int, wait_s: float):
         self.run_batch = run_batch  # async (list of item tables) -> list of per-request results
         self.max_images, self.wait_s = max_images, wait_s
-        self.pending: collections.deque = collections.deque()  # (items, future), arrival order
+        self.pending: collections.deque = collections.deque()  # (items, future, arrival time), arrival order
         self.arrived = asyncio.Event()
         self.worker: asyncio.Task | None = None
 
@@ -78,22 +78,23 @@ class Collector:
         if self.worker is None or self.worker.done():
             self.worker = loop.create_task(self._work())
         future = loop.create_future()
-        self.pending.append((items, future))
+        self.pending.append((items, future, loop.time()))
         self.arrived.set()
         return await future
 
     def _queued_images(self) -> int:
-        return sum(t.num_rows for t, f in self.pending if not f.done())
+        return sum(t.num_rows for t, f, _ in self.pending if not f.done())
 
     async def _next_batch(self) -> list[tuple[pa.Table, asyncio.Future]]:
-        """1. wait for a request; 2. wait up to ``wait_s`` for more unless ``max_images`` are queued; 3. take
-        requests in arrival order up to ``max_images`` images, skipping cancelled ones."""
+        """1. wait for a request; 2. wait for more until ``wait_s`` after the oldest waiting request arrived (no
+        wait when it already waited that long, behind the previous batch) unless ``max_images`` are queued;
+        3. take requests in arrival order up to ``max_images`` images, skipping cancelled ones."""
         loop = asyncio.get_running_loop()
         while not self._queued_images():
             self.pending.clear()  # only cancelled ones, if any
             self.arrived.clear()
             await self.arrived.wait()
-        deadline = loop.time() + self.wait_s
+        deadline = min(t for _, f, t in self.pending if not f.done()) + self.wait_s
         while self._queued_images() < self.max_images and loop.time() < deadline:
             self.arrived.clear()
             try:
@@ -102,7 +103,7 @@ class Collector:
                 break
         batch, images = [], 0
         while self.pending:
-            items, future = self.pending[0]
+            items, future, _ = self.pending[0]
             if future.done():  # cancelled while queued
                 self.pending.popleft()
                 continue
@@ -118,13 +119,13 @@ class Collector:
             if not batch:
                 continue
             try:
-                results = await self.run_batch([items for items, _ in batch])
+                results = await self.run_batch([items for items, _, _ in batch])
             except Exception as err:  # noqa: BLE001 - the batch's callers get the error; the replica goes on
-                for _, future in batch:
+                for _, future, _ in batch:
                     if not future.done():
                         future.set_exception(err)
                 continue
-            for (_, future), result in zip(batch, results):
+            for (_, future, _), result in zip(batch, results):
                 if not future.done():  # a caller that went away during the call just gets nothing
                     future.set_result(result)
 
