@@ -1,4 +1,4 @@
-"""The Ray pipeline: the only module that imports Ray.
+"""The Ray pipeline: with the serving app (`batch.serve.app`) the only modules that import Ray.
 
     planned items (driver) -> blocks -> [sampler actor pool] -> [encode + write tasks] -> driver
 

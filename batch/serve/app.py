@@ -293,8 +293,9 @@ def application(spec: JobSpec) -> serve.Application:
                                                      "target_ongoing_requests": s.max_batch_size}})
     sampler = SamplerReplica.options(
         ray_actor_options={"num_cpus": res.cpus_per_actor, "num_gpus": res.gpus_per_actor},
-        # a replica holds the batch it samples and the requests queued for the next (the ingress bounds them)
-        max_ongoing_requests=max(s.max_queued_images, s.max_batch_size),
+        # a replica holds the batch it samples and the requests queued for the next (the ingress bounds them to
+        # max_queued_images), plus room for /ready probes, which must not wait behind a full queue
+        max_ongoing_requests=max(s.max_queued_images, s.max_batch_size) + 16,
         **scale,
     ).bind(spec, res.device, res.threads_per_actor if res.device == "cpu" else None)
     return Ingress.options(
