@@ -115,8 +115,8 @@ def test_catalogue_request_and_catalogue_file_parse_alike(tmp_path):
 def test_only_txt2img_is_served_and_serve_settings_are_checked():
     with pytest.raises(SpecError, match="serves task txt2img only"):
         P.check_servable(parse_spec({"task": "upscale"}))
-    with pytest.raises(SpecError, match="max_images_per_request .9. is above max_batch_size .8."):
-        parse_spec({"serve": {"max_images_per_request": 9}})
+    with pytest.raises(SpecError, match="max_images_per_request .9. is above max_queued_images .8."):
+        parse_spec({"serve": {"max_images_per_request": 9, "max_queued_images": 8}})
     with pytest.raises(SpecError, match="serve.replicas"):
         parse_spec({"serve": {"replicas": {"min": 3, "max": 2}}})
     assert parse_spec({"serve": {"replicas": {"min": 1, "max": 4}}}).serve.replicas.max == 4

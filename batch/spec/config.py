@@ -57,11 +57,11 @@ class ServeSettings(_Strict):
 
     # sampler replicas (each holds one model; one GPU each on cuda): a number, or {min, max} for autoscaling
     replicas: int | ReplicaRange = 1
-    # images a replica collects into one batch (Ray Serve @serve.batch) before splitting it into sampler calls
-    # of at most batch_size images of one bucket (the batch job's rule); a request is never split across batches
+    # images a replica collects into one batch before splitting it into sampler calls of at most batch_size
+    # images of one bucket (the batch job's rule); a request is never split: a larger one is a batch alone
     max_batch_size: int = Field(8, ge=1)
     batch_wait_ms: float = Field(20.0, ge=0)  # how long a replica waits for more requests to fill a batch
-    max_images_per_request: int = Field(8, ge=1)  # more: HTTP 413; at most max_batch_size
+    max_images_per_request: int = Field(8, ge=1)  # more: HTTP 413
     max_queued_images: int = Field(64, ge=1)  # images accepted and not yet answered; more: HTTP 429
     host: str = "127.0.0.1"  # the HTTP proxy's address (sdbatch serve --host); 0.0.0.0 to listen on every interface
     port: int = Field(8000, ge=1, le=65535)  # sdbatch serve --port
@@ -75,9 +75,6 @@ class ServeSettings(_Strict):
 
     @model_validator(mode="after")
     def _limits_fit(self) -> "ServeSettings":
-        if self.max_images_per_request > self.max_batch_size:
-            raise ValueError(f"max_images_per_request ({self.max_images_per_request}) is above max_batch_size "
-                             f"({self.max_batch_size}): a request's images are collected into one replica batch")
         if self.max_images_per_request > self.max_queued_images:
             raise ValueError(f"max_images_per_request ({self.max_images_per_request}) is above max_queued_images "
                              f"({self.max_queued_images}): such a request could never be queued")
