@@ -54,7 +54,8 @@ api = FastAPI(title="sdbatch serve", description="Stable Diffusion on the batch 
 class Collector:
     """Continuous request batching for one replica: requests (tables of items) queue while the sampler works;
     when it is free, the next batch takes the queued requests in arrival order up to ``max_images`` images
-    (a request is never split: a larger one is a batch alone), waiting for more at most until ``wait_s`` after the oldest one arrived.
+    (a request is never split: a larger one is a batch alone), waiting for more at most until ``wait_s`` after
+    the oldest one arrived.
 
     Not ``@serve.batch``: Ray Serve's ``_BatchQueue`` (``ray/serve/batching.py``, ``_process_batches``) forms the
     next batch while the previous one still runs (its semaphore only gates execution), so requests that arrive
