@@ -82,6 +82,8 @@ def _cluster_specs():
             yield name, doc["spec"]
         elif doc["kind"] == "RayJob":
             yield name, doc["spec"]["rayClusterSpec"]
+        elif doc["kind"] == "RayService":
+            yield name, doc["spec"]["rayClusterConfig"]
 
 
 def _containers(spec):
@@ -189,11 +191,12 @@ def _operator_errors(doc: dict) -> list[str]:
     validation.go) that these manifests could trip; a failure there is a RayJob in ValidationFailed."""
     errs = []
     meta = doc["metadata"]
-    max_len = {"RayCluster": 53, "RayJob": 47}[doc["kind"]]  # MaxRayClusterNameLength, MaxRayJobNameLength
+    # MaxRayClusterNameLength, MaxRayJobNameLength, MaxRayServiceNameLength (53 - 6: the cluster's suffix)
+    max_len = {"RayCluster": 53, "RayJob": 47, "RayService": 47}[doc["kind"]]
     name = meta.get("name") or meta["generateName"] + "x" * 5  # the API server appends 5 characters
     if len(name) > max_len or not DNS1035.fullmatch(name):
         errs.append(f"name {name!r}: a DNS-1035 label of at most {max_len} characters")
-    spec = doc["spec"] if doc["kind"] == "RayCluster" else doc["spec"]["rayClusterSpec"]
+    spec = _cluster_spec(doc)
     if spec.get("authOptions", {}).get("mode") == "token":
         if tuple(int(x) for x in spec["rayVersion"].split(".")[:2]) < (2, 52):
             errs.append("token auth needs rayVersion >= 2.52.0")
@@ -215,15 +218,29 @@ def _operator_errors(doc: dict) -> list[str]:
             errs.append("activeDeadlineSeconds must be positive and backoffLimit non-negative")
         if "ttlSecondsAfterFinished" in job and not job.get("shutdownAfterJobFinishes"):
             errs.append("ttlSecondsAfterFinished without shutdownAfterJobFinishes")
+    if doc["kind"] == "RayService":  # ValidateRayServiceSpec
+        svc = doc["spec"]
+        if spec["headGroupSpec"].get("headService", {}).get("metadata", {}).get("name"):
+            errs.append("rayClusterConfig.headGroupSpec.headService.metadata.name should not be set")
+        if svc.get("upgradeStrategy", {}).get("type", "NewCluster") not in (
+                "NewCluster", "None", "NewClusterWithIncrementalUpgrade"):
+            errs.append("upgradeStrategy.type must be NewCluster, None or NewClusterWithIncrementalUpgrade")
+        if svc.get("rayClusterDeletionDelaySeconds", 0) < 0:
+            errs.append("rayClusterDeletionDelaySeconds must be non-negative")
     return errs
 
 
-@pytest.mark.parametrize("name, doc", [(n, d) for n, d in _docs() if d["kind"] in ("RayCluster", "RayJob")],
+def _cluster_spec(doc: dict) -> dict:
+    return {"RayCluster": lambda: doc["spec"], "RayJob": lambda: doc["spec"]["rayClusterSpec"],
+            "RayService": lambda: doc["spec"]["rayClusterConfig"]}[doc["kind"]]()
+
+
+@pytest.mark.parametrize("name, doc", [(n, d) for n, d in _docs() if d["kind"] in ("RayCluster", "RayJob", "RayService")],
                          ids=lambda v: v if isinstance(v, str) else "")
 def test_kuberay_operator_would_accept_the_ray_resources(name, doc):
     assert _operator_errors(doc) == [], name
     bad = copy.deepcopy(doc)
-    spec = bad["spec"] if bad["kind"] == "RayCluster" else bad["spec"]["rayClusterSpec"]
+    spec = _cluster_spec(bad)
     spec["rayVersion"] = "2.51.0"
     spec["workerGroupSpecs"][0]["template"]["spec"]["restartPolicy"] = "OnFailure"
     bad["metadata"]["name"] = "Sdbatch_" + "x" * 60
@@ -234,13 +251,14 @@ def test_kuberay_operator_would_accept_the_ray_resources(name, doc):
 def test_expected_manifests_exist():
     kinds = sorted(doc["kind"] for _, doc in _docs())
     assert kinds.count("RayJob") == 3 and kinds.count("RayCluster") == 1 and "CronJob" in kinds
+    assert kinds.count("RayService") == 1
     assert DOCKERFILE.is_file() and (REPO / "infra" / "README.md").is_file()
 
 
 def test_clusters_autoscale_gpu_workers_with_token_auth():
     images = set()
     specs = list(_cluster_specs())
-    assert len(specs) == 4
+    assert len(specs) == 5
     uid = int(re.findall(r"^USER (\d+)", DOCKERFILE.read_text(), re.M)[-1])
     for name, spec in specs:
         assert spec["rayVersion"] == _pin("ray"), name  # the image's Ray; token auth needs >= 2.52
@@ -261,6 +279,43 @@ def test_clusters_autoscale_gpu_workers_with_token_auth():
             assert int(c["resources"]["requests"]["nvidia.com/gpu"]) == int(c["resources"]["limits"]["nvidia.com/gpu"])
             assert 0 <= g["minReplicas"] <= g["replicas"] <= g["maxReplicas"] and g["maxReplicas"] > 1, name
     assert len(images) == 1 and re.fullmatch(r"[\w./-]+/sdbatch:[\w.-]+", images.pop())
+
+
+def test_rayservice_serves_the_app_with_the_mounted_sd21_spec_and_its_checker():
+    """The serving contract (issue 19): ``batch.serve.app:build_app`` with ``args.config`` a spec file that
+    the ConfigMap in the same file mounts into every pod; that spec is configs/serve-sd21.yaml, a valid job
+    spec: SD 2.1 checked by the standalone SD v1 safety checker."""
+    docs = [d for n, d in _docs() if n == "rayservice.yaml"]
+    (svc,) = [d for d in docs if d["kind"] == "RayService"]
+    maps = {d["metadata"]["name"]: d for d in docs if d["kind"] == "ConfigMap"}
+    serve = yaml.safe_load(svc["spec"]["serveConfigV2"])
+    (app,) = serve["applications"]
+    assert app["import_path"] == "batch.serve.app:build_app" and app["route_prefix"] == "/"
+    config = Path(app["args"]["config"])
+    assert set(app["args"]) <= {"config", "set"} and config.is_absolute()
+    spec = svc["spec"]["rayClusterConfig"]
+    port = serve["http_options"]["port"]
+    for group in [spec["headGroupSpec"], *spec["workerGroupSpecs"]]:
+        pod = group["template"]["spec"]
+        volumes = {v["name"]: v for v in pod["volumes"]}
+        (c,) = pod["containers"]
+        (mount,) = [m for m in c["volumeMounts"] if m["mountPath"] == str(config.parent)]
+        assert mount.get("readOnly") is True
+        cm = maps[volumes[mount["name"]]["configMap"]["name"]]
+        assert config.name in cm["data"]
+        assert port in [p["containerPort"] for p in c["ports"]]
+    text = cm["data"][config.name]
+    assert text == (REPO / "configs" / "serve-sd21.yaml").read_text()  # one spec, in the repo and the ConfigMap
+    job = load_spec(REPO / "configs" / "serve-sd21.yaml")
+    assert job.model == "stabilityai/stable-diffusion-2-1" and job.device == "cuda"
+    assert job.safety_checker == "CompVis/stable-diffusion-safety-checker" and not job.allow_pickle
+    (gpu,) = spec["workerGroupSpecs"]
+    assert gpu["minReplicas"] >= 1 and gpu["maxReplicas"] > gpu["minReplicas"]  # a warm replica; room to grow
+    assert spec["headGroupSpec"]["rayStartParams"]["num-gpus"] == "0"
+    app_file = REPO / "batch" / "serve" / "app.py"
+    if app_file.is_file():  # the serve package (branch i19-serve): the builder the manifest names exists
+        tree = ast.parse(app_file.read_text())
+        assert "build_app" in {n.name for n in tree.body if isinstance(n, ast.FunctionDef)}
 
 
 def _generate_run_argv(argv: list[str]) -> list[str]:

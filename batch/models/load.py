@@ -9,7 +9,9 @@ A spec's ``model`` is one of:
   which honours ``HF_HOME``/``HF_HUB_CACHE`` and ``HF_HUB_OFFLINE=1``; the resolved commit is recorded.
 
 Weights load with safetensors only; pickled ``.bin``/``.ckpt`` weights are refused unless the spec sets
-``allow_pickle: true`` (unpickling can run arbitrary code). The prediction type (``epsilon`` for SD1.x,
+``allow_pickle: true`` (unpickling can run arbitrary code). The spec's ``safety_checker`` (the model's own, none,
+or a hub id / folder: :func:`batch.models.weights.checker_for`) is loaded with every task's model, the
+``tiny`` preset included; the dry run loads none. The prediction type (``epsilon`` for SD1.x,
 ``v_prediction`` for SD2.x) is read from the model's scheduler config and kept by every scheduler built
 from it.
 """
@@ -25,7 +27,8 @@ import torch
 
 from batch.models.dryrun import DryRunModel
 from batch.models.tiny import TINY_REVISION
-from batch.models.weights import COMPONENTS, IMAGE_TASK_COMPONENTS, SCHEDULER_NAME_FOR_CLASS, ModelError, locate
+from batch.models.weights import (COMPONENTS, IMAGE_TASK_COMPONENTS, SAFETY_MODEL, SCHEDULER_NAME_FOR_CLASS,
+                                  ModelError, checker_for, locate)
 from batch.tasks import TASKS
 
 
@@ -61,7 +64,7 @@ class LoadedModel:
     feature_extractor: Any = None  # variation: CLIPImageProcessor (the "pipeline" preprocessing)
     low_res_scheduler: Any = None  # upscale: DDPM schedule that noises the low-res input
     max_noise_level: int | None = None  # upscale: largest accepted noise_level (350 for the x4 model)
-    safety_checker: Any = None  # batch.models.safety.SafetyChecker when the model folder ships one, else None
+    safety_checker: Any = None  # batch.models.safety.SafetyChecker (spec safety_checker), or None
     dry_run: bool = False  # True only for batch.models.dryrun.DryRunModel (model: none)
 
     @property
@@ -105,7 +108,8 @@ def scheduler_class_name(name: str) -> str:
 
 def load_model(model: str, *, revision: str | None = None, dtype: str = "auto", device: str = "cpu",
                allow_pickle: bool = False, variant: str | None = None,
-               task: str = "txt2img") -> LoadedModel | DryRunModel:
+               task: str = "txt2img", safety_checker: str = SAFETY_MODEL,
+               safety_checker_revision: str | None = None) -> LoadedModel | DryRunModel:
     """Load the components of ``task`` onto ``device`` in ``dtype`` (eval mode, no grad).
 
     The task (``batch.tasks.TASKS``) names the diffusers pipeline class the weights load with and the
@@ -114,6 +118,10 @@ def load_model(model: str, *, revision: str | None = None, dtype: str = "auto", 
     ``upscale`` unet, vae, text_encoder, tokenizer, low_res_scheduler, max_noise_level
     (``StableDiffusionUpscalePipeline``). ``model: tiny`` is the tiny preset of ``task``; ``model: none``
     loads nothing and returns a :class:`~batch.models.dryrun.DryRunModel` (the dry run).
+
+    ``safety_checker`` / ``safety_checker_revision`` (the spec's fields) choose the checker loaded alongside,
+    on the same device and dtype: ``model`` the model folder's own if it ships one, ``none`` no checker, or
+    a hub id / local folder (:func:`batch.models.weights.checker_for`). The dry run loads no checker.
     """
     if task not in TASKS:
         raise ModelError(f"task must be one of {list(TASKS)}, got {task!r}")
@@ -156,11 +164,11 @@ def load_model(model: str, *, revision: str | None = None, dtype: str = "auto", 
         # the x4 VAE overflows in float16: diffusers' upscale pipeline decodes it in float32 ("upcast_vae")
         comps["vae"] = comps["vae"].to(dtype=torch.float32)
     safety = None
-    if folder is not None:
-        from batch.models.safety import SafetyChecker, has_safety_checker
+    where = checker_for(safety_checker, safety_checker_revision, allow_pickle, folder, model, resolved, variant)
+    if where is not None:
+        from batch.models.safety import SafetyChecker
 
-        if has_safety_checker(folder):
-            safety = SafetyChecker.load(folder, dev, torch_dtype, allow_pickle, variant)
+        safety = SafetyChecker.load(where, dev, torch_dtype, allow_pickle)
     sched_config = dict(comps["scheduler"].config)
     sched_config["_class_name"] = type(comps["scheduler"]).__name__
     return LoadedModel(

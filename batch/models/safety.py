@@ -1,16 +1,27 @@
 """The Stable Diffusion safety checker (the SD v1 model cards' intended-use filter) and its policies.
 
-A model folder that ships ``safety_checker/`` (diffusers' ``StableDiffusionSafetyChecker``: a CLIP vision
-tower + projection compared by cosine similarity against 17 concept and 3 special-care embeddings, each with
-a threshold) and ``feature_extractor/`` (CLIP image preprocessing) gets it run on every generated image,
-exactly as ``StableDiffusionPipeline.run_safety_checker`` does: uint8 images -> PIL -> feature extractor ->
-checker -> one boolean per image. The spec's ``safety_policy`` then decides:
+The checker is diffusers' ``StableDiffusionSafetyChecker`` (a CLIP vision tower + projection compared by
+cosine similarity against 17 concept and 3 special-care embeddings, each with a threshold) with its CLIP
+image preprocessing (the "feature extractor"). Which one runs is the spec's ``safety_checker``
+(:func:`batch.models.weights.locate_safety_checker` finds it; :func:`batch.models.load.load_model` loads
+it for every task and model):
+
+* ``model`` (default): the model's own, when its folder ships ``safety_checker/`` + ``feature_extractor/``
+  (SD v1-x); none otherwise (SD 2.x, the ``tiny`` preset);
+* ``none``: no checker;
+* a hub id or local folder holding one, e.g. ``CompVis/stable-diffusion-safety-checker`` (the standalone
+  SD v1 checker) to check SD 2.1's outputs, which ships none.
+
+It runs on every generated image exactly as ``StableDiffusionPipeline.run_safety_checker`` does: uint8
+images -> PIL -> feature extractor -> checker -> one boolean per image. The spec's ``safety_policy`` then
+decides:
 
 * ``flag`` (default): keep the image, record ``nsfw = true`` in its metadata row;
 * ``blackout``: replace the image by black pixels, as diffusers' pipeline does, and record ``nsfw = true``;
 * ``drop``: write no image; the row is ``failed`` with error ``nsfw: ...``.
 
-Models without a checker (the ``tiny`` preset, folders without the two components) record ``nsfw = null``.
+Without a checker metadata records ``nsfw = null``; with one, ``safety_checker`` and
+``safety_checker_revision`` name it. The dry run (``model: none``) loads nothing, no checker either.
 Weights load from safetensors only, unless ``allow_pickle``.
 """
 
@@ -22,12 +33,13 @@ from typing import Any
 import numpy as np
 import torch
 
-SAFETY_COMPONENTS = ("safety_checker", "feature_extractor")
+from batch.models.weights import SAFETY_COMPONENTS, CheckerLocation, ModelError, check_weights_in
+
 POLICIES = ("flag", "blackout", "drop")
 
 
 def has_safety_checker(folder: Path | None) -> bool:
-    """True when a model folder ships both the checker and its feature extractor."""
+    """True when a model folder ships both the checker and its feature extractor (its own checker)."""
     return folder is not None and all((Path(folder) / c).is_dir() for c in SAFETY_COMPONENTS)
 
 
@@ -45,30 +57,33 @@ def _image_processor_class():
 class SafetyChecker:
     """A loaded checker + feature extractor; ``__call__(images)`` returns one nsfw flag per image."""
 
-    def __init__(self, checker, feature_extractor, device: torch.device, dtype: torch.dtype):
+    def __init__(self, checker, feature_extractor, device: torch.device, dtype: torch.dtype,
+                 source: str | None = None, revision: str | None = None):
         self.checker = checker.to(device=device, dtype=dtype).eval().requires_grad_(False)
         self.feature_extractor = feature_extractor
         self.device, self.dtype = device, dtype
+        self.source, self.revision = source, revision  # metadata safety_checker / safety_checker_revision
 
     @classmethod
-    def load(cls, folder: Path, device: torch.device, dtype: torch.dtype, allow_pickle: bool = False,
-             variant: str | None = None) -> "SafetyChecker":
-        """Load ``folder/safety_checker`` and ``folder/feature_extractor`` (safetensors unless allowed)."""
+    def load(cls, where: CheckerLocation, device: torch.device, dtype: torch.dtype,
+             allow_pickle: bool = False) -> "SafetyChecker":
+        """Load the checker at ``where`` (:func:`batch.models.weights.locate_safety_checker` or
+        :func:`~batch.models.weights.model_safety_checker`) onto ``device`` in ``dtype``; safetensors
+        unless ``allow_pickle``."""
         from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
 
-        from batch.models.weights import ModelError, check_component_weights
-
-        sc_dir = Path(folder) / "safety_checker"
-        check_component_weights(Path(folder), "safety_checker", allow_pickle)
+        sc_dir = Path(where.checker_dir)
+        check_weights_in(sc_dir, f"safety_checker {where.source} ({sc_dir})", allow_pickle)
         kwargs: dict[str, Any] = {"use_safetensors": None if allow_pickle else True}
-        if variant and any(f".{variant}." in p.name for p in sc_dir.iterdir()):
-            kwargs["variant"] = variant
+        if where.variant and any(f".{where.variant}." in p.name for p in sc_dir.iterdir()):
+            kwargs["variant"] = where.variant
         try:
             checker = StableDiffusionSafetyChecker.from_pretrained(sc_dir, **kwargs)
-            extractor = _image_processor_class().from_pretrained(Path(folder) / "feature_extractor")
-        except (OSError, ValueError) as err:
-            raise ModelError(f"model folder {folder}: cannot load the safety checker: {err}") from None
-        return cls(checker, extractor, device, dtype)
+            extractor = _image_processor_class().from_pretrained(Path(where.extractor_dir))
+        except (OSError, ValueError, TypeError, KeyError) as err:
+            raise ModelError(f"safety_checker {where.source}: cannot load it as a StableDiffusionSafetyChecker "
+                             f"with a CLIP image processor: {type(err).__name__}: {err}") from None
+        return cls(checker, extractor, device, dtype, where.source, where.revision)
 
     @torch.no_grad()
     def __call__(self, images: np.ndarray) -> list[bool]:
@@ -132,6 +147,15 @@ def tiny_safety_checker(seed: int = 0, image_size: int = 32):
     return checker, extractor
 
 
+def _tiny_with_thresholds(concept_threshold: float | None, special_threshold: float | None, seed: int):
+    checker, extractor = tiny_safety_checker(seed)
+    if concept_threshold is not None:
+        checker.concept_embeds_weights.data.fill_(concept_threshold)
+    if special_threshold is not None:
+        checker.special_care_embeds_weights.data.fill_(special_threshold)
+    return checker, extractor
+
+
 def save_tiny_safety_checker(model_dir: str | Path, concept_threshold: float | None = None,
                              special_threshold: float | None = None, seed: int = 0) -> Path:
     """Add a tiny checker to a diffusers model folder (``safety_checker/`` + ``feature_extractor/``,
@@ -140,11 +164,7 @@ def save_tiny_safety_checker(model_dir: str | Path, concept_threshold: float | N
     import json
 
     model_dir = Path(model_dir)
-    checker, extractor = tiny_safety_checker(seed)
-    if concept_threshold is not None:
-        checker.concept_embeds_weights.data.fill_(concept_threshold)
-    if special_threshold is not None:
-        checker.special_care_embeds_weights.data.fill_(special_threshold)
+    checker, extractor = _tiny_with_thresholds(concept_threshold, special_threshold, seed)
     checker.save_pretrained(model_dir / "safety_checker", safe_serialization=True)
     extractor.save_pretrained(model_dir / "feature_extractor")
     index_path = model_dir / "model_index.json"
@@ -153,3 +173,15 @@ def save_tiny_safety_checker(model_dir: str | Path, concept_threshold: float | N
     index["feature_extractor"] = ["transformers", "CLIPImageProcessor"]
     index_path.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
     return model_dir
+
+
+def save_tiny_standalone_checker(directory: str | Path, concept_threshold: float | None = None,
+                                 special_threshold: float | None = None, seed: int = 0) -> Path:
+    """Write a tiny checker in the standalone layout of ``CompVis/stable-diffusion-safety-checker``:
+    ``config.json`` + ``model.safetensors`` + ``preprocessor_config.json`` at the folder's root (the spec's
+    ``safety_checker: <folder>``). Thresholds as :func:`save_tiny_safety_checker`."""
+    directory = Path(directory)
+    checker, extractor = _tiny_with_thresholds(concept_threshold, special_threshold, seed)
+    checker.save_pretrained(directory, safe_serialization=True)
+    extractor.save_pretrained(directory)
+    return directory

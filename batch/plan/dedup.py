@@ -50,7 +50,8 @@ SIZE_FIELDS = ("height", "width")
 
 # What a skipped row copies from the earlier image's row.
 REUSED_FIELDS = ("uri", "member", "sha256", "file_size", "model", "model_revision", "prediction_type",
-                 "scheduler_class", "scheduler_config", "dtype", "device", "nsfw", "warnings", "vae_redecoded_fp32",
+                 "scheduler_class", "scheduler_config", "dtype", "device", "nsfw", "safety_checker",
+                 "safety_checker_revision", "warnings", "vae_redecoded_fp32",
                  "height", "width", "input_sha256", "input_width", "input_height", "input_mode")
 
 HASH_KEY = "sdbatch-dedup-v1"  # pandas' hash key: 16 bytes

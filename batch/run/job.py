@@ -39,7 +39,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from batch.models.weights import locate
+from batch.models.weights import SAFETY_MODEL, SAFETY_NONE, locate, locate_safety_checker
 from batch.plan.manifest import PLAN_CHUNK_ROWS, ManifestScan, failure_reason, iter_plan, scan_manifest
 from batch.plan.sources import open_manifest
 from batch.plan.dedup import Deduplicator
@@ -60,7 +60,7 @@ from batch.store.commit import (
     new_attempt_id,
 )
 from batch.store.done import DoneIndex
-from batch.store.card import write_dataset_card
+from batch.store.card import generation_identity, write_dataset_card
 from batch.store.formats import OutputFormat, apply_driver_writes, format_warnings
 from batch.store.io import Output, open_output
 from batch.store.runlog import RunLog
@@ -169,6 +169,8 @@ def open_run(spec: JobSpec, mode: Mode) -> OpenRun:
     row the run already had must be unchanged (compared by row hash), else the rows are named and refused."""
     out = open_output(spec.output, spec.storage_options, retries=spec.storage_retries)
     locate(spec.model, spec.revision, spec.allow_pickle, spec.variant, resolve_hub=False)  # local preflight
+    if spec.safety_checker not in (SAFETY_MODEL, SAFETY_NONE):  # a bad checker folder fails here, not in actors
+        locate_safety_checker(spec.safety_checker, spec.safety_checker_revision, spec.allow_pickle, resolve_hub=False)
     record: dict[str, Any] | None = out.get_json(RUN_RECORD) if out.exists(RUN_RECORD) else None
     if record is None and metadata_parts(out):
         raise RunExistsError(f"output {spec.output} holds metadata but no {RUN_RECORD}; choose a new output prefix")
@@ -392,6 +394,9 @@ def finish(run: OpenRun, work: Work, attempt: Attempt, streamed: Streamed, t_sta
                  images_planned=streamed.images_planned, images_to_do=streamed.images_to_do)
     record.update(status=status, finished_at=entry["finished_at"],
                   summary={k: v for k, v in summary.__dict__.items() if k != "output"})
+    ident = generation_identity(run.out)  # the checker the actors loaded (location, resolved revision) or null
+    record["safety_checker"] = ({"location": ident["safety_checker"], "revision": ident["safety_checker_revision"]}
+                                if ident["safety_checker"] else None)
     run.out.put_json(RUN_RECORD, record)
     attempt.log.event("finish", force=True, **{k: v for k, v in summary.__dict__.items() if k != "output"},
                       images_planned=streamed.images_planned, metadata_parts=committer.parts)

@@ -72,7 +72,9 @@ def now() -> str:
 
 # Identity fields added later, with the value a record written before them means (so older runs still resume).
 # ``date`` decides pixels only with ``seed_per_day`` (then another day into the same prefix is another run).
-LATER_IDENTITY_FIELDS = {"seed_per_day": False, "dedup_against": []}
+# The safety checker decides ``nsfw`` (and, under blackout/drop, what is stored): one run keeps one checker.
+LATER_IDENTITY_FIELDS = {"seed_per_day": False, "dedup_against": [], "safety_checker": "model",
+                         "safety_checker_revision": None}
 
 
 def _identity(spec_json: dict[str, Any]) -> dict[str, Any]:

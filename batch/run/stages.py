@@ -50,6 +50,8 @@ class SamplerSettings:
     num_threads: int | None = None  # torch threads of a CPU actor; None: leave torch's choice
     optimizations: Optimizations = field(default_factory=Optimizations)
     safety_policy: str = "flag"
+    safety_checker: str = "model"  # the model's own, "none", or a hub id / folder (batch.models.weights)
+    safety_checker_revision: str | None = None
     storage_options: dict[str, Any] = field(default_factory=dict)  # for optimizations.compile_cache
 
     @classmethod
@@ -57,6 +59,7 @@ class SamplerSettings:
         return cls(task=spec.task, model=spec.model, revision=spec.revision, dtype=spec.dtype, device=device,
                    batch_size=spec.batch_size, allow_pickle=spec.allow_pickle, variant=spec.variant,
                    num_threads=num_threads, optimizations=spec.optimizations, safety_policy=spec.safety_policy,
+                   safety_checker=spec.safety_checker, safety_checker_revision=spec.safety_checker_revision,
                    storage_options=spec.storage_options)
 
 
@@ -117,6 +120,9 @@ def with_sampler_columns(batch: pa.Table, model: Any, worker: str, optimized_jso
         "device": [str(model.device)] * n,
         "worker": [worker] * n,
         "optimizations": [optimized_json] * n,
+        # which checker gave ``nsfw`` (null: none ran)
+        "safety_checker": [getattr(model.safety_checker, "source", None)] * n,
+        "safety_checker_revision": [getattr(model.safety_checker, "revision", None)] * n,
     }
     for name, values in {**per_item, **extra, **identity}.items():
         type_ = pa.binary() if name == "_pixels" else METADATA_SCHEMA.field(name).type
@@ -178,7 +184,9 @@ class Sampler:
         self.task = TASKS[settings.task]
         self.model = load_model(settings.model, revision=settings.revision, dtype=settings.dtype,
                                 device=torch_device(settings.device), allow_pickle=settings.allow_pickle,
-                                variant=settings.variant, task=settings.task)
+                                variant=settings.variant, task=settings.task,
+                                safety_checker=settings.safety_checker,
+                                safety_checker_revision=settings.safety_checker_revision)
         self.opts = settings.optimizations
         self.compile_cache = None  # loaded before anything compiles; saved after calls that compiled
         if self.model.dry_run:  # nothing to optimise or compile

@@ -156,7 +156,13 @@ class JobSpec(_Strict):
     # images at a time); None: one shard per block the pipeline hands the writers (a few GPU batches)
     images_per_shard: int | None = Field(None, ge=1)
 
-    # Safety checker (runs only when the model folder has safety_checker/ + feature_extractor/):
+    # Safety checker (batch/models/safety.py), loaded with any task and model; the dry run (model: none) loads none.
+    # "model": the model's own if its folder ships safety_checker/ + feature_extractor/ (SD v1), else none (SD 2.x,
+    # tiny); "none": off; or where one is: a hub id (e.g. CompVis/stable-diffusion-safety-checker, the standalone
+    # SD v1 checker) or a local folder, either a standalone checker (config.json + weights +
+    # preprocessor_config.json) or a diffusers model folder. Safetensors only unless allow_pickle.
+    safety_checker: str = "model"
+    safety_checker_revision: str | None = None  # hub ids only: branch, tag or commit (the commit is recorded)
     # flag = keep the image and set metadata nsfw; blackout = zero its pixels (diffusers); drop = fail the row.
     safety_policy: Literal["flag", "blackout", "drop"] = "flag"
 
@@ -190,6 +196,20 @@ class JobSpec(_Strict):
                              "set output_format: webdataset or parquet, or leave images_per_shard unset")
         if self.device == "cpu" and self.optimizations.cuda_only():  # refused up front, not in every actor
             raise ValueError(f"{self.optimizations.cuda_only()}, and device is cpu")
+        return self
+
+    @field_validator("safety_checker")
+    @classmethod
+    def _checker_location(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("must be 'model', 'none', a hub id like 'org/name', or a local folder")
+        return v
+
+    @model_validator(mode="after")
+    def _checker_revision_needs_location(self) -> "JobSpec":
+        if self.safety_checker_revision is not None and self.safety_checker in ("model", "none"):
+            raise ValueError(f"safety_checker_revision: {self.safety_checker_revision!r} applies to a hub id in "
+                             f"safety_checker, which is {self.safety_checker!r} (the model's own follows revision)")
         return self
 
     @field_validator("manifest")

@@ -134,6 +134,19 @@ def _loading(output: str, output_format: str, image_ext: str) -> list[str]:
     return lines
 
 
+def _checker_line(record: dict[str, Any]) -> str:
+    """Which safety checker gave the metadata's ``nsfw`` (``record["safety_checker"]``, set when the run
+    finishes from its metadata), and under which policy."""
+    spec = record.get("spec") or {}
+    ran = record.get("safety_checker")
+    if not ran:
+        setting = spec.get("safety_checker", "model")
+        why = "the model ships none" if setting == "model" else "turned off" if setting == "none" else "none recorded"
+        return f"none ({why}); metadata `nsfw` is null"
+    return (f"`{ran.get('location')}` (revision `{ran.get('revision') or 'unknown'}`), policy "
+            f"`{spec.get('safety_policy', 'flag')}`; its verdict is metadata `nsfw`")
+
+
 def dataset_card(record: dict[str, Any], summary: dict[str, Any], licence: License,
                  model_revision: str | None = None) -> str:
     """The dataset card (markdown with YAML front matter) of a run.
@@ -163,7 +176,8 @@ def dataset_card(record: dict[str, Any], summary: dict[str, Any], licence: Licen
               "## Model", "",
               f"- model: `{model}`", f"- revision: `{model_revision or spec.get('revision') or 'unknown'}`",
               f"- licence (as named by the model card): {licence.name}",
-              f"- task: {spec.get('task', 'txt2img')}; dtype: {spec.get('dtype', '?')}", ""]
+              f"- task: {spec.get('task', 'txt2img')}; dtype: {spec.get('dtype', '?')}",
+              f"- safety checker: {_checker_line(record)}", ""]
 
     defaults = {k: v for k, v in (spec.get("defaults") or {}).items() if k != "task" and v is not None}
     lines += ["## Parameters", "",
@@ -214,21 +228,27 @@ def _model_readme(model: str) -> str | None:
         return None
 
 
-def _model_revision(out: Output) -> str | None:
-    """The ``model_revision`` of the first committed metadata row that has one (reads parts until found)."""
+def generation_identity(out: Output) -> dict[str, str | None]:
+    """``model_revision``, ``safety_checker`` and ``safety_checker_revision`` of the first committed metadata
+    row that was sampled (has a ``model_revision``); every sampled row of a run has the same ones (run.json's
+    identity fields). Reads parts, only these columns, until one has such a row; all None if none has."""
     import io
 
     import pyarrow.parquet as pq
 
     from batch.store.commit import metadata_parts
 
+    names = ("model_revision", "safety_checker", "safety_checker_revision")
     for key in metadata_parts(out):
-        table = pq.read_table(io.BytesIO(out.get(key)))
-        if "model_revision" in table.column_names:
-            found = [v for v in table.column("model_revision").to_pylist() if v]
-            if found:
-                return found[0]
-    return None
+        part = pq.ParquetFile(io.BytesIO(out.get(key)))
+        present = [c for c in names if c in part.schema_arrow.names]
+        if "model_revision" not in present:
+            continue
+        rows = part.read(columns=present).to_pylist()
+        found = next((r for r in rows if r.get("model_revision")), None)
+        if found:
+            return {c: found.get(c) for c in names}
+    return dict.fromkeys(names)
 
 
 def write_dataset_card(out: Output, spec: Any, summary: Any, record: dict[str, Any]) -> str:
@@ -239,6 +259,6 @@ def write_dataset_card(out: Output, spec: Any, summary: Any, record: dict[str, A
     """
     summary_dict = summary if isinstance(summary, dict) else dict(summary.__dict__)
     licence = model_license(spec.model, _model_readme(spec.model) if spec.model != "tiny" else None)
-    text = dataset_card(record, summary_dict, licence, _model_revision(out))
+    text = dataset_card(record, summary_dict, licence, generation_identity(out)["model_revision"])
     out.put(CARD, text.encode("utf-8"))
     return text

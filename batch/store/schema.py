@@ -75,8 +75,12 @@ RESULT_FIELDS = [
     ("run_id", pa.string()),
     ("attempt", pa.string()),  # the driver attempt that committed the row; the latest attempt wins
     ("member", pa.string()),  # shard formats: the image's tar member / Parquet key inside the shard at uri
-    ("nsfw", pa.bool_()),  # safety checker verdict; null when the model has no checker
+    ("nsfw", pa.bool_()),  # safety checker verdict; null when no checker ran
     ("reused_from", pa.string()),  # status skipped: "<earlier output prefix> run <run_id>" the image comes from
+    # the checker that gave ``nsfw`` (spec safety_checker): its location (or the model id for the model's own)
+    # and resolved revision (hub commit or local-<fingerprint>); null when none ran
+    ("safety_checker", pa.string()),
+    ("safety_checker_revision", pa.string()),
 ]
 
 
