@@ -1,5 +1,5 @@
 """``sdbatch`` command line: run, resume, retry-failed, status, compact, validate, grid, make-tiny-model, eval,
-fid-stats."""
+fid-stats, serve."""
 
 from __future__ import annotations
 
@@ -302,6 +302,14 @@ def cmd_fid_stats(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    """The real-time endpoint (README "Serving (real-time endpoint)"): runs until SIGTERM/SIGINT, then exits 0."""
+    from batch.serve.app import serve_forever
+
+    overrides = _set_overrides(args) | ({"ray_address": args.ray_address} if args.ray_address else {})
+    return serve_forever(args.config, overrides, args.host, args.port)
+
+
 def _version() -> str:
     from importlib.metadata import PackageNotFoundError, version
 
@@ -420,6 +428,17 @@ def build_parser() -> argparse.ArgumentParser:
     fs.add_argument("--set", action="append", metavar="KEY=VALUE")
     fs.add_argument("--quiet", action="store_true")
     fs.set_defaults(func=cmd_fid_stats)
+
+    sv = sub.add_parser("serve", help="real-time endpoint on the batch job's sampler (Ray Serve): POST /generate, "
+                                      "POST /score (catalogue form), GET /health, GET /ready; runs until SIGTERM")
+    sv.add_argument("config", help="YAML job spec (path or fsspec URI); its serve: section sizes the endpoint")
+    sv.add_argument("--host", help="address to listen on (default: serve.host, 127.0.0.1)")
+    sv.add_argument("--port", type=int, help="port to listen on (default: serve.port, 8000)")
+    sv.add_argument("--set", action="append", metavar="KEY=VALUE",
+                    help="override any spec field, e.g. --set serve.max_batch_size=16 (repeatable)")
+    sv.add_argument("--ray-address", help="attach to this Ray cluster (default: $RAY_ADDRESS, else an embedded "
+                                          "local Ray)")
+    sv.set_defaults(func=cmd_serve)
     return parser
 
 

@@ -99,3 +99,26 @@ def test_readme_module_map_matches_the_files():
 
     files = {str(p.relative_to(ROOT)) for p in PACKAGE.rglob("*.py") if has_code(p)}
     assert listed == files, f"missing from the map: {sorted(files - listed)}; not files: {sorted(listed - files)}"
+
+
+# Modules that may import Ray: the batch pipeline (Ray Data) and the serving app (Ray Serve deployments). Every
+# other module stays importable, and testable, without starting or even importing Ray.
+RAY_MODULES = {"batch.run.pipeline", "batch.serve.app"}
+
+
+def ray_importers() -> set[str]:
+    """Modules with an ``import ray...`` or ``from ray... import`` statement (at any depth)."""
+    found = set()
+    for name, path in modules().items():
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else [])
+            if any(n == "ray" or n.startswith("ray.") for n in names):
+                found.add(name)
+    return found
+
+
+def test_only_the_pipeline_and_the_serving_app_import_ray():
+    assert "batch.run.pipeline" in ray_importers()  # the check sees real imports
+    assert ray_importers() <= RAY_MODULES, f"Ray imported outside {sorted(RAY_MODULES)}: " \
+                                           f"{sorted(ray_importers() - RAY_MODULES)}"

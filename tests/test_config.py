@@ -297,7 +297,8 @@ def test_set_option_null_resets_a_spec_value(tmp_path):
 # Every job spec shipped under configs/ (eval-*.yaml are evaluation specs). A config added, renamed or lost
 # fails here until this list is updated, so each one is known to be loaded by the test below.
 SHIPPED_CONFIGS = {"demo.yaml", "demo-upscale.yaml", "demo-variation.yaml", "nightly-sd14.yaml",
-                   "serve-sd21.yaml", "txt2img-sd14.yaml", "txt2img-sd21.yaml", "upscale-x4.yaml", "variations.yaml"}
+                   "serve-demo.yaml", "serve-sd21.yaml", "txt2img-sd14.yaml", "txt2img-sd21.yaml", "upscale-x4.yaml",
+                   "variations.yaml"}
 
 
 def test_configs_exist():

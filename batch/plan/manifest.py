@@ -97,6 +97,12 @@ def failure_reason(error: str) -> str:
                      for part in _PROBLEM_SPLIT.split(error))
 
 
+def split_problems(error: str) -> list[str]:
+    """A row error's ``field: reason`` parts (the ``"; "``-joined :class:`RowError` text), split only where a
+    known field name follows, as :func:`failure_reason` splits them."""
+    return _PROBLEM_SPLIT.split(error)
+
+
 PLAN_CHUNK_ROWS = 65536  # manifest rows per plan chunk: buckets and GPU batches never cross a chunk
 
 

@@ -592,7 +592,7 @@ _TYPE_WORDS = {pa.int64(): "an integer in [-2**63, 2**63)", pa.float64(): "a num
 
 
 def _catalogue_table(f: ManifestFile) -> pa.Table:
-    """``{"input_data": {"columns", "data", "index"?, "parameters"?}}`` as a table (see the module docstring)."""
+    """A catalogue ``.json`` manifest file as a table: the JSON document, then :func:`catalogue_table`."""
     try:
         with _open_text(f) as fh:
             doc = json.load(io.TextIOWrapper(fh, encoding="utf-8-sig"))
@@ -601,11 +601,22 @@ def _catalogue_table(f: ManifestFile) -> pa.Table:
                             f"{err.colno})") from None
     except (UnicodeDecodeError, OSError, EOFError) as err:
         raise ManifestError(f"manifest {f.name}: not a readable JSON file ({err})") from None
+    return catalogue_table(doc, f.name, "a .json manifest is a batch-endpoint request file")
+
+
+CATALOGUE_FORM = ('{"input_data": {"columns": [...], "data": [[...], ...], "index": [...], '
+                  '"parameters": {...}}}')
+
+
+def catalogue_table(doc: Any, name: str, form: str = "the catalogue request form is") -> pa.Table:
+    """``{"input_data": {"columns", "data", "index"?, "parameters"?}}`` (a parsed JSON document) as a table of
+    manifest rows (see the module docstring). The one parser of this form: catalogue ``.json`` manifest files
+    and the serving endpoint's ``/score`` requests (:mod:`batch.serve.protocol`) both use it, so they accept
+    the same documents and fail with the same texts (:class:`ManifestError`, ``manifest <name>: ...``)."""
+    where = f"manifest {name}"
 
     def bad(what: str) -> ManifestError:
-        return ManifestError(f"manifest {f.name}: {what}; a .json manifest is a batch-endpoint request file "
-                             '{"input_data": {"columns": [...], "data": [[...], ...], "index": [...], '
-                             '"parameters": {...}}}')
+        return ManifestError(f"{where}: {what}; {form} {CATALOGUE_FORM}")
 
     if not isinstance(doc, dict) or not isinstance(doc.get("input_data"), dict):
         raise bad("no input_data object")
@@ -616,7 +627,7 @@ def _catalogue_table(f: ManifestFile) -> pa.Table:
     columns, data = inp.get("columns"), inp.get("data")
     if not isinstance(columns, list) or not columns or not all(isinstance(c, str) and c for c in columns):
         raise bad(f"input_data.columns must be a non-empty list of column names, got {columns!r}")
-    _check_names(columns, f.name)
+    _check_names(columns, name)
     if not isinstance(data, list):
         raise bad(f"input_data.data must be a list of rows, got {type(data).__name__}")
     if "parameters" in inp and "parameters" in doc:
@@ -627,10 +638,10 @@ def _catalogue_table(f: ManifestFile) -> pa.Table:
     allowed = sorted(set(KNOWN_TYPES) - {"id"})
     for p, value in params.items():
         if p not in KNOWN_TYPES or p == "id":
-            raise ManifestError(f"manifest {f.name}: unknown parameter {p!r}; parameters are per-row defaults of "
+            raise ManifestError(f"{where}: unknown parameter {p!r}; parameters are per-row defaults of "
                                 f"the task columns {allowed}")
         if value is not None and not _VALUE_CHECKS[KNOWN_TYPES[p]](value):
-            raise ManifestError(f"manifest {f.name}: parameter {p} must be {_TYPE_WORDS[KNOWN_TYPES[p]]}, got "
+            raise ManifestError(f"{where}: parameter {p} must be {_TYPE_WORDS[KNOWN_TYPES[p]]}, got "
                                 f"{value!r}")
     index = inp.get("index")
     if index is not None and (not isinstance(index, list) or len(index) != len(data)):
@@ -656,6 +667,6 @@ def _catalogue_table(f: ManifestFile) -> pa.Table:
             if r.get(p) is None:
                 r[p] = value
     schema = pa.schema([pa.field(fd.name, pa.string()) if pa.types.is_null(fd.type) else fd
-                        for fd in _object_fields(names, rows, f"manifest {f.name}")])
-    return pa.Table.from_batches([_typed_batch(rows, schema, f.name, lambda i: f"input_data.data[{i}]")],
+                        for fd in _object_fields(names, rows, where)])
+    return pa.Table.from_batches([_typed_batch(rows, schema, name, lambda i: f"input_data.data[{i}]")],
                                  schema=schema) if rows else schema.empty_table()

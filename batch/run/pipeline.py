@@ -1,4 +1,4 @@
-"""The Ray pipeline: the only module that imports Ray.
+"""The Ray pipeline: with the serving app (`batch.serve.app`) the only modules that import Ray.
 
     planned items (driver) -> blocks -> [sampler actor pool] -> [encode + write tasks] -> driver
 
@@ -94,6 +94,11 @@ def init_ray(spec: JobSpec) -> bool:
 
 
 _REAPER = None  # the watchdog of the embedded Ray this process started (batch.run.reaper), if any
+
+
+def embedded() -> bool:
+    """True while this process runs the embedded local Ray it started (:func:`init_ray`), which cannot grow."""
+    return _REAPER is not None
 
 
 @contextlib.contextmanager

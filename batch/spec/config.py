@@ -37,6 +37,50 @@ class ActorRange(_Strict):
         return self
 
 
+class ReplicaRange(_Strict):
+    """Serve autoscaling bounds of the sampler deployment (``serve.replicas: {min, max}``): Ray Serve starts
+    ``min`` replicas and adds replicas up to ``max`` while requests queue (``autoscaling_config``)."""
+
+    min: int = Field(1, ge=1)
+    max: int = Field(..., ge=1)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> "ReplicaRange":
+        if self.max < self.min:
+            raise ValueError(f"max ({self.max}) is below min ({self.min})")
+        return self
+
+
+class ServeSettings(_Strict):
+    """``sdbatch serve`` (the real-time endpoint, :mod:`batch.serve`): how many sampler replicas, how requests
+    are batched and bounded, where it listens. The batch job ignores this section."""
+
+    # sampler replicas (each holds one model; one GPU each on cuda): a number, or {min, max} for autoscaling
+    replicas: int | ReplicaRange = 1
+    # images a replica collects into one batch before splitting it into sampler calls of at most batch_size
+    # images of one bucket (the batch job's rule); a request is never split: a larger one is a batch alone
+    max_batch_size: int = Field(8, ge=1)
+    batch_wait_ms: float = Field(20.0, ge=0)  # how long a replica waits for more requests to fill a batch
+    max_images_per_request: int = Field(8, ge=1)  # more: HTTP 413
+    max_queued_images: int = Field(64, ge=1)  # images accepted and not yet answered; more: HTTP 429
+    host: str = "127.0.0.1"  # the HTTP proxy's address (sdbatch serve --host); 0.0.0.0 to listen on every interface
+    port: int = Field(8000, ge=1, le=65535)  # sdbatch serve --port
+
+    @field_validator("replicas")
+    @classmethod
+    def _positive_replicas(cls, v: int | ReplicaRange) -> int | ReplicaRange:
+        if isinstance(v, int) and v < 1:
+            raise ValueError("must be >= 1, or {min, max}")
+        return v
+
+    @model_validator(mode="after")
+    def _limits_fit(self) -> "ServeSettings":
+        if self.max_images_per_request > self.max_queued_images:
+            raise ValueError(f"max_images_per_request ({self.max_images_per_request}) is above max_queued_images "
+                             f"({self.max_queued_images}): such a request could never be queued")
+        return self
+
+
 class JobSpec(_Strict):
     """One batch job. See ``configs/`` for annotated examples and README "Job spec" for every field."""
 
@@ -121,6 +165,9 @@ class JobSpec(_Strict):
     safety_checker_revision: str | None = None  # hub ids only: branch, tag or commit (the commit is recorded)
     # flag = keep the image and set metadata nsfw; blackout = zero its pixels (diffusers); drop = fail the row.
     safety_policy: Literal["flag", "blackout", "drop"] = "flag"
+
+    # The real-time endpoint (sdbatch serve, batch/serve/): replicas, request batching and limits, address.
+    serve: ServeSettings = Field(default_factory=ServeSettings)
 
     @model_validator(mode="before")
     @classmethod

@@ -152,6 +152,15 @@ def encode_image(pixels: np.ndarray, fmt: OutputFormat, parameters: str | None =
     return buf.getvalue()
 
 
+def encode_row(row: dict, fmt: OutputFormat) -> bytes:
+    """One generated image as every writer stores it: ``row["_pixels"]`` (raw uint8 ``height`` x ``width`` x 3,
+    from the sampler) encoded in ``fmt``, PNGs with :func:`png_parameters` of ``row``. The one encoder of
+    :func:`write_block` and of the serving endpoint (:mod:`batch.serve.protocol`), so an image served for a row
+    is byte for byte the image the batch job writes for it."""
+    arr = np.frombuffer(row["_pixels"], dtype=np.uint8).reshape(row["height"], row["width"], 3)
+    return encode_image(arr, fmt, png_parameters(row) if fmt.image_format == "png" else None)
+
+
 def decode_image(data: bytes) -> np.ndarray:
     """Decode PNG/WebP/JPEG bytes to an (H, W, 3) uint8 array."""
     return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
@@ -373,9 +382,7 @@ def write_block(batch: pa.Table, output: str, storage_options: dict[str, Any], u
             continue
         t0 = time.perf_counter()
         try:
-            arr = np.frombuffer(r["_pixels"], dtype=np.uint8).reshape(r["height"], r["width"], 3)
-            text = png_parameters({**params[i], **rows[i]}) if fmt.image_format == "png" else None
-            encoded[i] = encode_image(arr, fmt, text)
+            encoded[i] = encode_row({**params[i], **r}, fmt)
         except Exception as err:  # failures are data: this image fails, the block goes on
             status[i], error[i] = "failed", error_text(err)
         t_enc[i] = time.perf_counter() - t0
