@@ -312,10 +312,13 @@ def test_rayservice_serves_the_app_with_the_mounted_sd21_spec_and_its_checker():
     (gpu,) = spec["workerGroupSpecs"]
     assert gpu["minReplicas"] >= 1 and gpu["maxReplicas"] > gpu["minReplicas"]  # a warm replica; room to grow
     assert spec["headGroupSpec"]["rayStartParams"]["num-gpus"] == "0"
-    app_file = REPO / "batch" / "serve" / "app.py"
-    if app_file.is_file():  # the serve package (branch i19-serve): the builder the manifest names exists
-        tree = ast.parse(app_file.read_text())
-        assert "build_app" in {n.name for n in tree.body if isinstance(n, ast.FunctionDef)}
+    # Serve's replica bounds are the GPU group's: one sampler replica per GPU pod, from a warm one to the most
+    replicas = job.serve.replicas
+    assert (replicas.min, replicas.max) == (gpu["minReplicas"], gpu["maxReplicas"])
+    assert job.gpus_per_actor == 1
+    from batch.serve.app import build_app  # the builder the manifest names
+
+    assert callable(build_app)
 
 
 def _generate_run_argv(argv: list[str]) -> list[str]:

@@ -37,18 +37,12 @@ class ActorRange(_Strict):
         return self
 
 
-class ReplicaRange(_Strict):
+class ReplicaRange(ActorRange):
     """Serve autoscaling bounds of the sampler deployment (``serve.replicas: {min, max}``): Ray Serve starts
-    ``min`` replicas and adds replicas up to ``max`` while requests queue (``autoscaling_config``)."""
+    ``min`` replicas and adds replicas up to ``max`` while requests queue (``autoscaling_config``). Unlike a
+    batch job's pool, ``max`` is required: Serve needs it, and there is no cluster maximum to read at deploy."""
 
-    min: int = Field(1, ge=1)
     max: int = Field(..., ge=1)
-
-    @model_validator(mode="after")
-    def _ordered(self) -> "ReplicaRange":
-        if self.max < self.min:
-            raise ValueError(f"max ({self.max}) is below min ({self.min})")
-        return self
 
 
 class ServeSettings(_Strict):
