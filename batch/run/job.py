@@ -400,7 +400,7 @@ def finish(run: OpenRun, work: Work, attempt: Attempt, streamed: Streamed, t_sta
     run.out.put_json(RUN_RECORD, record)
     attempt.log.event("finish", force=True, **{k: v for k, v in summary.__dict__.items() if k != "output"},
                       images_planned=streamed.images_planned, metadata_parts=committer.parts)
-    write_dataset_card(run.out, spec, summary, record)  # README.md: model, licence, counts, how to load
+    write_dataset_card(run.out, spec, summary, record, ident)  # README.md: model, licence, counts, how to load
     if summary.complete:
         run.out.put_json(SUCCESS_MARKER, {"run_id": spec.run_id, "attempt": run.attempt,
                                           "finished_at": record["finished_at"], **counts})

@@ -251,14 +251,17 @@ def generation_identity(out: Output) -> dict[str, str | None]:
     return dict.fromkeys(names)
 
 
-def write_dataset_card(out: Output, spec: Any, summary: Any, record: dict[str, Any]) -> str:
+def write_dataset_card(out: Output, spec: Any, summary: Any, record: dict[str, Any],
+                       identity: dict[str, str | None] | None = None) -> str:
     """Write the run's dataset card to ``README.md`` under the output prefix; return its text.
 
     ``spec`` is the run's :class:`batch.spec.config.JobSpec` (its ``model`` locates a local model card),
-    ``summary`` its Summary (or a dict of it), ``record`` the run record (the card shows its redacted spec).
+    ``summary`` its Summary (or a dict of it), ``record`` the run record (the card shows its redacted spec),
+    ``identity`` the run's :func:`generation_identity` when the caller has read it already (else read here).
     """
     summary_dict = summary if isinstance(summary, dict) else dict(summary.__dict__)
     licence = model_license(spec.model, _model_readme(spec.model) if spec.model != "tiny" else None)
-    text = dataset_card(record, summary_dict, licence, generation_identity(out)["model_revision"])
+    identity = identity if identity is not None else generation_identity(out)
+    text = dataset_card(record, summary_dict, licence, identity["model_revision"])
     out.put(CARD, text.encode("utf-8"))
     return text
