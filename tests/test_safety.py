@@ -13,9 +13,9 @@ import batch.run.stages as stages
 from batch.spec.config import parse_spec
 from batch.plan.manifest import plan
 from batch.models.load import load_model
-from batch.models.weights import ModelError, locate_safety_checker
+from batch.models.weights import ModelError, locate_safety_checker, ships_safety_checker
 from batch.store.schema import NSFW_ERROR
-from batch.models.safety import (apply_policy, has_safety_checker, save_tiny_safety_checker,
+from batch.models.safety import (apply_policy, save_tiny_safety_checker,
                                  save_tiny_standalone_checker)
 from batch.store.schema import RESERVED_COLUMNS
 
@@ -66,7 +66,7 @@ def folders(tiny_dir, tmp_path_factory, plain):
 
 
 def test_model_without_checker_records_null(plain, tiny_dir):
-    assert not has_safety_checker(tiny_dir)
+    assert not ships_safety_checker(tiny_dir)
     assert all(r["nsfw"] is None and r["status"] == "ok" for r in plain)
 
 
@@ -129,7 +129,7 @@ def _checked(model, checker, policy="flag", **kw):
 
 
 def test_standalone_checker_flags_a_model_that_ships_none(standalone, tiny_dir, plain):
-    assert not has_safety_checker(tiny_dir)
+    assert not ships_safety_checker(tiny_dir)
     rows = _checked(tiny_dir, standalone["all"])(_items()).to_pylist()
     assert all(r["nsfw"] is True and r["status"] == "ok" for r in rows)
     assert {r["safety_checker"] for r in rows} == {str(standalone["all"])}

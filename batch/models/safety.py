@@ -33,14 +33,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from batch.models.weights import SAFETY_COMPONENTS, CheckerLocation, ModelError, check_weights_in
+from batch.models.weights import CheckerLocation, ModelError, check_weights_in
 
 POLICIES = ("flag", "blackout", "drop")
-
-
-def has_safety_checker(folder: Path | None) -> bool:
-    """True when a model folder ships both the checker and its feature extractor (its own checker)."""
-    return folder is not None and all((Path(folder) / c).is_dir() for c in SAFETY_COMPONENTS)
 
 
 def _image_processor_class():

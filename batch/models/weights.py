@@ -140,12 +140,17 @@ class CheckerLocation:
     variant: str | None = None  # weight variant (a model's own checker follows the model's ``variant``)
 
 
+def ships_safety_checker(folder: Path | None) -> bool:
+    """True when a diffusers model folder ships its own checker: ``safety_checker/`` + ``feature_extractor/``."""
+    return folder is not None and all((Path(folder) / c).is_dir() for c in SAFETY_COMPONENTS)
+
+
 def checker_layout(folder: Path) -> tuple[Path, Path] | None:
     """(checker folder, feature extractor folder) of ``folder`` in either layout, or None if it holds neither:
     a diffusers model folder (``safety_checker/`` + ``feature_extractor/``) or a standalone checker
     (``config.json`` + ``preprocessor_config.json`` at its root)."""
     folder = Path(folder)
-    if all((folder / c).is_dir() for c in SAFETY_COMPONENTS):
+    if ships_safety_checker(folder):
         return folder / "safety_checker", folder / "feature_extractor"
     if (folder / "config.json").is_file() and (folder / "preprocessor_config.json").is_file():
         return folder, folder
@@ -155,7 +160,7 @@ def checker_layout(folder: Path) -> tuple[Path, Path] | None:
 def model_safety_checker(folder: Path | None, model: str, revision: str | None,
                          variant: str | None = None) -> CheckerLocation | None:
     """The checker a model folder ships (``safety_checker/`` + ``feature_extractor/``), or None."""
-    if folder is None or not all((Path(folder) / c).is_dir() for c in SAFETY_COMPONENTS):
+    if not ships_safety_checker(folder):
         return None
     return CheckerLocation(Path(folder) / "safety_checker", Path(folder) / "feature_extractor", model, revision,
                            variant)
