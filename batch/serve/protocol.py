@@ -26,7 +26,9 @@ position (``"0"``, ``"1"``, ...), exactly as a catalogue manifest file does.
 from __future__ import annotations
 
 import base64
+import hashlib
 import uuid
+from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
@@ -197,25 +199,18 @@ def split_batch(batch_in: pa.Table, out: pa.Table, n_requests: int, fmt: OutputF
     :data:`batch.store.schema.METADATA_SCHEMA` columns, ``sha256``/``file_size`` of the encoded image and
     ``batch_images``: images in the sampler call that made it) with the encoded image under ``_image`` (None when
     it failed or the safety policy dropped it)."""
-    sizes: dict[int, int] = {}
-    for b in batch_in.column("_batch").to_pylist():
-        sizes[b] = sizes.get(b, 0) + 1
+    batch_ids = batch_in.column("_batch").to_pylist()
+    sizes = Counter(batch_ids)  # images per sampler call
     results: list[list[tuple[int, dict]]] = [[] for _ in range(n_requests)]
-    for b, row in zip(batch_in.column("_batch").to_pylist(), out.to_pylist()):
+    for b, row in zip(batch_ids, out.to_pylist()):
         image = encode_row(row, fmt) if row["status"] == "ok" and row.get("_pixels") is not None else None
         meta = {name: row.get(name) for name in METADATA_SCHEMA.names}
         if image is not None:
-            meta["sha256"], meta["file_size"] = _sha256(image), len(image)
+            meta["sha256"], meta["file_size"] = hashlib.sha256(image).hexdigest(), len(image)  # as write_block
         meta["batch_images"] = sizes[b]
         meta["_image"] = image
         results[row[REQUEST_COL]].append((row[POS_COL], meta))
     return [[m for _, m in sorted(r, key=lambda t: t[0])] for r in results]
-
-
-def _sha256(data: bytes) -> str:
-    import hashlib
-
-    return hashlib.sha256(data).hexdigest()
 
 
 # --- responses -------------------------------------------------------------------------------------------------
